@@ -1,0 +1,54 @@
+"""Settings: one object, read once, environment first, then `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BUDGETGATE_", env_file=".env", extra="ignore", case_sensitive=False
+    )
+
+    database_url: str = "sqlite+aiosqlite:///./budgetgate.db"
+    upstream_url: str = "http://127.0.0.1:4000"
+    upstream_api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    key_mode: Literal["managed", "passthrough"] = "managed"
+    prices_file: str | None = None
+    unpriced_model: Literal["reject", "free"] = "reject"
+    trust_upstream_cost: bool = True
+    default_max_output_tokens: int = Field(4096, gt=0)
+    upstream_timeout_seconds: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    reservation_ttl_seconds: float = Field(900.0, gt=0)
+    reset_interval_seconds: float = Field(30.0, gt=0)
+    alert_webhook_url: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    auto_migrate: bool = False
+    db_pool_size: int = Field(20, gt=0)
+    upstream_max_connections: int = Field(512, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
