@@ -1,0 +1,8 @@
+from app.models.api_key import ApiKey
+from app.models.base import Base
+from app.models.budget import Budget
+from app.models.budget_period import BudgetPeriod
+from app.models.ledger_entry import LedgerCharge, LedgerEntry
+from app.models.reservation import Reservation
+
+__all__ = ["ApiKey", "Base", "Budget", "BudgetPeriod", "LedgerCharge", "LedgerEntry", "Reservation"]

@@ -1,0 +1,428 @@
+"""All SQL that moves money: reserve, settle, release, roll, reset, sweep.
+
+Every decision is a conditional UPDATE evaluated by the database, inside one short
+transaction. PostgreSQL serialises concurrent writers on the period row (row lock +
+re-evaluation of the WHERE clause); SQLite serialises whole transactions (BEGIN IMMEDIATE).
+Lock order, to stay free of deadlocks: budget row, then period rows by ascending id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, insert, literal, or_, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.budgets.periods import parse_duration
+from app.budgets.schedule import Schedule
+from app.budgets.state import BudgetRef, PeriodState
+from app.clock import Clock
+from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
+
+P = BudgetPeriod.__table__
+B = Budget.__table__
+R = Reservation.__table__
+L = LedgerEntry.__table__
+C = LedgerCharge.__table__
+
+_PERIOD_COLS = (
+    P.c.budget_id,
+    P.c.id,
+    P.c.period_start,
+    P.c.period_end,
+    P.c.max_budget,
+    P.c.spend,
+    P.c.reserved,
+)
+
+
+def _state(row: Row[Any]) -> PeriodState:
+    return PeriodState(
+        budget_id=row.budget_id,
+        period_id=row.id,
+        period_start=row.period_start,
+        period_end=row.period_end,
+        max_budget=row.max_budget,
+        spend=row.spend,
+        reserved=row.reserved,
+    )
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """What the ledger records about a request, known at admission."""
+
+    request_id: str
+    key_id: str
+    model: str | None
+    endpoint: str
+    stream: bool
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, known at settlement."""
+
+    outcome: str  # ok | upstream_error | client_disconnect | timeout
+    cost: int
+    cost_source: str  # upstream | prices | estimated | free | none
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    admitted: bool
+    periods: list[PeriodState]  # after the reservation; on rejection, the period that refused
+    amount: int
+
+
+class ConcurrentChange(RuntimeError):
+    """A period kept changing under us; callers treat it as a transient ledger failure."""
+
+
+def schedule_of(row: Row[Any]) -> Schedule:
+    """The schedule of a `budgets` row."""
+    duration = parse_duration(row.budget_duration) if row.budget_duration else None
+    return Schedule(duration, row.budget_timezone, row.schedule_anchor)
+
+
+class BudgetRepository:
+    def __init__(self, engine: AsyncEngine, clock: Clock, reservation_ttl_seconds: float) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.ttl = timedelta(seconds=reservation_ttl_seconds)
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def reserve(self, budgets: list[BudgetRef], req: RequestInfo, amount: int) -> Admission:
+        """Hold `amount` in the current period of every budget, all or none, in one
+        transaction. On refusal the request's ledger entry (outcome `rejected`) is written in
+        the same transaction."""
+        async with self.engine.begin() as conn:
+            now = self.clock.now()
+            period_ids = []
+            for ref in budgets:
+                period_id = ref.period_id
+                if ref.period_end is not None and ref.period_end <= now:
+                    period_id = await self._roll(conn, ref.budget_id, period_id, now)
+                period_ids.append((period_id, ref))
+            period_ids.sort(key=lambda p: p[0])
+
+            held: list[PeriodState] = []
+            for period_id, ref in period_ids:
+                state, ok = await self._reserve_in(conn, ref, period_id, amount, now)
+                if not ok:
+                    for h in held:  # undo, under the locks this transaction still holds
+                        await conn.execute(
+                            update(P)
+                            .where(P.c.id == h.period_id)
+                            .values(reserved=P.c.reserved - amount)
+                        )
+                    await self._insert_entry(
+                        conn, req, Outcome("rejected", 0, "none", status_code=429), now
+                    )
+                    return Admission(False, [state], amount)
+                held.append(state)
+
+            if held:
+                expires = now + self.ttl
+                await conn.execute(
+                    insert(R),
+                    [
+                        {
+                            "request_id": req.request_id,
+                            "period_id": h.period_id,
+                            "amount": amount,
+                            "key_id": req.key_id,
+                            "model": req.model,
+                            "endpoint": req.endpoint,
+                            "stream": req.stream,
+                            "started_at": req.started_at,
+                            "expires_at": expires,
+                        }
+                        for h in held
+                    ],
+                )
+            return Admission(True, held, amount)
+
+    async def _reserve_in(
+        self, conn: AsyncConnection, ref: BudgetRef, period_id: int, amount: int, now: datetime
+    ) -> tuple[PeriodState, bool]:
+        # The one comparison used everywhere: a reached budget blocks everything, and
+        # max_budget = 0 blocks every request (strict `<` on what is already committed).
+        fits = or_(
+            P.c.max_budget.is_(None),
+            and_(
+                P.c.spend + P.c.reserved < P.c.max_budget,
+                P.c.spend + P.c.reserved + amount <= P.c.max_budget,
+            ),
+        )
+        for _ in range(5):
+            row = (
+                await conn.execute(
+                    update(P)
+                    .where(P.c.id == period_id, P.c.closed_at.is_(None), fits)
+                    .values(reserved=P.c.reserved + amount)
+                    .returning(*_PERIOD_COLS)
+                )
+            ).first()
+            if row is not None:
+                return _state(row), True
+            current = (
+                await conn.execute(select(*_PERIOD_COLS, P.c.closed_at).where(P.c.id == period_id))
+            ).one()
+            if current.closed_at is None:
+                if current.period_end is not None and current.period_end <= now:
+                    period_id = await self._roll(conn, ref.budget_id, period_id, now)
+                    continue
+                return _state(current), False
+            # Closed by a concurrent roll or reset since we looked: use the open one.
+            period_id = await self._open_period_id(conn, ref.budget_id, now)
+        raise ConcurrentChange(f"budget {ref.budget_id}: period kept changing")
+
+    # -- settlement ------------------------------------------------------------------------
+
+    async def settle(self, req: RequestInfo, result: Outcome) -> list[PeriodState] | None:
+        """Replace the request's reservations by its actual cost and write its one ledger
+        entry. Returns None when there was nothing to settle (the sweeper released it)."""
+        async with self.engine.begin() as conn:
+            now = self.clock.now()
+            held = (
+                await conn.execute(
+                    delete(R)
+                    .where(R.c.request_id == req.request_id)
+                    .returning(R.c.period_id, R.c.amount)
+                )
+            ).all()
+            if not held:
+                return None
+            states = []
+            for period_id, amount in sorted(held):
+                row = (
+                    await conn.execute(
+                        update(P)
+                        .where(P.c.id == period_id)
+                        .values(reserved=P.c.reserved - amount, spend=P.c.spend + result.cost)
+                        .returning(*_PERIOD_COLS)
+                    )
+                ).one()
+                states.append(_state(row))
+            await self._insert_entry(conn, req, result, now, [s.period_id for s in states])
+            return states
+
+    async def record_unbudgeted(self, req: RequestInfo, result: Outcome) -> None:
+        """The ledger entry of a request that held no reservation (a rejected one is written
+        by `reserve` itself)."""
+        async with self.engine.begin() as conn:
+            await self._insert_entry(conn, req, result, self.clock.now())
+
+    async def _insert_entry(
+        self,
+        conn: AsyncConnection,
+        req: RequestInfo,
+        result: Outcome,
+        now: datetime,
+        period_ids: list[int] | None = None,
+    ) -> None:
+        await conn.execute(
+            insert(L).values(
+                request_id=req.request_id,
+                key_id=req.key_id,
+                model=req.model,
+                endpoint=req.endpoint,
+                stream=req.stream,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                cost=result.cost,
+                cost_source=result.cost_source,
+                outcome=result.outcome,
+                status_code=result.status_code,
+                started_at=req.started_at,
+                finished_at=now,
+            )
+        )
+        if period_ids:
+            await conn.execute(
+                insert(C),
+                [
+                    {"request_id": req.request_id, "period_id": pid, "amount": result.cost}
+                    for pid in period_ids
+                ],
+            )
+
+    # -- periods ---------------------------------------------------------------------------
+
+    async def lock_budget(self, conn: AsyncConnection, budget_id: str) -> Row[Any]:
+        # Serialises roll/reset/PATCH of one budget on PostgreSQL; SQLite already holds the
+        # database write lock (BEGIN IMMEDIATE) and ignores FOR UPDATE.
+        return (await conn.execute(select(B).where(B.c.id == budget_id).with_for_update())).one()
+
+    async def _open_period_id(self, conn: AsyncConnection, budget_id: str, now: datetime) -> int:
+        for _ in range(5):
+            row = (
+                await conn.execute(
+                    select(P.c.id, P.c.period_end).where(
+                        P.c.budget_id == budget_id, P.c.closed_at.is_(None)
+                    )
+                )
+            ).first()
+            if row is None:  # only if a budget was created without one; open it now
+                schedule = schedule_of(await self.lock_budget(conn, budget_id))
+                return await self._open_period(conn, budget_id, now, schedule.current_end(now))
+            if row.period_end is None or row.period_end > now:
+                return int(row.id)
+            await self._roll(conn, budget_id, row.id, now)
+        raise ConcurrentChange(f"budget {budget_id}: no stable open period")
+
+    async def _roll(
+        self, conn: AsyncConnection, budget_id: str, period_id: int, now: datetime
+    ) -> int:
+        """Close an expired period and open the scheduled one containing `now` (periods missed
+        while nobody looked are skipped). Idempotent: if another replica or the scheduler got
+        there first, the open period it created is returned."""
+        budget = await self.lock_budget(conn, budget_id)
+        closed = await conn.execute(
+            update(P)
+            .where(P.c.id == period_id, P.c.closed_at.is_(None), P.c.period_end <= now)
+            .values(closed_at=now, close_reason="expired")
+        )
+        if closed.rowcount != 1:
+            return await self._open_period_id(conn, budget_id, now)
+        schedule = schedule_of(budget)
+        start, end = schedule.period_at(now)
+        return await self._open_period(conn, budget_id, start, end)
+
+    async def open_first_period(
+        self, conn: AsyncConnection, budget_id: str, start: datetime, end: datetime | None
+    ) -> int:
+        return await self._open_period(conn, budget_id, start, end)
+
+    async def _open_period(
+        self, conn: AsyncConnection, budget_id: str, start: datetime, end: datetime | None
+    ) -> int:
+        # max_budget is read from the budget row in the same statement: the caller holds that
+        # row's lock, so a concurrent PATCH lands either before (and is copied) or after (and
+        # updates this open period).
+        row = (
+            await conn.execute(
+                insert(P)
+                .from_select(
+                    ["budget_id", "period_start", "period_end", "max_budget", "spend", "reserved"],
+                    select(
+                        B.c.id,
+                        literal(start, P.c.period_start.type),
+                        literal(end, P.c.period_end.type),
+                        B.c.max_budget,
+                        literal(0),
+                        literal(0),
+                    ).where(B.c.id == budget_id),
+                )
+                .returning(P.c.id)
+            )
+        ).one()
+        return int(row.id)
+
+    async def close_and_reopen(
+        self,
+        conn: AsyncConnection,
+        budget_id: str,
+        reason: str,
+        new_schedule: Schedule,
+        keep_end: bool,
+    ) -> None:
+        """Manual reset (`keep_end`: the new period ends at the same scheduled boundary) or a
+        schedule change (the new period starts now under `new_schedule`). Never touches the
+        budget's settings; the caller owns the transaction and has locked the budget."""
+        now = self.clock.now()
+        row = (
+            await conn.execute(
+                update(P)
+                .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
+                .values(closed_at=now, close_reason=reason)
+                .returning(P.c.period_end)
+            )
+        ).first()
+        end = row.period_end if row is not None and keep_end else None
+        if end is None or end <= now:
+            end = new_schedule.current_end(now)
+        await self._open_period(conn, budget_id, now, end)
+
+    async def close_expired_periods(self) -> int:
+        """The scheduler's job: roll every open period whose end has passed. Safe to run in
+        every replica at once (each roll is conditional) and as often as wanted."""
+        now = self.clock.now()
+        async with self.engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(P.c.id, P.c.budget_id)
+                    .where(P.c.closed_at.is_(None), P.c.period_end <= now)
+                    .order_by(P.c.id)
+                    .limit(1000)
+                )
+            ).all()
+            await conn.rollback()
+        rolled = 0
+        for period_id, budget_id in due:
+            async with self.engine.begin() as conn:
+                await self._roll(conn, budget_id, period_id, now)
+                rolled += 1
+        return rolled
+
+    # -- sweeping --------------------------------------------------------------------------
+
+    async def sweep_expired_reservations(self) -> int:
+        """Release reservations whose request never settled (its gateway died), recording each
+        request once as `abandoned`. A settle racing with this deletes nothing and vice versa."""
+        now = self.clock.now()
+        async with self.engine.connect() as conn:
+            due = (
+                (
+                    await conn.execute(
+                        select(R.c.request_id)
+                        .where(R.c.expires_at <= now)
+                        .group_by(R.c.request_id)
+                        .limit(1000)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            await conn.rollback()
+        swept = 0
+        for request_id in due:
+            async with self.engine.begin() as conn:
+                rows = (
+                    await conn.execute(
+                        delete(R)
+                        .where(R.c.request_id == request_id, R.c.expires_at <= now)
+                        .returning(*R.c)
+                    )
+                ).all()
+                if not rows:
+                    continue
+                for r in sorted(rows, key=lambda r: r.period_id):
+                    await conn.execute(
+                        update(P)
+                        .where(P.c.id == r.period_id)
+                        .values(reserved=P.c.reserved - r.amount)
+                    )
+                first = rows[0]
+                req = RequestInfo(
+                    request_id,
+                    first.key_id,
+                    first.model,
+                    first.endpoint,
+                    first.stream,
+                    first.started_at,
+                )
+                await self._insert_entry(
+                    conn, req, Outcome("abandoned", 0, "none"), now, [r.period_id for r in rows]
+                )
+                swept += 1
+        return swept

@@ -1,0 +1,43 @@
+"""Plain values the request path carries between its steps (no ORM objects on the hot path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class BudgetRef:
+    """A budget as the request path needs it: its open period, as of authentication."""
+
+    budget_id: str
+    kind: str
+    period_id: int
+    period_end: datetime | None
+
+
+@dataclass(frozen=True)
+class PeriodState:
+    """A period's money at one instant (nano-dollars)."""
+
+    budget_id: str
+    period_id: int
+    period_start: datetime
+    period_end: datetime | None
+    max_budget: int | None
+    spend: int
+    reserved: int
+
+    @property
+    def remaining(self) -> int | None:
+        if self.max_budget is None:
+            return None
+        return max(self.max_budget - self.spend - self.reserved, 0)
+
+
+def tightest(states: list[PeriodState]) -> PeriodState | None:
+    """The period with the least room left; unlimited budgets only when nothing else applies."""
+    limited = [s for s in states if s.max_budget is not None]
+    if limited:
+        return min(limited, key=lambda s: (s.remaining, s.period_end is None))
+    return states[0] if states else None

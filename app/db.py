@@ -1,0 +1,56 @@
+"""Engine factory and the dialect details the ledger depends on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.config import Settings
+
+
+def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        return _create_sqlite_engine(settings.database_url, **overrides)
+    kwargs: dict[str, Any] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_pool_size,
+        "pool_timeout": 10,
+        "pool_recycle": 1800,
+    }
+    kwargs.update(overrides)
+    return create_async_engine(settings.database_url, **kwargs)
+
+
+def _create_sqlite_engine(database_url: str, **overrides: Any) -> AsyncEngine:
+    # One connection: SQLite serialises writers anyway; queueing in the pool is cheaper than
+    # busy-waiting on the database lock. Other processes (the CLI) are handled by busy_timeout.
+    kwargs: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 60}
+    kwargs.update(overrides)
+    engine = create_async_engine(database_url, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's deferred
+        # BEGIN: every transaction takes the write lock up front, so a multi-statement step
+        # (reserve against several budgets, roll a period) is atomic without row locks.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # durable: every commit reaches the disk
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"

@@ -1,0 +1,127 @@
+"""Admin API (SPEC 7): thin routes over KeyService and the ledger readers."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from app.errors import AdminDisabled, Unauthorized
+from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyUpdate, PeriodList
+from app.keys.service import KeyService, dollars
+from app.ledger import repository as ledger
+from app.proxy.headers import presented_key
+
+
+def require_admin(request: Request) -> None:
+    settings = request.app.state.settings
+    if settings.admin_key is None:
+        raise AdminDisabled(
+            "the admin API is disabled: set BUDGETGATE_ADMIN_KEY to a secret and send it as "
+            "'Authorization: Bearer <admin key>'"
+        )
+    presented = presented_key(request.headers) or ""
+    expected = settings.admin_key.get_secret_value()
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise Unauthorized("missing or wrong admin key", code="invalid_admin_key")
+
+
+def key_service(request: Request) -> KeyService:
+    return request.app.state.key_service  # type: ignore[no-any-return]
+
+
+Keys = Annotated[KeyService, Depends(key_service)]
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated)
+async def create_key(body: KeyCreate, keys: Keys) -> KeyCreated:
+    return await keys.create(body)
+
+
+@router.get("/keys", response_model=KeyList)
+async def list_keys(
+    keys: Keys,
+    alias: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> KeyList:
+    data, next_cursor = await keys.list(alias, cursor, limit)
+    return KeyList(data=data, next_cursor=next_cursor)
+
+
+@router.get("/keys/{key_id}", response_model=KeyOut)
+async def get_key(key_id: str, keys: Keys) -> KeyOut:
+    return await keys.get(key_id)
+
+
+@router.patch("/keys/{key_id}", response_model=KeyOut)
+async def update_key(key_id: str, body: KeyUpdate, keys: Keys) -> KeyOut:
+    return await keys.update(key_id, body)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut)
+async def revoke_key(key_id: str, keys: Keys) -> KeyOut:
+    return await keys.revoke(key_id)
+
+
+@router.post("/keys/{key_id}/reset", response_model=KeyOut)
+async def reset_key(key_id: str, keys: Keys) -> KeyOut:
+    return await keys.reset(key_id)
+
+
+@router.get("/keys/{key_id}/periods", response_model=PeriodList)
+async def key_periods(
+    key_id: str, keys: Keys, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> PeriodList:
+    return PeriodList(data=await keys.periods(key_id, limit))
+
+
+@router.get("/ledger")
+async def ledger_entries(
+    request: Request,
+    key_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    rows, next_cursor = await ledger.list_entries(
+        request.app.state.engine, key_id, since, until, limit, cursor
+    )
+    data = [
+        {
+            "request_id": r.request_id,
+            "key_id": r.key_id,
+            "model": r.model,
+            "endpoint": r.endpoint,
+            "stream": r.stream,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "cost": dollars(r.cost),
+            "cost_source": r.cost_source,
+            "outcome": r.outcome,
+            "status_code": r.status_code,
+            "started_at": r.started_at,
+            "finished_at": r.finished_at,
+        }
+        for r in rows
+    ]
+    return {"data": data, "next_cursor": next_cursor}
+
+
+@router.get("/usage")
+async def usage_report(
+    request: Request,
+    group_by: Literal["key", "model", "day"] = "key",
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> JSONResponse:
+    rows = await ledger.usage(request.app.state.engine, group_by, since, until)
+    total = sum(r["cost_nanos"] for r in rows)
+    for r in rows:
+        r["spend"] = dollars(r.pop("cost_nanos"))
+    return JSONResponse({"group_by": group_by, "data": rows, "total_spend": dollars(total)})

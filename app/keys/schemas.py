@@ -1,0 +1,166 @@
+"""Admin API bodies. Money in dollars (exact decimals in, JSON numbers out)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from app.budgets.periods import InvalidDuration, InvalidTimezone, load_timezone, parse_duration
+
+MAX_DOLLARS = Decimal(1_000_000_000)
+
+Dollars = Field(default=None, ge=0, le=MAX_DOLLARS, allow_inf_nan=False)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class BudgetSettings(BaseModel):
+    """The settings of one budget (the key's own, or an extra window)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_budget: Decimal | None = Dollars
+    budget_duration: str | None = None
+    soft_budget: Decimal | None = Dollars
+    budget_timezone: str = "UTC"
+    budget_anchor: datetime | None = None
+
+    @field_validator("budget_duration")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return str(parse_duration(v))
+        except InvalidDuration as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        try:
+            load_timezone(v)
+        except InvalidTimezone as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("budget_anchor")
+    @classmethod
+    def _anchor(cls, v: datetime | None) -> datetime | None:
+        return _aware(v)
+
+
+class KeyCreate(BudgetSettings):
+    alias: str | None = Field(default=None, max_length=255)
+    key: SecretStr | None = Field(
+        default=None,
+        description="passthrough mode: the existing upstream key to budget (stored as a hash)",
+    )
+    models: list[str] = Field(default_factory=list, max_length=1000)
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    budgets: list[BudgetSettings] = Field(default_factory=list, max_length=20)
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires(cls, v: datetime | None) -> datetime | None:
+        return _aware(v)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not (8 <= len(v.get_secret_value()) <= 512):
+            raise ValueError("key must be 8 to 512 characters")
+        return v
+
+
+class KeyUpdate(BaseModel):
+    """Any subset of a key's settings; fields not sent are left as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str | None = Field(default=None, max_length=255)
+    max_budget: Decimal | None = Dollars
+    soft_budget: Decimal | None = Dollars
+    budget_duration: str | None = None
+    budget_timezone: str | None = None
+    budget_anchor: datetime | None = None
+    models: list[str] | None = Field(default=None, max_length=1000)
+    expires_at: datetime | None = None
+    metadata: dict[str, Any] | None = None
+
+    _duration = field_validator("budget_duration")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
+    _anchor = field_validator("budget_anchor", "expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _timezone(cls, v: str | None) -> str | None:
+        return None if v is None else BudgetSettings._timezone(v)
+
+
+class BudgetOut(BaseModel):
+    budget_id: str
+    max_budget: float | None
+    budget_duration: str | None
+    soft_budget: float | None
+    budget_timezone: str
+    budget_anchor: datetime | None
+    spend: float
+    reserved: float
+    remaining: float | None
+    period_start: datetime
+    reset_at: datetime | None
+
+
+class KeyOut(BaseModel):
+    id: str
+    alias: str | None
+    key_prefix: str
+    status: str
+    mode: str
+    max_budget: float | None
+    budget_duration: str | None
+    soft_budget: float | None
+    budget_timezone: str
+    budget_anchor: datetime | None
+    models: list[str]
+    expires_at: datetime | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    spend: float
+    reserved: float
+    remaining: float | None
+    period_start: datetime
+    reset_at: datetime | None
+    budgets: list[BudgetOut] | None = None
+
+
+class KeyCreated(KeyOut):
+    key: str
+
+
+class KeyList(BaseModel):
+    data: list[KeyOut]
+    next_cursor: str | None
+
+
+class PeriodOut(BaseModel):
+    budget_id: str
+    period_start: datetime
+    period_end: datetime | None
+    spend: float
+    reserved: float
+    max_budget: float | None
+    closed_at: datetime | None
+    close_reason: str | None
+
+
+class PeriodList(BaseModel):
+    data: list[PeriodOut]

@@ -1,0 +1,166 @@
+"""create_app() and its lifespan: engine, services, upstream client, scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from app.budgets.repository import BudgetRepository
+from app.clock import Clock, SystemClock
+from app.config import Settings, get_settings
+from app.db import create_engine
+from app.errors import install_error_handlers
+from app.keys.router import router as admin_router
+from app.keys.service import KeyService, dollars
+from app.logs import configure_logging
+from app.migrate import schema_is_current, upgrade_to_head
+from app.pricing.cost import CostCalculator
+from app.pricing.prices import PriceBook
+from app.proxy.headers import presented_key
+from app.proxy.service import Gateway
+from app.proxy.upstream import UpstreamClient
+from app.scheduler import start_scheduler
+
+log = logging.getLogger("budgetgate")
+
+PROXY_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+class SchemaOutdated(RuntimeError):
+    pass
+
+
+async def prepare_schema(settings: Settings, engine: Any) -> None:
+    """SQLite (embedded) and BUDGETGATE_AUTO_MIGRATE: migrate on start. Otherwise refuse to
+    serve on an outdated schema: migrations are a deploy step (`budgetgate migrate`)."""
+    if settings.is_sqlite or settings.auto_migrate:
+        await asyncio.to_thread(upgrade_to_head, settings.database_url)
+    elif not await schema_is_current(engine, settings.database_url):
+        raise SchemaOutdated(
+            "the ledger database schema is not at the latest migration: run `budgetgate migrate` "
+            "(or set BUDGETGATE_AUTO_MIGRATE=true) before `budgetgate serve`"
+        )
+
+
+def create_app(
+    settings: Settings | None = None,
+    clock: Clock | None = None,
+    *,
+    run_scheduler: bool = True,
+    migrate: bool = True,
+) -> FastAPI:
+    settings = settings or get_settings()
+    clock = clock or SystemClock()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings)
+        engine = create_engine(settings)
+        if migrate:
+            await prepare_schema(settings, engine)
+        budgets = BudgetRepository(engine, clock, settings.reservation_ttl_seconds)
+        keys = KeyService(engine, budgets, settings)
+        upstream = UpstreamClient(
+            settings.upstream_url,
+            settings.upstream_timeout_seconds,
+            settings.upstream_max_connections,
+        )
+        await upstream.start()
+        costs = CostCalculator(
+            PriceBook.load(settings.prices_file),
+            settings.unpriced_model,
+            settings.trust_upstream_cost,
+        )
+        app.state.engine = engine
+        app.state.budgets = budgets
+        app.state.key_service = keys
+        app.state.gateway = Gateway(settings, clock, keys, budgets, costs, upstream)
+        scheduler = (
+            start_scheduler(budgets, settings.reset_interval_seconds) if run_scheduler else None
+        )
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+            await upstream.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="budgetgate",
+        version="0.1.0",
+        description="Budget-enforcing reverse proxy for OpenAI-compatible LLM APIs",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.clock = clock
+    install_error_handlers(app)
+    app.include_router(admin_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            async with request.app.state.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=5)
+        except Exception as exc:
+            log.warning("readiness check failed: %s", type(exc).__name__)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "the ledger database is unreachable",
+                        "type": "service_unavailable",
+                        "code": "ledger_unavailable",
+                        "param": None,
+                    }
+                },
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/budget", tags=["client"])
+    async def my_budget(request: Request) -> JSONResponse:
+        """The calling key's budgets, spend, remaining and reset times."""
+        keys: KeyService = request.app.state.key_service
+        ctx = await request.app.state.gateway._authenticate(request)
+        out = await keys.get(ctx.id)
+        primary = out.model_dump(
+            mode="json",
+            include={
+                "max_budget",
+                "budget_duration",
+                "soft_budget",
+                "budget_timezone",
+                "spend",
+                "reserved",
+                "remaining",
+                "period_start",
+                "reset_at",
+            },
+        )
+        budgets = [primary] + [
+            b.model_dump(mode="json", exclude={"budget_id"}) for b in out.budgets or []
+        ]
+        return JSONResponse({"key_prefix": out.key_prefix, "alias": out.alias, "budgets": budgets})
+
+    @app.api_route("/{path:path}", methods=PROXY_METHODS, include_in_schema=False)
+    async def proxy(request: Request) -> Response:
+        return await request.app.state.gateway.handle(request)
+
+    _ = (presented_key, dollars)
+    return app

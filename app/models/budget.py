@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, Nanos, UTCDateTime
+
+
+class Budget(Base):
+    """A spending limit and its reset schedule. A reset never touches this row."""
+
+    __tablename__ = "budgets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # primary | window
+    max_budget: Mapped[int | None] = mapped_column(Nanos)  # None: unlimited, spend still tracked
+    soft_budget: Mapped[int | None] = mapped_column(Nanos)
+    budget_duration: Mapped[str | None] = mapped_column(String(16))  # None: lifetime
+    budget_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    budget_anchor: Mapped[datetime | None] = mapped_column(UTCDateTime)  # as the user set it
+    schedule_anchor: Mapped[datetime | None] = mapped_column(UTCDateTime)  # effective anchor
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

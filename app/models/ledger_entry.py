@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, Nanos, UTCDateTime
+
+
+class LedgerEntry(Base):
+    """The one record of a request that reached the budget check. Keyed by the gateway's own
+    request id, so no request can be recorded (or charged) twice."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        Index("ix_ledger_entries_key_finished", "key_id", "finished_at"),
+        Index("ix_ledger_entries_finished", "finished_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str | None] = mapped_column(String(255))
+    endpoint: Mapped[str] = mapped_column(String(255))
+    stream: Mapped[bool] = mapped_column(Boolean)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    cost: Mapped[int] = mapped_column(Nanos)
+    cost_source: Mapped[str] = mapped_column(String(16))  # upstream|prices|estimated|free|none
+    outcome: Mapped[str] = mapped_column(String(24))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LedgerCharge(Base):
+    """Which periods a ledger entry was charged to, and how much (one row per budget)."""
+
+    __tablename__ = "ledger_charges"
+
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("ledger_entries.request_id"), primary_key=True
+    )
+    period_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("budget_periods.id"), primary_key=True, index=True
+    )
+    amount: Mapped[int] = mapped_column(Nanos)

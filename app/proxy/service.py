@@ -1,0 +1,389 @@
+"""The request path: authenticate -> admit (reserve) -> forward -> settle.
+
+No database session is held across the upstream exchange: admission and settlement are each
+one short transaction. Settlement runs in the relay's `finally`, shielded from cancellation, so
+every request that was admitted ends in exactly one ledger entry, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from decimal import ROUND_CEILING, Decimal
+
+import aiohttp
+import anyio
+import orjson
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from app.budgets.repository import (
+    Admission,
+    BudgetRepository,
+    ConcurrentChange,
+    Outcome,
+    RequestInfo,
+)
+from app.budgets.state import PeriodState
+from app.clock import Clock
+from app.config import Settings
+from app.errors import (
+    AppError,
+    BadRequest,
+    BudgetExceeded,
+    Forbidden,
+    LedgerUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_response,
+)
+from app.keys.repository import KeyContext
+from app.keys.service import KeyService
+from app.pricing.cost import COST_HEADER, CostCalculator
+from app.pricing.money import ceil_div
+from app.proxy.headers import (
+    budget_headers,
+    presented_key,
+    response_headers,
+    retry_after,
+    rfc3339,
+    upstream_headers,
+)
+from app.proxy.request import METERED_PATHS, MeteredRequest, api_path, parse_metered
+from app.proxy.streaming import RelayResponse, sse_error_event
+from app.proxy.upstream import UpstreamClient
+from app.proxy.usage import StreamMeter, usage_from_body
+
+log = logging.getLogger("budgetgate.proxy")
+
+# Paths the gateway serves itself; never forwarded.
+RESERVED_PREFIXES = (
+    "/admin",
+    "/docs",
+    "/redoc",
+    "/openapi.json",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+)
+_LEDGER_ERRORS = (SQLAlchemyError, OSError, ConcurrentChange)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        keys: KeyService,
+        budgets: BudgetRepository,
+        costs: CostCalculator,
+        upstream: UpstreamClient,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.keys = keys
+        self.budgets = budgets
+        self.costs = costs
+        self.upstream = upstream
+        self.passthrough = settings.key_mode == "passthrough"
+        self.upstream_key = (
+            settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        )
+
+    async def handle(self, request: Request) -> Response:
+        path = request.url.path
+        if path.startswith(RESERVED_PREFIXES):
+            raise NotFound(f"no route {request.method} {path}")
+        request_id = f"req_{uuid.uuid4().hex}"
+        endpoint = api_path(path)
+        started = self.clock.now()
+
+        key = await self._authenticate(request)
+        raw = await self._read_body(request)
+        metered: MeteredRequest | None = None
+        amount = 0
+        if request.method == "POST" and endpoint in METERED_PATHS:
+            metered = parse_metered(endpoint, raw, self.settings.default_max_output_tokens)
+            if key.models and metered.model not in key.models:
+                raise Forbidden(
+                    f"model '{metered.model}' is not allowed for key {key.label}; "
+                    f"allowed: {', '.join(key.models)}",
+                    param="model",
+                )
+            amount = self.costs.estimate(
+                metered.model, metered.input_bound, metered.output_bound
+            ).amount
+        info = RequestInfo(
+            request_id,
+            key.id,
+            metered.model if metered else None,
+            endpoint,
+            bool(metered and metered.stream),
+            started,
+        )
+
+        if request.method == "GET" and endpoint == "/models":
+            # Free and always allowed (even for an exhausted key): no budget check, no entry.
+            return await self._forward_free(request, info, raw)
+
+        admission = await self._reserve(key, info, amount)
+        if not admission.admitted:
+            raise self._budget_exceeded(key, admission, request_id)
+        return await self._forward(request, info, metered, raw, admission)
+
+    # -- steps -----------------------------------------------------------------------------
+
+    async def _authenticate(self, request: Request) -> KeyContext:
+        try:
+            return await self.keys.authenticate(presented_key(request.headers))
+        except _LEDGER_ERRORS as exc:
+            raise self._ledger_down(exc) from None
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise BadRequest("client disconnected while sending the body") from None
+        return b"".join(chunks)
+
+    async def _reserve(self, key: KeyContext, info: RequestInfo, amount: int) -> Admission:
+        try:
+            return await self.budgets.reserve(key.budgets, info, amount)
+        except _LEDGER_ERRORS as exc:
+            raise self._ledger_down(exc) from None
+
+    def _budget_exceeded(
+        self, key: KeyContext, admission: Admission, request_id: str
+    ) -> BudgetExceeded:
+        state = admission.periods[0]
+        used = state.spend + state.reserved
+        resets = (
+            f"the period resets at {rfc3339(state.period_end)}"
+            if state.period_end is not None
+            else "this budget does not reset"
+        )
+        message = (
+            f"Budget exceeded for key {key.label}: spend ${format_dollars_4(used)} + this request "
+            f"up to ${format_dollars_4(admission.amount)} would pass max_budget "
+            f"${format_dollars_4(state.max_budget or 0)}; {resets}"
+        )
+        headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
+        return BudgetExceeded(message, headers=headers)
+
+    async def _forward_free(self, request: Request, info: RequestInfo, raw: bytes) -> Response:
+        resp = await self._send(request, info, raw)
+        try:
+            body = await resp.read()
+        finally:
+            resp.release()
+        return Response(
+            body,
+            resp.status,
+            response_headers(list(resp.headers.items())) | {"x-request-id": info.request_id},
+        )
+
+    async def _send(
+        self, request: Request, info: RequestInfo, body: bytes
+    ) -> aiohttp.ClientResponse:
+        headers = upstream_headers(
+            request.headers, info.request_id, self.upstream_key, self.passthrough
+        )
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return await self.upstream.send(request.method, path_qs, headers, body)
+
+    async def _forward(
+        self,
+        request: Request,
+        info: RequestInfo,
+        metered: MeteredRequest | None,
+        raw: bytes,
+        admission: Admission,
+    ) -> Response:
+        body = metered.body if metered else raw
+        try:
+            resp = await self._send(request, info, body)
+        except (UpstreamUnreachable, UpstreamTimeout) as exc:
+            outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+            states = await self._settle(info, Outcome(outcome, 0, "none", status_code=exc.status))
+            return error_response(exc, budget_headers(states or admission.periods, info.request_id))
+
+        if resp.status < 400 and (metered is None or metered.stream):
+            meter = (
+                StreamMeter(drop_usage_chunk=not metered.client_wants_usage) if metered else None
+            )
+            headers = response_headers(list(resp.headers.items())) | budget_headers(
+                admission.periods, info.request_id
+            )
+            return RelayResponse(
+                self._relay(resp, info, metered, meter), resp.status, headers=headers
+            )
+
+        try:
+            content = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.release()
+            timeout = isinstance(exc, TimeoutError)
+            states = await self._settle(
+                info,
+                Outcome(
+                    "timeout" if timeout else "upstream_error",
+                    0,
+                    "none",
+                    status_code=504 if timeout else 502,
+                ),
+            )
+            err: AppError = (
+                UpstreamTimeout("the upstream did not answer in time")
+                if timeout
+                else UpstreamUnreachable("the upstream connection failed")
+            )
+            return error_response(err, budget_headers(states or admission.periods, info.request_id))
+        resp.release()
+        outcome = self._outcome_of_body(resp, metered, content)
+        with anyio.CancelScope(shield=True):
+            states = await self._settle(info, outcome)
+        headers = response_headers(list(resp.headers.items())) | budget_headers(
+            states or admission.periods, info.request_id
+        )
+        return Response(content, resp.status, headers=headers)
+
+    def _outcome_of_body(
+        self, resp: aiohttp.ClientResponse, metered: MeteredRequest | None, content: bytes
+    ) -> Outcome:
+        header = resp.headers.get(COST_HEADER)
+        ok = resp.status < 400
+        if metered is None or not ok:
+            cost = self.costs.from_header(header)
+            return Outcome(
+                "ok" if ok else "upstream_error",
+                cost or 0,
+                "upstream" if cost is not None else "none",
+                status_code=resp.status,
+            )
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            data = None
+        usage, response_model = usage_from_body(data)
+        fallback = (ceil_div(metered.input_bound, 4), ceil_div(len(content), 4))
+        cost, source = self.costs.charge(
+            header,
+            [response_model, metered.model],
+            (usage.prompt_tokens, usage.completion_tokens) if usage else None,
+            fallback,
+        )
+        return Outcome(
+            "ok",
+            cost,
+            source,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else None,
+            resp.status,
+        )
+
+    async def _relay(
+        self,
+        resp: aiohttp.ClientResponse,
+        info: RequestInfo,
+        metered: MeteredRequest | None,
+        meter: StreamMeter | None,
+    ) -> AsyncIterator[bytes]:
+        outcome = "ok"
+        try:
+            async for chunk in resp.content.iter_any():
+                out = meter.feed(chunk) if meter else chunk
+                if out:
+                    yield out
+            if meter is not None:
+                rest = meter.flush()
+                if rest:
+                    yield rest
+                if not meter.completed:
+                    outcome = "upstream_error"
+                    yield sse_error_event(
+                        "the upstream stream ended early",
+                        "upstream_error",
+                        "upstream_stream_incomplete",
+                    )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            timeout = isinstance(exc, TimeoutError)
+            outcome = "timeout" if timeout else "upstream_error"
+            log.warning("upstream stream failed: %s", type(exc).__name__)
+            yield sse_error_event(
+                "the upstream timed out mid-stream" if timeout else "the upstream stream broke",
+                "upstream_error",
+                "upstream_timeout" if timeout else "upstream_stream_broken",
+            )
+        except BaseException:
+            outcome = "client_disconnect"
+            raise
+        finally:
+            resp.close()
+            with anyio.CancelScope(shield=True):
+                await self._settle(info, self._outcome_of_stream(resp, metered, meter, outcome))
+
+    def _outcome_of_stream(
+        self,
+        resp: aiohttp.ClientResponse,
+        metered: MeteredRequest | None,
+        meter: StreamMeter | None,
+        outcome: str,
+    ) -> Outcome:
+        header = resp.headers.get(COST_HEADER)
+        if metered is None or meter is None:
+            cost = self.costs.from_header(header)
+            return Outcome(
+                outcome,
+                cost or 0,
+                "upstream" if cost is not None else "none",
+                status_code=resp.status,
+            )
+        usage = meter.usage
+        fallback = (ceil_div(metered.input_bound, 4), meter.estimated_output_tokens())
+        cost, source = self.costs.charge(
+            header,
+            [meter.model, metered.model],
+            (usage.prompt_tokens, usage.completion_tokens) if usage else None,
+            fallback,
+        )
+        return Outcome(
+            outcome,
+            cost,
+            source,
+            usage.prompt_tokens if usage else None,
+            usage.completion_tokens if usage else fallback[1],
+            resp.status,
+        )
+
+    async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+        try:
+            states = await self.budgets.settle(info, outcome)
+        except _LEDGER_ERRORS:
+            # The reservation stays held (fail closed); the sweeper releases it after the TTL.
+            log.exception("settlement failed for %s; the sweeper will release it", info.request_id)
+            return None
+        if states is None:
+            log.warning("request %s was already released by the sweeper", info.request_id)
+        return states
+
+    def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
+        log.error("ledger database unavailable: %s", type(exc).__name__)
+        return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
+
+
+def format_dollars_4(nanos: int) -> str:
+    """Dollars to four places for messages (rounded up: never shows less than was used)."""
+    return f"{Decimal(nanos).scaleb(-9).quantize(Decimal('0.0001'), rounding=ROUND_CEILING)}"

@@ -1,0 +1,65 @@
+"""The one long-lived upstream client (aiohttp: several times httpx's throughput here)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+
+from app.errors import UpstreamTimeout, UpstreamUnreachable
+
+log = logging.getLogger("budgetgate.upstream")
+
+# Transport failures before any answer byte arrived.
+_CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+
+
+class UpstreamClient:
+    def __init__(self, base_url: str, timeout_seconds: float, max_connections: int) -> None:
+        self.base_url = base_url
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=self._max_connections, ttl_dns_cache=300
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(
+        self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """Sends the request and returns once the answer's headers are in; the caller reads
+        (or streams) the body and must release the response."""
+        assert self._session is not None, "upstream client not started"
+        try:
+            return await self._session.request(
+                method,
+                self.base_url + path_qs,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except _CONNECT_ERRORS as exc:
+            log.warning("upstream unreachable: %s", type(exc).__name__)
+            raise UpstreamUnreachable("the upstream server could not be reached") from None
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError | asyncio.TimeoutError)

@@ -1,0 +1,164 @@
+"""Token usage from upstream answers: whole JSON bodies, and SSE streams read as they pass.
+
+Formats: OpenAI chat/completions/embeddings (`usage.prompt_tokens`/`completion_tokens`,
+streamed in a final usage-only chunk), OpenAI Responses (`usage.input_tokens`/`output_tokens`,
+streamed in `response.completed`), Anthropic Messages (`message_start` then `message_delta`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def usage_from_object(usage: Any) -> Usage | None:
+    """Either naming scheme; Anthropic cache tokens count as input."""
+    if not isinstance(usage, dict):
+        return None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+    if "input_tokens" in usage or "output_tokens" in usage:
+        prompt = (
+            _int(usage.get("input_tokens"))
+            + _int(usage.get("cache_creation_input_tokens"))
+            + _int(usage.get("cache_read_input_tokens"))
+        )
+        return Usage(prompt, _int(usage.get("output_tokens")))
+    return None
+
+
+def usage_from_body(data: Any) -> tuple[Usage | None, str | None]:
+    """Usage and model of a non-streamed answer."""
+    if not isinstance(data, dict):
+        return None, None
+    model = data.get("model") if isinstance(data.get("model"), str) else None
+    return usage_from_object(data.get("usage")), model
+
+
+class StreamMeter:
+    """Reads an SSE stream chunk by chunk: forwards complete events unchanged, except the
+    usage-only chunk when the client did not ask for it, and remembers usage, model and how
+    much content went out (for the estimate when no usage arrives)."""
+
+    def __init__(self, drop_usage_chunk: bool) -> None:
+        self.drop_usage_chunk = drop_usage_chunk
+        self.usage: Usage | None = None
+        self.model: str | None = None
+        self.content_events = 0
+        self.content_chars = 0
+        self.completed = False  # saw [DONE], response.completed or message_stop
+        self._buffer = b""
+        self._anthropic_input = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Returns the bytes to forward now (possibly empty)."""
+        data = self._buffer + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        complete, self._buffer = data[: end + 2], data[end + 2 :]
+        if b"\r" in complete:
+            complete = complete.replace(b"\r\n", b"\n")
+        out = []
+        for event in complete.split(b"\n\n"):
+            if event and self._inspect(event):
+                out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _inspect(self, event: bytes) -> bool:
+        """Meters one event; False when it must not reach the client."""
+        payload = None
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+        if payload is None:
+            return True
+        if payload == b"[DONE]":
+            self.completed = True
+            return True
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        kind = obj.get("type")
+        if kind is None or kind in ("chat.completion.chunk", "text_completion"):
+            return self._openai_chunk(obj)
+        if isinstance(kind, str):
+            self._typed_event(kind, obj)
+        return True
+
+    def _openai_chunk(self, obj: dict[str, Any]) -> bool:
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        usage = usage_from_object(obj.get("usage"))
+        choices = obj.get("choices")
+        if usage is not None:
+            self.usage = usage
+            if not choices and self.drop_usage_chunk:
+                return False
+        if choices:
+            self.content_events += 1
+            for choice in choices if isinstance(choices, list) else ():
+                if isinstance(choice, dict):
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                    self.content_chars += len(text) if isinstance(text, str) else 0
+        return True
+
+    def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind == "response.completed" or kind == "response.incomplete":
+            response = obj.get("response") or {}
+            self.usage = usage_from_object(response.get("usage")) or self.usage
+            if isinstance(response.get("model"), str):
+                self.model = response["model"]
+            self.completed = True
+        elif kind == "response.created":
+            response = obj.get("response") or {}
+            if isinstance(response.get("model"), str):
+                self.model = response["model"]
+        elif kind.endswith(".delta") or kind == "content_block_delta":
+            self.content_events += 1
+            delta = obj.get("delta")
+            text = delta.get("text") if isinstance(delta, dict) else delta
+            self.content_chars += len(text) if isinstance(text, str) else 0
+        elif kind == "message_start":
+            message = obj.get("message") or {}
+            if isinstance(message.get("model"), str):
+                self.model = message["model"]
+            start = usage_from_object(message.get("usage"))
+            if start is not None:
+                self._anthropic_input = start.prompt_tokens
+                self.usage = Usage(start.prompt_tokens, start.completion_tokens)
+        elif kind == "message_delta":
+            delta = usage_from_object(obj.get("usage"))
+            if delta is not None:
+                # message_delta carries the cumulative output count; input came in message_start
+                # (newer servers repeat it here too).
+                prompt = delta.prompt_tokens or self._anthropic_input
+                self.usage = Usage(prompt, delta.completion_tokens)
+        elif kind == "message_stop":
+            self.completed = True
+
+    def estimated_output_tokens(self) -> int:
+        """An estimate of the tokens delivered: one per content event, or one per three
+        characters of content, whichever is larger (errs towards charging)."""
+        return max(self.content_events, -(-self.content_chars // 3))

@@ -1,0 +1,43 @@
+"""Periodic jobs: roll expired periods, release abandoned reservations. Thin and idempotent:
+every replica runs them, and the ledger's conditional statements make that safe."""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from app.budgets.repository import BudgetRepository
+
+log = logging.getLogger("budgetgate.scheduler")
+
+
+async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
+    """One pass of both jobs; returns (periods rolled, reservations swept)."""
+    rolled = await budgets.close_expired_periods()
+    swept = await budgets.sweep_expired_reservations()
+    if rolled or swept:
+        log.info("maintenance: %d periods rolled, %d abandoned requests released", rolled, swept)
+    return rolled, swept
+
+
+async def _safe_run(budgets: BudgetRepository) -> None:
+    try:
+        await run_maintenance(budgets)
+    except Exception as exc:  # a database outage must not kill the scheduler
+        log.warning("maintenance pass failed: %s", type(exc).__name__)
+
+
+def start_scheduler(budgets: BudgetRepository, interval_seconds: float) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler()
+    scheduler.add_job(
+        _safe_run,
+        "interval",
+        seconds=interval_seconds,
+        args=[budgets],
+        id="budget-maintenance",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.start()
+    return scheduler
