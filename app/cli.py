@@ -1,0 +1,356 @@
+"""The `budgetgate` command: serve, migrate, keys, usage, reconcile, mock-upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.config import Settings, get_settings
+
+app = typer.Typer(
+    help="budgetgate: a budget-enforcing proxy for OpenAI-compatible LLM APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(
+    help="Manage API keys and their budgets (straight against the ledger).", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+T = TypeVar("T")
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        typer.echo(f"invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    workers: Annotated[int, typer.Option(min=1, help="worker processes (one ledger, shared)")] = 1,
+) -> None:
+    """Run the gateway."""
+    import uvicorn
+
+    from app.db import create_engine
+    from app.main import SchemaOutdated, prepare_schema
+
+    settings = _settings()
+
+    async def check() -> None:
+        engine = create_engine(settings)
+        try:
+            await prepare_schema(settings, engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(check())
+    except SchemaOutdated as exc:
+        typer.echo(f"budgetgate: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(f"budgetgate: cannot reach the ledger database: {exc}", err=True)
+        raise typer.Exit(1) from None
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the ledger database to the latest schema, then exit."""
+    from app.migrate import upgrade_to_head
+
+    upgrade_to_head(_settings().database_url)
+    typer.echo("ledger schema is at the latest migration")
+
+
+@app.command("mock-upstream")
+def mock_upstream(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 9100,
+) -> None:
+    """Run a fake OpenAI-compatible upstream (usage in every answer), for trying things out."""
+    from app.mock_upstream import run
+
+    run(host=host, port=port)
+
+
+# -- admin tasks straight against the ledger ------------------------------------------------
+
+
+def _run_with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
+    from app.budgets.repository import BudgetRepository
+    from app.clock import SystemClock
+    from app.db import create_engine
+    from app.errors import AppError
+    from app.keys.service import KeyService
+    from app.main import prepare_schema
+
+    settings = _settings()
+
+    async def main() -> T:
+        engine = create_engine(settings)
+        try:
+            if settings.is_sqlite:  # the embedded ledger migrates itself, as `serve` does
+                await prepare_schema(settings, engine)
+            budgets = BudgetRepository(engine, SystemClock(), settings.reservation_ttl_seconds)
+            return await fn(KeyService(engine, budgets, settings))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except AppError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    except (SQLAlchemyError, OSError) as exc:
+        typer.echo(f"error: the ledger database cannot be used: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _body(model: type[T], **fields: Any) -> T:
+    """Build an admin request body from options, with the API's validation and messages."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "input"
+            typer.echo(f"error: {field}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _dollars(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        typer.echo(f"error: not a dollar amount: {value!r}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "*"
+    return str(value)
+
+
+KEY_COLUMNS = [
+    "id",
+    "alias",
+    "key_prefix",
+    "status",
+    "max_budget",
+    "spend",
+    "reserved",
+    "remaining",
+    "budget_duration",
+    "reset_at",
+]
+
+
+def _key_dict(out: Any) -> dict[str, Any]:
+    return out.model_dump(mode="json") if hasattr(out, "model_dump") else dict(out)
+
+
+@keys_app.command("create")
+def keys_create(
+    alias: Annotated[str | None, typer.Option()] = None,
+    max_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
+    budget_duration: Annotated[
+        str | None, typer.Option(help="30s, 1h, 1d, 1w, 1mo, 1y ...")
+    ] = None,
+    soft_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
+    budget_timezone: Annotated[str, typer.Option()] = "UTC",
+    models: Annotated[
+        list[str] | None, typer.Option("--model", help="allowed model (repeat)")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option(help="passthrough mode: the existing upstream key")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a key (managed mode) or register an upstream key (passthrough mode)."""
+    from app.keys.schemas import KeyCreate
+
+    body = _body(
+        KeyCreate,
+        alias=alias,
+        max_budget=_dollars(max_budget),
+        budget_duration=budget_duration,
+        soft_budget=_dollars(soft_budget),
+        budget_timezone=budget_timezone,
+        models=models or [],
+        key=key,
+    )
+    out = _key_dict(_run_with_services(lambda s: s.create(body)))
+    _print_rows([out], ["key", *KEY_COLUMNS], as_json)
+    if not as_json:
+        typer.echo("\nThe key is shown only once: store it now.")
+
+
+@keys_app.command("list")
+def keys_list(
+    alias: Annotated[str | None, typer.Option()] = None, as_json: JsonOpt = False
+) -> None:
+    """List keys."""
+
+    async def all_keys(s: Any) -> list[Any]:
+        out, cursor = [], None
+        while True:
+            page, cursor = await s.list(alias, cursor, 500)
+            out.extend(page)
+            if cursor is None:
+                return out
+
+    rows = [_key_dict(k) for k in _run_with_services(all_keys)]
+    _print_rows(rows, KEY_COLUMNS, as_json)
+
+
+@keys_app.command("show")
+def keys_show(key_id: str, as_json: JsonOpt = False) -> None:
+    """Show one key with its current period."""
+    _print_rows([_key_dict(_run_with_services(lambda s: s.get(key_id)))], KEY_COLUMNS, as_json)
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: str,
+    alias: Annotated[str | None, typer.Option()] = None,
+    max_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
+    soft_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
+    budget_duration: Annotated[str | None, typer.Option()] = None,
+    budget_timezone: Annotated[str | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a key's settings (only the options given)."""
+    from app.keys.schemas import KeyUpdate
+
+    given: dict[str, Any] = {
+        "alias": alias,
+        "max_budget": _dollars(max_budget),
+        "soft_budget": _dollars(soft_budget),
+        "budget_duration": budget_duration,
+        "budget_timezone": budget_timezone,
+    }
+    body = _body(KeyUpdate, **{k: v for k, v in given.items() if v is not None})
+    _print_rows(
+        [_key_dict(_run_with_services(lambda s: s.update(key_id, body)))], KEY_COLUMNS, as_json
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, as_json: JsonOpt = False) -> None:
+    """Revoke a key: later requests get 401; its history is kept."""
+    _print_rows([_key_dict(_run_with_services(lambda s: s.revoke(key_id)))], KEY_COLUMNS, as_json)
+
+
+@keys_app.command("reset")
+def keys_reset(key_id: str, as_json: JsonOpt = False) -> None:
+    """Close the key's current periods early; the new ones end at the same boundary."""
+    _print_rows([_key_dict(_run_with_services(lambda s: s.reset(key_id)))], KEY_COLUMNS, as_json)
+
+
+@app.command()
+def usage(
+    group_by: Annotated[str, typer.Option(help="key, model or day")] = "key",
+    since: Annotated[datetime | None, typer.Option()] = None,
+    until: Annotated[datetime | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Spend report from the ledger."""
+    from app.keys.service import dollars
+    from app.ledger import repository as ledger
+
+    if group_by not in ("key", "model", "day"):
+        typer.echo("error: --group-by must be key, model or day", err=True)
+        raise typer.Exit(2)
+
+    async def report(s: Any) -> list[dict[str, Any]]:
+        return await ledger.usage(s.engine, group_by, since, until)
+
+    rows = _run_with_services(report)
+    for r in rows:
+        r["spend"] = dollars(r.pop("cost_nanos"))
+    _print_rows(
+        rows, [group_by, "requests", "spend", "prompt_tokens", "completion_tokens"], as_json
+    )
+
+
+@app.command()
+def reconcile(as_json: JsonOpt = False) -> None:
+    """Check the ledger invariants; exit 1 with a report if any is broken."""
+    from app.ledger import repository as ledger
+
+    report = _run_with_services(lambda s: ledger.reconcile(s.engine))
+    if as_json:
+        typer.echo(
+            orjson.dumps(
+                {
+                    "ok": report.ok,
+                    "periods_checked": report.periods_checked,
+                    "entries_checked": report.entries_checked,
+                    "problems": report.problems,
+                }
+            ).decode()
+        )
+    else:
+        typer.echo(
+            f"checked {report.periods_checked} periods and {report.entries_checked} ledger entries"
+        )
+        for problem in report.problems:
+            typer.echo(f"PROBLEM: {problem}")
+        typer.echo(
+            "ledger is consistent" if report.ok else f"{len(report.problems)} problem(s) found"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
