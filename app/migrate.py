@@ -10,13 +10,18 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-_ROOT = Path(__file__).resolve().parent.parent
+def _project_root() -> Path:
+    """The directory holding migrations/: the source checkout (editable install), else the
+    working directory (the Docker image copies migrations/ next to where it runs)."""
+    source = Path(__file__).resolve().parent.parent
+    return source if (source / "migrations").is_dir() else Path.cwd()
 
 
 def alembic_config(database_url: str) -> Config:
-    ini = _ROOT / "alembic.ini"
+    root = _project_root()
+    ini = root / "alembic.ini"
     cfg = Config(str(ini)) if ini.exists() else Config()
-    cfg.set_main_option("script_location", str(_ROOT / "migrations"))
+    cfg.set_main_option("script_location", str(root / "migrations"))
     cfg.attributes["database_url"] = database_url
     return cfg
 
