@@ -239,7 +239,7 @@ def keys_list(
     async def all_keys(s: Any) -> list[Any]:
         out, cursor = [], None
         while True:
-            page, cursor = await s.list(alias, cursor, 500)
+            page, cursor = await s.list_keys(alias, cursor, 500)
             out.extend(page)
             if cursor is None:
                 return out

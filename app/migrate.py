@@ -10,6 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+
 def _project_root() -> Path:
     """The directory holding migrations/: the source checkout (editable install), else the
     working directory (the Docker image copies migrations/ next to where it runs)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, delete, insert, literal, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -22,11 +22,11 @@ from app.budgets.state import BudgetRef, PeriodState
 from app.clock import Clock
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
-P = BudgetPeriod.__table__
-B = Budget.__table__
-R = Reservation.__table__
-L = LedgerEntry.__table__
-C = LedgerCharge.__table__
+P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
+B: Table = Budget.__table__  # type: ignore[assignment]
+R: Table = Reservation.__table__  # type: ignore[assignment]
+L: Table = LedgerEntry.__table__  # type: ignore[assignment]
+C: Table = LedgerCharge.__table__  # type: ignore[assignment]
 
 _PERIOD_COLS = (
     P.c.budget_id,
@@ -39,7 +39,7 @@ _PERIOD_COLS = (
 )
 
 
-def _state(row: Row[Any]) -> PeriodState:
+def _state(row: Any) -> PeriodState:
     return PeriodState(
         budget_id=row.budget_id,
         period_id=row.id,

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import Table, and_, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.budgets.state import BudgetRef
 from app.models import ApiKey, Budget, BudgetPeriod
 
-K = ApiKey.__table__
-B = Budget.__table__
-P = BudgetPeriod.__table__
+K: Table = ApiKey.__table__  # type: ignore[assignment]
+B: Table = Budget.__table__  # type: ignore[assignment]
+P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

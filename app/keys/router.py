@@ -49,7 +49,7 @@ async def list_keys(
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> KeyList:
-    data, next_cursor = await keys.list(alias, cursor, limit)
+    data, next_cursor = await keys.list_keys(alias, cursor, limit)
     return KeyList(data=data, next_cursor=next_cursor)
 
 

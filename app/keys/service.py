@@ -158,7 +158,7 @@ class KeyService:
             await conn.rollback()
         return render_key(key, budgets)
 
-    async def list(
+    async def list_keys(
         self, alias: str | None, cursor: str | None, limit: int
     ) -> tuple[list[KeyOut], str | None]:
         after = decode_cursor(cursor) if cursor else None
@@ -179,7 +179,7 @@ class KeyService:
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
-            key_values = {f: changes[f] for f in ("alias", "models", "expires_at") if f in changes}
+            key_values: dict[str, Any] = {f: changes[f] for f in ("alias", "models", "expires_at") if f in changes}
             if "metadata" in changes:
                 key_values["metadata"] = changes["metadata"] or {}
             if "models" in key_values and key_values["models"] is None:

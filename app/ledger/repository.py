@@ -8,17 +8,17 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Date, cast, func, or_, select
+from sqlalchemy import Date, Table, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
-L = LedgerEntry.__table__
-C = LedgerCharge.__table__
-P = BudgetPeriod.__table__
-B = Budget.__table__
-R = Reservation.__table__
+L: Table = LedgerEntry.__table__  # type: ignore[assignment]
+C: Table = LedgerCharge.__table__  # type: ignore[assignment]
+P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
+B: Table = Budget.__table__  # type: ignore[assignment]
+R: Table = Reservation.__table__  # type: ignore[assignment]
 
 
 def encode_cursor(finished_at: datetime, request_id: str) -> str:
@@ -70,6 +70,7 @@ async def list_entries(
 async def usage(
     engine: AsyncEngine, group_by: str, since: datetime | None, until: datetime | None
 ) -> list[dict[str, Any]]:
+    group: Any
     if group_by == "key":
         group = L.c.key_id
     elif group_by == "model":

@@ -252,9 +252,9 @@ class Gateway:
             )
             return error_response(err, budget_headers(states or admission.periods, info.request_id))
         resp.release()
-        outcome = self._outcome_of_body(resp, metered, content)
+        result = self._outcome_of_body(resp, metered, content)
         with anyio.CancelScope(shield=True):
-            states = await self._settle(info, outcome)
+            states = await self._settle(info, result)
         headers = response_headers(list(resp.headers.items())) | budget_headers(
             states or admission.periods, info.request_id
         )
