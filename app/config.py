@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     auto_migrate: bool = False
+    # SQLite commit durability (WAL mode either way). normal: a committed transaction survives a
+    # gateway crash (kill -9), and the file never corrupts, but a power loss or OS crash can roll
+    # back the last transactions. full: also survives power loss; costs an fsync per commit.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     db_pool_size: int = Field(20, gt=0)
     upstream_max_connections: int = Field(512, gt=0)
 

@@ -14,7 +14,7 @@ from app.config import Settings
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(settings.database_url, **overrides)
+        return _create_sqlite_engine(settings.database_url, settings.sqlite_synchronous, **overrides)
     kwargs: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_pool_size,
@@ -25,7 +25,7 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     return create_async_engine(settings.database_url, **kwargs)
 
 
-def _create_sqlite_engine(database_url: str, **overrides: Any) -> AsyncEngine:
+def _create_sqlite_engine(database_url: str, synchronous: str, **overrides: Any) -> AsyncEngine:
     # One connection: SQLite serialises writers anyway; queueing in the pool is cheaper than
     # busy-waiting on the database lock. Other processes (the CLI) are handled by busy_timeout.
     kwargs: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 60}
@@ -40,7 +40,7 @@ def _create_sqlite_engine(database_url: str, **overrides: Any) -> AsyncEngine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")  # durable: every commit reaches the disk
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")  # see Settings
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.close()
