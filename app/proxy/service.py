@@ -95,6 +95,26 @@ class Gateway:
         )
 
     async def handle(self, request: Request) -> Response:
+        try:
+            return await self._handle(request)
+        except AppError as exc:
+            # Every authenticated response, errors too, carries x-request-id and the budget
+            # headers (SPEC 3); a 429 already has them.
+            key: KeyContext | None = getattr(request.state, "budget_key", None)
+            if key is not None and "x-request-id" not in exc.headers:
+                exc.headers.update(
+                    await self._error_headers(key, request.state.budget_request_id)
+                )
+            raise
+
+    async def _error_headers(self, key: KeyContext, request_id: str) -> dict[str, str]:
+        try:
+            states = await self.budgets.period_states([b.period_id for b in key.budgets])
+        except _LEDGER_ERRORS:
+            states = []
+        return budget_headers(states, request_id)
+
+    async def _handle(self, request: Request) -> Response:
         path = request.url.path
         if path.startswith(RESERVED_PREFIXES):
             raise NotFound(f"no route {request.method} {path}")
@@ -103,6 +123,7 @@ class Gateway:
         started = self.clock.now()
 
         key = await self._authenticate(request)
+        request.state.budget_key, request.state.budget_request_id = key, request_id
         raw = await self._read_body(request)
         metered: MeteredRequest | None = None
         amount = 0
@@ -353,6 +374,11 @@ class Gateway:
             )
         usage = meter.usage
         fallback = (ceil_div(metered.input_bound, 4), meter.estimated_output_tokens())
+        if usage is not None and meter.usage_partial:
+            # Cut after message_start: its output count is a placeholder, so estimate the output
+            # from what was forwarded (the input count is real).
+            fallback = (usage.prompt_tokens, max(usage.completion_tokens, fallback[1]))
+            usage = None
         cost, source = self.costs.charge(
             header,
             [meter.model, metered.model],

@@ -61,17 +61,23 @@ class StreamMeter:
         self.completed = False  # saw [DONE], response.completed or message_stop
         self._buffer = b""
         self._anthropic_input = 0
+        # True while the only usage seen is Anthropic's message_start (input known, output a
+        # placeholder): not the final count, so a stream cut there is charged an estimate.
+        self.usage_partial = False
 
     def feed(self, chunk: bytes) -> bytes:
         """Returns the bytes to forward now (possibly empty)."""
         data = self._buffer + chunk
+        if b"\r" in data:
+            # CRLF-delimited SSE (e.g. sse-starlette servers): normalise before looking for
+            # event boundaries, or no event is ever seen (whole stream buffered, usage lost).
+            # A "\r" left at the end stays in the buffer and pairs with the next chunk's "\n".
+            data = data.replace(b"\r\n", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
             self._buffer = data
             return b""
         complete, self._buffer = data[: end + 2], data[end + 2 :]
-        if b"\r" in complete:
-            complete = complete.replace(b"\r\n", b"\n")
         out = []
         for event in complete.split(b"\n\n"):
             if event and self._inspect(event):
@@ -148,6 +154,7 @@ class StreamMeter:
             if start is not None:
                 self._anthropic_input = start.prompt_tokens
                 self.usage = Usage(start.prompt_tokens, start.completion_tokens)
+                self.usage_partial = True
         elif kind == "message_delta":
             delta = usage_from_object(obj.get("usage"))
             if delta is not None:
@@ -155,6 +162,7 @@ class StreamMeter:
                 # (newer servers repeat it here too).
                 prompt = delta.prompt_tokens or self._anthropic_input
                 self.usage = Usage(prompt, delta.completion_tokens)
+                self.usage_partial = False
         elif kind == "message_stop":
             self.completed = True
 
