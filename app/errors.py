@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -134,6 +136,16 @@ def install_error_handlers(app: FastAPI) -> None:
         if field is None:
             return error_response(BadRequest(message, code="invalid_json"))
         return error_response(InvalidField(message, param=field))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    @app.exception_handler(OSError)
+    async def _ledger_down(_request: Request, exc: Exception) -> Response:
+        # The ledger database is unreachable (on admin and client-info routes; the proxy path
+        # maps these itself): 503, fail closed, never a stack trace.
+        log.error("ledger database unavailable: %s", type(exc).__name__)
+        return error_response(LedgerUnavailable("the budget ledger database is unavailable"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:

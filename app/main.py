@@ -99,6 +99,8 @@ def create_app(
         version="0.1.0",
         description="Budget-enforcing reverse proxy for OpenAI-compatible LLM APIs",
         lifespan=lifespan,
+        # `curl -d '{...}'` sends form content-type: read admin bodies as JSON regardless.
+        strict_content_type=False,
     )
     app.state.settings = settings
     app.state.clock = clock

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -29,12 +29,25 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("missing or wrong admin key", code="invalid_admin_key")
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """Query times without an offset (or bare dates) are UTC, as in request bodies."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
 def key_service(request: Request) -> KeyService:
     return request.app.state.key_service  # type: ignore[no-any-return]
 
 
 Keys = Annotated[KeyService, Depends(key_service)]
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+# strict_content_type=False: `curl -d '{...}'` (form content-type) is read as JSON too.
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    strict_content_type=False,
+)
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated)
@@ -90,7 +103,7 @@ async def ledger_entries(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     rows, next_cursor = await ledger.list_entries(
-        request.app.state.engine, key_id, since, until, limit, cursor
+        request.app.state.engine, key_id, _utc(since), _utc(until), limit, cursor
     )
     data = [
         {
@@ -120,7 +133,7 @@ async def usage_report(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> JSONResponse:
-    rows = await ledger.usage(request.app.state.engine, group_by, since, until)
+    rows = await ledger.usage(request.app.state.engine, group_by, _utc(since), _utc(until))
     total = sum(r["cost_nanos"] for r in rows)
     for r in rows:
         r["spend"] = dollars(r.pop("cost_nanos"))

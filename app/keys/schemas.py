@@ -32,7 +32,7 @@ class BudgetSettings(BaseModel):
     budget_timezone: str = "UTC"
     budget_anchor: datetime | None = None
 
-    @field_validator("budget_duration")
+    @field_validator("budget_duration", mode="before")
     @classmethod
     def _duration(cls, v: str | None) -> str | None:
         if v is None:
@@ -96,7 +96,7 @@ class KeyUpdate(BaseModel):
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
 
-    _duration = field_validator("budget_duration")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
+    _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
     _anchor = field_validator("budget_anchor", "expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
 
     @field_validator("budget_timezone")

@@ -150,6 +150,7 @@ class KeyService:
         await self.budgets.open_first_period(conn, budget_id, start, end)
 
     async def get(self, key_id: str) -> KeyOut:
+        await self.budgets.roll_expired_periods_of_keys([key_id])  # show the current period
         async with self.engine.connect() as conn:
             key = await repo.get_key(conn, key_id)
             if key is None:
@@ -164,7 +165,11 @@ class KeyService:
         after = decode_cursor(cursor) if cursor else None
         async with self.engine.connect() as conn:
             keys = await repo.list_keys(conn, alias, after, limit + 1)
-            page = keys[:limit]
+            await conn.rollback()
+        page = keys[:limit]
+        # Outside any held connection: the SQLite pool has only one.
+        await self.budgets.roll_expired_periods_of_keys([k.id for k in page])
+        async with self.engine.connect() as conn:
             budgets = await repo.budgets_with_open_periods(conn, [k.id for k in page])
             await conn.rollback()
         by_key: dict[str, list[Row[Any]]] = {}
@@ -175,6 +180,8 @@ class KeyService:
 
     async def update(self, key_id: str, body: KeyUpdate) -> KeyOut:
         changes = body.model_dump(exclude_unset=True)
+        # A period that is over keeps the limit it was held to: roll it before changing.
+        await self.budgets.roll_expired_periods_of_keys([key_id])
         now = self.clock.now()
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
@@ -210,10 +217,16 @@ class KeyService:
             raise InvalidField(
                 "soft_budget: must not be greater than max_budget", param="soft_budget"
             )
-        if changes.keys() & set(SCHEDULE_FIELDS):
-            duration = changes.get("budget_duration", budget.budget_duration)
-            timezone = changes.get("budget_timezone") or budget.budget_timezone
-            anchor = changes.get("budget_anchor", budget.budget_anchor)
+        duration = changes.get("budget_duration", budget.budget_duration)
+        timezone = changes.get("budget_timezone") or budget.budget_timezone
+        anchor = changes.get("budget_anchor", budget.budget_anchor)
+        # Re-sent but unchanged schedule settings are no change: re-deriving the default
+        # anchor "as of now" would move it (1d, 30d, 1mo in a later month) and wipe the spend.
+        if changes.keys() & set(SCHEDULE_FIELDS) and (duration, timezone, anchor) != (
+            budget.budget_duration,
+            budget.budget_timezone,
+            budget.budget_anchor,
+        ):
             schedule = Schedule.create(duration, timezone, anchor, now)
             values.update(
                 budget_duration=duration,
@@ -244,17 +257,26 @@ class KeyService:
     async def reset(self, key_id: str) -> KeyOut:
         """Manual reset of every budget of the key: each closes its current period early and
         opens one ending at the same scheduled boundary."""
+        await self.budgets.roll_expired_periods_of_keys([key_id])  # reset the current period
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
-            for budget_id in await repo.budget_ids(conn, key_id):
-                budget = await self.budgets.lock_budget(conn, budget_id)
+            # The ledger's lock order: every budget row first (by id), then the period rows by
+            # ascending id, as admission and settlement take them; else a reset deadlocks with
+            # a request holding one of these periods.
+            budgets = [
+                await self.budgets.lock_budget(conn, budget_id)
+                for budget_id in await repo.budget_ids(conn, key_id)
+            ]
+            open_ids = await self.budgets.open_period_ids(conn, [b.id for b in budgets])
+            for budget in sorted(budgets, key=lambda b: open_ids.get(b.id, 0)):
                 await self.budgets.close_and_reopen(
-                    conn, budget_id, "manual", schedule_of(budget), keep_end=True
+                    conn, budget.id, "manual", schedule_of(budget), keep_end=True
                 )
         return await self.get(key_id)
 
     async def periods(self, key_id: str, limit: int) -> list[PeriodOut]:
+        await self.budgets.roll_expired_periods_of_keys([key_id])
         async with self.engine.connect() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")

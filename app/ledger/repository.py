@@ -79,7 +79,8 @@ async def usage(
         group = (
             func.date(L.c.finished_at)
             if engine.dialect.name == "sqlite"
-            else cast(L.c.finished_at, Date)
+            # UTC days, whatever the server's or session's TimeZone setting.
+            else cast(func.timezone("UTC", L.c.finished_at), Date)
         )
     q = (
         select(

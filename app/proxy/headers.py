@@ -46,6 +46,8 @@ def upstream_headers(
     """The client's headers minus hop-by-hop ones; in managed mode the client's credential is
     replaced by the gateway's upstream credential (passthrough forwards it unchanged)."""
     drop = _REQUEST_DROP if passthrough else _REQUEST_DROP | CREDENTIAL_HEADERS
+    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    drop = drop | {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
     out = {k: v for k, v in headers.items() if k not in drop}
     if not passthrough and upstream_key:
         out["authorization"] = f"Bearer {upstream_key}"

@@ -102,9 +102,7 @@ class Gateway:
             # headers (SPEC 3); a 429 already has them.
             key: KeyContext | None = getattr(request.state, "budget_key", None)
             if key is not None and "x-request-id" not in exc.headers:
-                exc.headers.update(
-                    await self._error_headers(key, request.state.budget_request_id)
-                )
+                exc.headers.update(await self._error_headers(key, request.state.budget_request_id))
             raise
 
     async def _error_headers(self, key: KeyContext, request_id: str) -> dict[str, str]:

@@ -14,6 +14,8 @@ log = logging.getLogger("budgetgate.upstream")
 
 # Transport failures before any answer byte arrived.
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+# Below the 5 s keep-alive timeout of uvicorn-served upstreams (LiteLLM's default).
+UPSTREAM_KEEPALIVE_SECONDS = 3.0
 
 
 class UpstreamClient:
@@ -25,7 +27,13 @@ class UpstreamClient:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=self._max_connections, ttl_dns_cache=300
+            limit=self._max_connections,
+            limit_per_host=self._max_connections,
+            ttl_dns_cache=300,
+            # Drop idle connections before the upstream does: uvicorn (LiteLLM, the mock)
+            # closes keep-alive connections idle for 5 s, and aiohttp's default of 15 s
+            # reused connections the server was closing at that moment (sporadic 502s).
+            keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -1,0 +1,179 @@
+"""Non-metered forwarding (SPEC 3): any other path under /v1 (and without /v1) reaches the
+upstream intact, is checked against the key's budgets and leaves one ledger entry; GET
+/v1/models is free, always allowed and leaves none."""
+
+from __future__ import annotations
+
+from tests.conftest import UPSTREAM_KEY, Gateway
+from tests.keys.helpers import (
+    assert_openai_error,
+    bearer,
+    key_object,
+    ledger,
+    mock_stats,
+    upstream_requests,
+)
+from tests.servers import ServerThread
+
+BODY = b'{"purpose": "batch", "note": "caf\xc3\xa9 \\u00e9", "n": [1, 2.5, null]}'
+
+
+async def test_other_paths_forwarded_intact_and_recorded(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    key = await gateway.create_key(alias="fwd", max_budget=1.0, budget_duration="1mo")
+    request_ids = []
+    for prefix in ("/v1", ""):
+        for method in ("POST", "PUT", "PATCH", "DELETE", "GET"):
+            path = f"{prefix}/some/other/path"
+            query = "x=1&y=two%20words&x=3&empty="
+            body = BODY if method != "GET" else b""
+            r = await gateway.client.request(
+                method,
+                f"{path}?{query}",
+                content=body,
+                headers={
+                    **bearer(key["key"]),
+                    "content-type": "application/x-custom",
+                    "x-custom-header": "value-1",
+                    "accept": "application/json",
+                },
+            )
+            assert r.status_code == 200, (method, path, r.text)
+            echo = r.json()
+            assert echo["method"] == method
+            assert echo["path"] == path
+            assert echo["query"] == query
+            assert echo["body"].encode() == body
+            sent = echo["headers"]
+            assert sent["x-custom-header"] == "value-1"
+            assert sent["accept"] == "application/json"
+            if body:
+                assert sent["content-type"] == "application/x-custom"
+                assert sent["content-length"] == str(len(body))
+            assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}"
+            assert sent["x-request-id"] == r.headers["x-request-id"]
+            # Budget headers on forwarded responses too.
+            assert r.headers["x-budget-max-budget"] == "1.0"
+            assert r.headers["x-budget-reset-at"] == "2026-02-01T00:00:00Z"
+            request_ids.append(r.headers["x-request-id"])
+
+    entries = await ledger(gateway, key["id"])
+    assert {e["request_id"] for e in entries} == set(request_ids)
+    assert len(entries) == 10
+    for e in entries:
+        assert e["endpoint"] == "/some/other/path"
+        assert (e["outcome"], e["cost"], e["model"], e["stream"]) == ("ok", 0, None, False)
+    got = await key_object(gateway, key["id"])
+    assert (got["spend"], got["reserved"]) == (0, 0)
+
+
+async def test_upstream_reported_cost_is_charged_on_other_paths(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    key = await gateway.create_key(max_budget=1.0)
+    for path in ("/v1/batches", "/batches"):
+        r = await gateway.client.post(
+            path, content=b"{}", headers={**bearer(key["key"]), "x-mock-cost": "0.0123"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-litellm-response-cost"] == "0.0123"
+    entries = await ledger(gateway, key["id"])
+    assert [(e["cost"], e["cost_source"], e["endpoint"]) for e in entries] == [
+        (0.0123, "upstream", "/batches")
+    ] * 2
+    got = await key_object(gateway, key["id"])
+    assert (got["spend"], got["reserved"]) == (0.0246, 0)
+
+
+async def test_exhausted_key_blocked_on_other_paths_but_models_free(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    zero = await gateway.create_key(alias="zero", max_budget=0)
+    spent = await gateway.create_key(alias="spent", max_budget=0.01, budget_duration="1d")
+    assert (await gateway.chat(spent["key"], max_tokens=10)).status_code == 200
+    gateway.clock.advance(1)
+
+    for key in (zero, spent):
+        before = await upstream_requests(mock_upstream.url)
+        for method, path in [
+            ("POST", "/v1/some/other/path?x=1"),
+            ("POST", "/some/other/path"),
+            ("GET", "/v1/files"),
+            ("DELETE", "/v1/files/file-1"),
+            ("GET", "/files"),
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/chat/completions"),
+        ]:
+            body = b'{"model": "bg-test", "max_tokens": 1, "messages": []}'
+            r = await gateway.client.request(
+                method, path, content=body if method == "POST" else b"", headers=bearer(key["key"])
+            )
+            assert_openai_error(r, 429, type="budget_exceeded", code="budget_exceeded")
+        assert await upstream_requests(mock_upstream.url) == before
+        rejected = [e for e in await ledger(gateway, key["id"]) if e["outcome"] == "rejected"]
+        assert len(rejected) == 7
+        assert {e["endpoint"] for e in rejected} == {
+            "/some/other/path",
+            "/files",
+            "/files/file-1",
+            "/chat/completions",
+        }
+        entries_before = len(await ledger(gateway, key["id"]))
+
+        # GET /v1/models (and /models) is free and always allowed: forwarded, no entry.
+        for path in ("/v1/models", "/models"):
+            r = await gateway.client.get(path, headers={"x-api-key": key["key"]})
+            assert r.status_code == 200, r.text
+            assert r.json()["object"] == "list"
+            stats = await mock_stats(mock_upstream.url)
+            assert stats["last_headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+            assert "x-api-key" not in stats["last_headers"]
+            assert stats["last_headers"]["x-request-id"] == r.headers["x-request-id"]
+        assert await upstream_requests(mock_upstream.url) == before + 2
+        assert len(await ledger(gateway, key["id"])) == entries_before
+        got = await key_object(gateway, key["id"])
+        assert got["reserved"] == 0
+
+
+async def test_models_on_a_live_key_writes_no_entry_and_costs_nothing(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    key = await gateway.create_key(max_budget=1.0)
+    for _ in range(3):
+        r = await gateway.client.get(
+            "/v1/models", headers={**bearer(key["key"]), "x-mock-cost": "0.5"}
+        )
+        assert r.status_code == 200
+        assert [m["id"] for m in r.json()["data"]]
+    assert await ledger(gateway, key["id"]) == []
+    got = await key_object(gateway, key["id"])
+    assert (got["spend"], got["reserved"]) == (0, 0)
+
+
+async def test_metered_paths_without_v1_prefix(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    key = await gateway.create_key(max_budget=1.0)
+    r = await gateway.client.post(
+        "/chat/completions",
+        json={
+            "model": "bg-test",
+            "messages": [{"role": "user", "content": "a b c"}],
+            "max_tokens": 4,
+        },
+        headers=bearer(key["key"]),
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-budget-spend"] == "0.004"
+    r = await gateway.client.post(
+        "/embeddings",
+        json={"model": "bg-priced", "input": "one two three"},
+        headers=bearer(key["key"]),
+    )
+    assert r.status_code == 200, r.text
+    entries = await ledger(gateway, key["id"])
+    assert sorted((e["endpoint"], e["cost"]) for e in entries) == [
+        ("/chat/completions", 0.004),
+        ("/embeddings", 0.0003),  # 3 input tokens x $100/M
+    ]
