@@ -78,6 +78,9 @@ def serve(
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=30,
+        # Longer than clients keep idle connections (httpx / the OpenAI SDK: 5 s, the same
+        # as uvicorn's default, so a client could reuse a connection the server was closing).
+        timeout_keep_alive=75,
     )
 
 

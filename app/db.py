@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.config import Settings
@@ -22,7 +23,19 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
         "pool_recycle": 1800,
     }
     kwargs.update(overrides)
-    return create_async_engine(settings.database_url, **kwargs)
+    engine = create_async_engine(settings.database_url, **kwargs)
+    event.listen(engine.sync_engine, "checkout", _discard_closed_connection)
+    return engine
+
+
+def _discard_closed_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """A pooled connection the server closed while it sat idle (PostgreSQL restarted or
+    failed over) is replaced at checkout instead of failing the request that drew it (a 503,
+    or a settlement left to the sweeper). A local flag, no round trip (unlike pool_pre_ping)."""
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    is_closed = getattr(driver, "is_closed", None)
+    if is_closed is not None and is_closed():
+        raise DisconnectionError("pooled connection was closed by the server")
 
 
 def _create_sqlite_engine(database_url: str, synchronous: str, **overrides: Any) -> AsyncEngine:

@@ -107,7 +107,9 @@ class BudgetRepository:
         async with self.engine.begin() as conn:
             now = self.clock.now()
             period_ids = []
-            for ref in budgets:
+            # Rolls lock budget rows: take them in one global order (by budget id), whatever
+            # order the key lookup listed them in, or two admissions deadlock.
+            for ref in sorted(budgets, key=lambda r: r.budget_id):
                 period_id = ref.period_id
                 if ref.period_end is not None and ref.period_end <= now:
                     period_id = await self._roll(conn, ref.budget_id, period_id, now)
@@ -186,6 +188,15 @@ class BudgetRepository:
             period_id = await self._open_period_id(conn, ref.budget_id, now)
         raise ConcurrentChange(f"budget {ref.budget_id}: period kept changing")
 
+    async def period_states(self, period_ids: list[int]) -> list[PeriodState]:
+        """The current money of these periods (read-only; for headers on error responses)."""
+        if not period_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(*_PERIOD_COLS).where(P.c.id.in_(period_ids)))).all()
+            await conn.rollback()
+        return [_state(r) for r in rows]
+
     # -- settlement ------------------------------------------------------------------------
 
     async def settle(self, req: RequestInfo, result: Outcome) -> list[PeriodState] | None:
@@ -261,7 +272,15 @@ class BudgetRepository:
     async def lock_budget(self, conn: AsyncConnection, budget_id: str) -> Row[Any]:
         # Serialises roll/reset/PATCH of one budget on PostgreSQL; SQLite already holds the
         # database write lock (BEGIN IMMEDIATE) and ignores FOR UPDATE.
-        return (await conn.execute(select(B).where(B.c.id == budget_id).with_for_update())).one()
+        # FOR NO KEY UPDATE, not FOR UPDATE: a period row updated twice in one transaction
+        # (reserve then undo, roll then reserve) makes PostgreSQL re-check its foreign key with
+        # FOR KEY SHARE on the budget row. FOR UPDATE conflicts with that, so a roll holding the
+        # budget lock and waiting for the period row deadlocked with such a transaction.
+        return (
+            await conn.execute(
+                select(B).where(B.c.id == budget_id).with_for_update(key_share=True)
+            )
+        ).one()
 
     async def _open_period_id(self, conn: AsyncConnection, budget_id: str, now: datetime) -> int:
         for _ in range(5):
@@ -328,6 +347,17 @@ class BudgetRepository:
         ).one()
         return int(row.id)
 
+    async def open_period_ids(self, conn: AsyncConnection, budget_ids: list[str]) -> dict[str, int]:
+        """Budget id -> id of its open period (to lock several periods in ascending order)."""
+        if not budget_ids:
+            return {}
+        rows = await conn.execute(
+            select(P.c.budget_id, P.c.id).where(
+                P.c.budget_id.in_(budget_ids), P.c.closed_at.is_(None)
+            )
+        )
+        return {r.budget_id: int(r.id) for r in rows}
+
     async def close_and_reopen(
         self,
         conn: AsyncConnection,
@@ -352,6 +382,28 @@ class BudgetRepository:
         if end is None or end <= now:
             end = new_schedule.current_end(now)
         await self._open_period(conn, budget_id, now, end)
+
+    async def roll_expired_periods_of_keys(self, key_ids: list[str]) -> int:
+        """Roll the keys' open periods whose end has passed, before they are shown or changed:
+        a read must not report an exhausted budget until a reset time already gone, and a
+        settings change must not rewrite a period that is over. Cheap when nothing is due."""
+        if not key_ids:
+            return 0
+        now = self.clock.now()
+        async with self.engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(P.c.id, P.c.budget_id)
+                    .join(B, B.c.id == P.c.budget_id)
+                    .where(B.c.key_id.in_(key_ids), P.c.closed_at.is_(None), P.c.period_end <= now)
+                    .order_by(P.c.id)
+                )
+            ).all()
+            await conn.rollback()
+        for period_id, budget_id in due:
+            async with self.engine.begin() as conn:
+                await self._roll(conn, budget_id, period_id, now)
+        return len(due)
 
     async def close_expired_periods(self) -> int:
         """The scheduler's job: roll every open period whose end has passed. Safe to run in
@@ -378,14 +430,17 @@ class BudgetRepository:
 
     async def sweep_expired_reservations(self) -> int:
         """Release reservations whose request never settled (its gateway died), recording each
-        request once as `abandoned`. A settle racing with this deletes nothing and vice versa."""
+        request once as `abandoned`. A settle racing with this deletes nothing and vice versa.
+        Due: past the expiry set at admission, or older than the TTL configured now (so a
+        replica restarted with a shorter TTL releases what a crashed one left sooner)."""
         now = self.clock.now()
+        expired = or_(R.c.expires_at <= now, R.c.started_at <= now - self.ttl)
         async with self.engine.connect() as conn:
             due = (
                 (
                     await conn.execute(
                         select(R.c.request_id)
-                        .where(R.c.expires_at <= now)
+                        .where(expired)
                         .group_by(R.c.request_id)
                         .limit(1000)
                     )
@@ -400,7 +455,7 @@ class BudgetRepository:
                 rows = (
                     await conn.execute(
                         delete(R)
-                        .where(R.c.request_id == request_id, R.c.expires_at <= now)
+                        .where(R.c.request_id == request_id, expired)
                         .returning(*R.c)
                     )
                 ).all()
