@@ -65,7 +65,8 @@ stress: venv
 	STRESS=1 $(VENV_PY) -m pytest tests/stress -q $(PYTEST_ARGS)
 
 test-litellm: venv
-	$(VENV_PY) -m pytest tests/litellm -q $(PYTEST_ARGS)
+	PYTHON="$(PYTHON)" bash scripts/litellm-venv.sh
+	BUDGETGATE_LITELLM_BIN="$(CURDIR)/.litellm-venv/bin/litellm" $(VENV_PY) -m pytest tests/litellm -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -15,7 +15,9 @@ from app.config import Settings
 def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
-        return _create_sqlite_engine(settings.database_url, settings.sqlite_synchronous, **overrides)
+        return _create_sqlite_engine(
+            settings.database_url, settings.sqlite_synchronous, **overrides
+        )
     kwargs: dict[str, Any] = {
         "pool_size": settings.db_pool_size,
         "max_overflow": settings.db_pool_size,

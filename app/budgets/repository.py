@@ -277,9 +277,7 @@ class BudgetRepository:
         # FOR KEY SHARE on the budget row. FOR UPDATE conflicts with that, so a roll holding the
         # budget lock and waiting for the period row deadlocked with such a transaction.
         return (
-            await conn.execute(
-                select(B).where(B.c.id == budget_id).with_for_update(key_share=True)
-            )
+            await conn.execute(select(B).where(B.c.id == budget_id).with_for_update(key_share=True))
         ).one()
 
     async def _open_period_id(self, conn: AsyncConnection, budget_id: str, now: datetime) -> int:
@@ -439,10 +437,7 @@ class BudgetRepository:
             due = (
                 (
                     await conn.execute(
-                        select(R.c.request_id)
-                        .where(expired)
-                        .group_by(R.c.request_id)
-                        .limit(1000)
+                        select(R.c.request_id).where(expired).group_by(R.c.request_id).limit(1000)
                     )
                 )
                 .scalars()
@@ -454,9 +449,7 @@ class BudgetRepository:
             async with self.engine.begin() as conn:
                 rows = (
                     await conn.execute(
-                        delete(R)
-                        .where(R.c.request_id == request_id, expired)
-                        .returning(*R.c)
+                        delete(R).where(R.c.request_id == request_id, expired).returning(*R.c)
                     )
                 ).all()
                 if not rows:

@@ -186,7 +186,9 @@ class KeyService:
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
-            key_values: dict[str, Any] = {f: changes[f] for f in ("alias", "models", "expires_at") if f in changes}
+            key_values: dict[str, Any] = {
+                f: changes[f] for f in ("alias", "models", "expires_at") if f in changes
+            }
             if "metadata" in changes:
                 key_values["metadata"] = changes["metadata"] or {}
             if "models" in key_values and key_values["models"] is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
 
 from app.errors import BadRequest
 from app.pricing.money import dollars_to_nanos
@@ -12,6 +13,7 @@ from app.pricing.prices import PriceBook
 log = logging.getLogger("budgetgate.pricing")
 
 COST_HEADER = "x-litellm-response-cost"
+_NANO = Decimal("1e-9")
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,12 @@ class CostCalculator:
         if value is None or not self.trust_upstream_cost:
             return None
         try:
-            return dollars_to_nanos(value.strip())
-        except (ValueError, TypeError):
+            # LiteLLM writes a binary float (3.6000000000000003e-06): round it to the nearest
+            # nano-dollar first, so its float noise does not cost a nano-dollar more than the
+            # same request priced from usage.
+            dollars = Decimal(value.strip()).quantize(_NANO, rounding=ROUND_HALF_EVEN)
+            return dollars_to_nanos(dollars)
+        except (ValueError, TypeError, ArithmeticError):
             log.warning("ignoring unreadable %s header", COST_HEADER)
             return None
 

@@ -347,7 +347,9 @@ class Gateway:
                 "upstream_timeout" if timeout else "upstream_stream_broken",
             )
         except BaseException:
-            outcome = "client_disconnect"
+            # A client that leaves after the stream's end marker (the openai SDK closes on
+            # [DONE], before the upstream's last bytes) got everything: that is `ok`.
+            outcome = "ok" if meter is not None and meter.completed else "client_disconnect"
             raise
         finally:
             resp.close()

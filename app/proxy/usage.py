@@ -47,6 +47,22 @@ def usage_from_body(data: Any) -> tuple[Usage | None, str | None]:
     return usage_from_object(data.get("usage")), model
 
 
+def _carries_content(choices: Any) -> bool:
+    """Whether any choice has something for the client: text, a tool call, a finish reason.
+    (OpenAI's usage chunk has `choices: []`; LiteLLM's has one choice with an empty delta.)"""
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") is not None or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role"):
+            return True
+    return False
+
+
 class StreamMeter:
     """Reads an SSE stream chunk by chunk: forwards complete events unchanged, except the
     usage-only chunk when the client did not ask for it, and remembers usage, model and how
@@ -80,47 +96,53 @@ class StreamMeter:
         complete, self._buffer = data[: end + 2], data[end + 2 :]
         out = []
         for event in complete.split(b"\n\n"):
-            if event and self._inspect(event):
-                out.append(event + b"\n\n")
+            forwarded = self._inspect(event) if event else None
+            if forwarded is not None:
+                out.append(forwarded + b"\n\n")
         return b"".join(out)
 
     def flush(self) -> bytes:
         rest, self._buffer = self._buffer, b""
         return rest
 
-    def _inspect(self, event: bytes) -> bool:
-        """Meters one event; False when it must not reach the client."""
+    def _inspect(self, event: bytes) -> bytes | None:
+        """Meters one event; returns what reaches the client (None: nothing)."""
         payload = None
         for line in event.split(b"\n"):
             if line.startswith(b"data:"):
                 payload = line[5:].strip()
         if payload is None:
-            return True
+            return event
         if payload == b"[DONE]":
             self.completed = True
-            return True
+            return event
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return True
+            return event
         if not isinstance(obj, dict):
-            return True
+            return event
         kind = obj.get("type")
         if kind is None or kind in ("chat.completion.chunk", "text_completion"):
-            return self._openai_chunk(obj)
+            if self._openai_chunk(obj) and self.drop_usage_chunk:
+                if not _carries_content(obj.get("choices")):
+                    return None
+                # Usage merged into a content chunk: keep the content, hide the usage.
+                obj["usage"] = None
+                return b"data: " + orjson.dumps(obj)
+            return event
         if isinstance(kind, str):
             self._typed_event(kind, obj)
-        return True
+        return event
 
     def _openai_chunk(self, obj: dict[str, Any]) -> bool:
+        """Meters an OpenAI chunk; True when it carries usage."""
         if self.model is None and isinstance(obj.get("model"), str):
             self.model = obj["model"]
         usage = usage_from_object(obj.get("usage"))
         choices = obj.get("choices")
         if usage is not None:
             self.usage = usage
-            if not choices and self.drop_usage_chunk:
-                return False
         if choices:
             self.content_events += 1
             for choice in choices if isinstance(choices, list) else ():
@@ -128,7 +150,7 @@ class StreamMeter:
                     delta = choice.get("delta")
                     text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
                     self.content_chars += len(text) if isinstance(text, str) else 0
-        return True
+        return usage is not None
 
     def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "response.completed" or kind == "response.incomplete":

@@ -1,0 +1,95 @@
+"""Shared helpers for the budget ledger tests (not a test module)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from app.ledger.repository import reconcile
+from tests.conftest import Gateway
+
+BUDGET_HEADERS = ("x-budget-spend", "x-budget-max-budget", "x-budget-remaining")
+
+
+def when(text: str) -> datetime:
+    """An RFC 3339 timestamp from the API, as an aware datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def money(text: str | float) -> Decimal:
+    return Decimal(str(text))
+
+
+async def get_key(gw: Gateway, key_id: str) -> dict[str, Any]:
+    r = await gw.admin("GET", f"/admin/keys/{key_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def periods(gw: Gateway, key_id: str) -> list[dict[str, Any]]:
+    """The key's periods, oldest first."""
+    r = await gw.admin("GET", f"/admin/keys/{key_id}/periods")
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    starts = [(when(p["period_start"]), p) for p in data]
+    # The API lists newest first.
+    assert [s for s, _ in starts] == sorted((s for s, _ in starts), reverse=True)
+    return [p for _, p in reversed(starts)]
+
+
+async def ledger(gw: Gateway, key_id: str) -> list[dict[str, Any]]:
+    r = await gw.admin("GET", "/admin/ledger", params={"key_id": key_id, "limit": 1000})
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+async def spend_to_limit(gw: Gateway, key: dict[str, Any], n: int = 10, tokens: int = 100) -> None:
+    """`n` requests of `tokens` output tokens ($0.001 each), all admitted."""
+    for i in range(n):
+        r = await gw.chat(key["key"], max_tokens=tokens)
+        assert r.status_code == 200, (i, r.text)
+
+
+async def assert_reconciled(gw: Gateway) -> None:
+    report = await reconcile(gw.state.engine)
+    assert report.ok, report.problems
+    assert report.periods_checked > 0
+
+
+def assert_budget_exceeded(
+    r: httpx.Response,
+    key: dict[str, Any],
+    *,
+    spend: str,
+    max_budget: str,
+    reset_at: str | None,
+    now: datetime,
+) -> None:
+    """A 429 in the SPEC 5 shape for `key`."""
+    assert r.status_code == 429, r.text
+    err = r.json()["error"]
+    assert err["type"] == "budget_exceeded"
+    assert err["code"] == "budget_exceeded"
+    assert err["param"] is None
+    message = err["message"]
+    if key.get("alias"):
+        assert key["alias"] in message, message
+    assert key["key_prefix"] in message, message
+    assert key["key"] not in message, "the full key leaked into the error message"
+    assert key["key"] not in r.text
+    assert money(r.headers["x-budget-spend"]) == money(spend)
+    assert money(r.headers["x-budget-max-budget"]) == money(max_budget)
+    assert money(r.headers["x-budget-remaining"]) == max(money(max_budget) - money(spend), 0)
+    assert r.headers["x-request-id"]
+    if reset_at is None:
+        assert "retry-after" not in r.headers
+        assert "x-budget-reset-at" not in r.headers
+        assert "does not reset" in message or "never" in message, message
+    else:
+        assert r.headers["x-budget-reset-at"] == reset_at
+        assert reset_at in message, message
+        expected = (when(reset_at) - now).total_seconds()
+        assert int(r.headers["retry-after"]) == max(1, int(-(-expected // 1)))
