@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.budgets.hotpath import create_hot_ledger
 from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
@@ -82,7 +83,8 @@ def create_app(
         app.state.engine = engine
         app.state.budgets = budgets
         app.state.key_service = keys
-        app.state.gateway = Gateway(settings, clock, keys, budgets, costs, upstream)
+        hot = create_hot_ledger(settings.database_url, settings.db_pool_size)
+        app.state.gateway = Gateway(settings, clock, keys, budgets, hot, costs, upstream)
         scheduler = (
             start_scheduler(budgets, settings.reset_interval_seconds) if run_scheduler else None
         )
@@ -92,6 +94,7 @@ def create_app(
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             await upstream.close()
+            await hot.close()
             await engine.dispose()
 
     app = FastAPI(

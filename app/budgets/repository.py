@@ -398,7 +398,13 @@ class BudgetRepository:
                 )
             ).all()
             await conn.rollback()
-        for period_id, budget_id in due:
+        return await self.roll_periods([(budget_id, period_id) for period_id, budget_id in due])
+
+    async def roll_periods(self, due: list[tuple[str, int]]) -> int:
+        """Roll these (budget id, period id) if expired, each in its own short transaction, in
+        the global lock order (budget id). Idempotent: a period already rolled is left alone."""
+        now = self.clock.now()
+        for budget_id, period_id in sorted(due):
             async with self.engine.begin() as conn:
                 await self._roll(conn, budget_id, period_id, now)
         return len(due)

@@ -68,6 +68,10 @@ class KeyService:
         async with self.engine.connect() as conn:
             ctx = await repo.find_key_by_hash(conn, hash_key(presented))
             await conn.rollback()
+        return self.ensure_usable(ctx)
+
+    def ensure_usable(self, ctx: KeyContext | None) -> KeyContext:
+        """401 for an unknown, revoked or expired key."""
         if ctx is None:
             raise Unauthorized("invalid API key")
         if ctx.status != "active":

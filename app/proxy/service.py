@@ -8,17 +8,21 @@ every request that was admitted ends in exactly one ledger entry, whatever happe
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
 
 import aiohttp
 import anyio
+import asyncpg
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from app.budgets.hotpath import AdmitRequest, HotLedger
 from app.budgets.repository import (
     Admission,
     BudgetRepository,
@@ -42,7 +46,7 @@ from app.errors import (
     error_response,
 )
 from app.keys.repository import KeyContext
-from app.keys.service import KeyService
+from app.keys.service import KeyService, hash_key
 from app.pricing.cost import COST_HEADER, CostCalculator
 from app.pricing.money import ceil_div
 from app.proxy.headers import (
@@ -70,7 +74,18 @@ RESERVED_PREFIXES = (
     "/healthz",
     "/readyz",
 )
-_LEDGER_ERRORS = (SQLAlchemyError, OSError, ConcurrentChange)
+_LEDGER_ERRORS = (
+    SQLAlchemyError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A pooled connection reused while the server was shutting it down ("cannot switch to
+    # state 12; another operation (2) is in progress"): the ledger is unavailable too.
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+    ConcurrentChange,
+)
 
 
 class Gateway:
@@ -80,9 +95,11 @@ class Gateway:
         clock: Clock,
         keys: KeyService,
         budgets: BudgetRepository,
+        hot: HotLedger,
         costs: CostCalculator,
         upstream: UpstreamClient,
     ) -> None:
+        self.hot = hot
         self.settings = settings
         self.clock = clock
         self.keys = keys
@@ -119,42 +136,78 @@ class Gateway:
         request_id = f"req_{uuid.uuid4().hex}"
         endpoint = api_path(path)
         started = self.clock.now()
+        presented = presented_key(request.headers)
 
-        key = await self._authenticate(request)
-        request.state.budget_key, request.state.budget_request_id = key, request_id
-        raw = await self._read_body(request)
-        metered: MeteredRequest | None = None
-        amount = 0
-        if request.method == "POST" and endpoint in METERED_PATHS:
-            metered = parse_metered(endpoint, raw, self.settings.default_max_output_tokens)
-            if key.models and metered.model not in key.models:
-                raise Forbidden(
-                    f"model '{metered.model}' is not allowed for key {key.label}; "
-                    f"allowed: {', '.join(key.models)}",
-                    param="model",
-                )
-            amount = self.costs.estimate(
-                metered.model, metered.input_bound, metered.output_bound
-            ).amount
-        info = RequestInfo(
-            request_id,
-            key.id,
-            metered.model if metered else None,
-            endpoint,
-            bool(metered and metered.stream),
-            started,
-        )
-
-        if request.method == "GET" and endpoint == "/models":
+        if not presented or (request.method == "GET" and endpoint == "/models"):
             # Free and always allowed (even for an exhausted key): no budget check, no entry.
-            return await self._forward_free(request, info, raw)
+            key = await self._authenticate(request)
+            self._remember(request, key, request_id)
+            info = RequestInfo(request_id, key.id, None, endpoint, False, started)
+            return await self._forward_free(request, info, await self._read_body(request))
 
-        admission = await self._reserve(key, info, amount)
+        try:
+            raw = await self._read_body(request)
+            metered, amount = self._bound(request.method, endpoint, raw)
+        except AppError:
+            # A bad key's 401 comes before a bad body's 4xx.
+            self._remember(request, await self._authenticate(request), request_id)
+            raise
+        model = metered.model if metered else None
+        stream = bool(metered and metered.stream)
+
+        # Authenticate + admit: one step on the ledger.
+        key, admission = await self._admit(
+            AdmitRequest(
+                hash_key(presented),
+                request_id,
+                model,
+                endpoint,
+                stream,
+                amount,
+                started,
+                started + timedelta(seconds=self.settings.reservation_ttl_seconds),
+            )
+        )
+        self._remember(request, key, request_id)
+        if admission is None:
+            raise Forbidden(
+                f"model '{model}' is not allowed for key {key.label}; "
+                f"allowed: {', '.join(key.models)}",
+                param="model",
+            )
         if not admission.admitted:
             raise self._budget_exceeded(key, admission, request_id)
+        info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
         return await self._forward(request, info, metered, raw, admission)
 
     # -- steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _remember(request: Request, key: KeyContext, request_id: str) -> None:
+        request.state.budget_key, request.state.budget_request_id = key, request_id
+
+    def _bound(self, method: str, endpoint: str, raw: bytes) -> tuple[MeteredRequest | None, int]:
+        """The metered request and the upper bound of its cost (0 for other paths)."""
+        if method != "POST" or endpoint not in METERED_PATHS:
+            return None, 0
+        metered = parse_metered(endpoint, raw, self.settings.default_max_output_tokens)
+        estimate = self.costs.estimate(metered.model, metered.input_bound, metered.output_bound)
+        return metered, estimate.amount
+
+    async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
+        """The key and its admission; None when the key may not use the requested model."""
+        try:
+            for _ in range(5):
+                result = await self.hot.admit(req, self.clock.now())
+                if result.expired_periods:  # the period ended: roll it, then try again
+                    await self.budgets.roll_periods(result.expired_periods)
+                    continue
+                if result.retry:
+                    continue
+                return self.keys.ensure_usable(result.key), result.admission
+            raise ConcurrentChange("periods kept expiring during admission")
+        except _LEDGER_ERRORS as exc:
+            raise self._ledger_down(exc) from None
 
     async def _authenticate(self, request: Request) -> KeyContext:
         try:
@@ -177,12 +230,6 @@ class Gateway:
         except ClientDisconnect:
             raise BadRequest("client disconnected while sending the body") from None
         return b"".join(chunks)
-
-    async def _reserve(self, key: KeyContext, info: RequestInfo, amount: int) -> Admission:
-        try:
-            return await self.budgets.reserve(key.budgets, info, amount)
-        except _LEDGER_ERRORS as exc:
-            raise self._ledger_down(exc) from None
 
     def _budget_exceeded(
         self, key: KeyContext, admission: Admission, request_id: str
@@ -396,7 +443,7 @@ class Gateway:
 
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
         try:
-            states = await self.budgets.settle(info, outcome)
+            states = await self.hot.settle(info, outcome, self.clock.now())
         except _LEDGER_ERRORS:
             # The reservation stays held (fail closed); the sweeper releases it after the TTL.
             log.exception("settlement failed for %s; the sweeper will release it", info.request_id)
