@@ -83,7 +83,7 @@ def create_app(
         app.state.engine = engine
         app.state.budgets = budgets
         app.state.key_service = keys
-        hot = create_hot_ledger(settings.database_url, settings.db_pool_size)
+        hot = create_hot_ledger(settings)
         app.state.gateway = Gateway(settings, clock, keys, budgets, hot, costs, upstream)
         scheduler = (
             start_scheduler(budgets, settings.reset_interval_seconds) if run_scheduler else None

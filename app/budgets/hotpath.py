@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 
 from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState
+from app.config import Settings
 from app.keys.repository import KeyContext
 
 
@@ -74,10 +75,11 @@ class HotLedger(Protocol):
     async def close(self) -> None: ...
 
 
-def create_hot_ledger(database_url: str, pool_size: int) -> HotLedger:
-    url = make_url(database_url)
+def create_hot_ledger(settings: Settings) -> HotLedger:
+    url = make_url(settings.database_url)
+    pool_size = settings.db_pool_size
     if url.get_backend_name() == "sqlite":
-        return SqliteHotLedger(url.database or "")
+        return SqliteHotLedger(url.database or "", settings.sqlite_synchronous)
     return PostgresHotLedger(
         url.set(drivername="postgresql").render_as_string(hide_password=False), pool_size
     )
@@ -151,8 +153,9 @@ class SqliteHotLedger:
     BUSY_RETRY_SECONDS = 0.002
     BUSY_GIVE_UP_SECONDS = 10.0
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, synchronous: str) -> None:
         self.path = path
+        self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
@@ -162,6 +165,9 @@ class SqliteHotLedger:
             # asyncio.sleep below, never by blocking the event loop that connection may need.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=0")
+            conn.execute("PRAGMA journal_mode=WAL")
+            # Per connection, like in app.db: see Settings.sqlite_synchronous.
+            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys=ON")
             self._conn = conn
         return self._conn
