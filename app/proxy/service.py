@@ -74,6 +74,15 @@ RESERVED_PREFIXES = (
     "/healthz",
     "/readyz",
 )
+# The gateway's own client route (not forwarded either).
+CLIENT_ROUTES = frozenset({"/v1/budget"})
+
+
+def is_proxied(path: str) -> bool:
+    """Paths forwarded upstream: everything but the gateway's own routes."""
+    return not path.startswith(RESERVED_PREFIXES) and path not in CLIENT_ROUTES
+
+
 _LEDGER_ERRORS = (
     SQLAlchemyError,
     sqlite3.Error,
