@@ -74,6 +74,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="warning",
+        log_config=None,  # app.logs formats every logger (JSON by default)
         access_log=False,
         loop="uvloop",
         http="httptools",

@@ -31,8 +31,10 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("budgetgate")
+    # On the root logger, so that uvicorn's, asyncpg's and APScheduler's lines are structured
+    # too (`budgetgate serve` passes log_config=None to uvicorn for that).
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.getLogger("budgetgate").setLevel(settings.log_level.upper())
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

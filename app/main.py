@@ -21,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db import create_engine
 from app.errors import AppError, error_response, install_error_handlers
 from app.keys.router import router as admin_router
+from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
 from app.logs import configure_logging
 from app.migrate import schema_is_current, upgrade_to_head
@@ -91,6 +92,7 @@ def create_app(
         finally:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
+            await app.state.gateway.drain(seconds=10)
             await upstream.close()
             await hot.close()
             await engine.dispose()
@@ -112,7 +114,11 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={503: {"model": ErrorResponse, "description": "Ledger database unreachable"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         try:
             async with request.app.state.engine.connect() as conn:
@@ -136,7 +142,17 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/budget", tags=["client"])
+    @app.get(
+        "/v1/budget",
+        tags=["client"],
+        responses={
+            401: {
+                "model": ErrorResponse,
+                "description": "Missing, unknown, revoked or expired key",
+            },
+            503: {"model": ErrorResponse, "description": "Ledger database unreachable"},
+        },
+    )
     async def my_budget(request: Request) -> JSONResponse:
         """The calling key's budgets, spend, remaining and reset times."""
         keys: KeyService = request.app.state.key_service

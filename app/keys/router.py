@@ -10,7 +10,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import AdminDisabled, Unauthorized
-from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyUpdate, PeriodList
+from app.keys.schemas import (
+    ErrorResponse,
+    KeyCreate,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    KeyUpdate,
+    PeriodList,
+)
 from app.keys.service import KeyService, dollars
 from app.ledger import repository as ledger
 from app.proxy.headers import presented_key
@@ -41,16 +49,25 @@ def key_service(request: Request) -> KeyService:
 
 
 Keys = Annotated[KeyService, Depends(key_service)]
+# Documented error statuses (OpenAI error body), so the OpenAPI schema matches what is served.
+_ERROR = {"model": ErrorResponse}
+_BAD_JSON: dict[int | str, dict[str, Any]] = {400: {**_ERROR, "description": "Malformed JSON"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "Unknown id"}}
 # strict_content_type=False: `curl -d '{...}'` (form content-type) is read as JSON too.
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(require_admin)],
     strict_content_type=False,
+    responses={
+        401: {**_ERROR, "description": "Missing or wrong admin key"},
+        422: {**_ERROR, "description": "Invalid field (the message names it)"},
+        503: {**_ERROR, "description": "Admin API disabled, or ledger database unreachable"},
+    },
 )
 
 
-@router.post("/keys", status_code=201, response_model=KeyCreated)
+@router.post("/keys", status_code=201, response_model=KeyCreated, responses=_BAD_JSON)
 async def create_key(body: KeyCreate, keys: Keys) -> KeyCreated:
     return await keys.create(body)
 
@@ -66,27 +83,27 @@ async def list_keys(
     return KeyList(data=data, next_cursor=next_cursor)
 
 
-@router.get("/keys/{key_id}", response_model=KeyOut)
+@router.get("/keys/{key_id}", response_model=KeyOut, responses=_NOT_FOUND)
 async def get_key(key_id: str, keys: Keys) -> KeyOut:
     return await keys.get(key_id)
 
 
-@router.patch("/keys/{key_id}", response_model=KeyOut)
+@router.patch("/keys/{key_id}", response_model=KeyOut, responses=_BAD_JSON | _NOT_FOUND)
 async def update_key(key_id: str, body: KeyUpdate, keys: Keys) -> KeyOut:
     return await keys.update(key_id, body)
 
 
-@router.delete("/keys/{key_id}", response_model=KeyOut)
+@router.delete("/keys/{key_id}", response_model=KeyOut, responses=_NOT_FOUND)
 async def revoke_key(key_id: str, keys: Keys) -> KeyOut:
     return await keys.revoke(key_id)
 
 
-@router.post("/keys/{key_id}/reset", response_model=KeyOut)
+@router.post("/keys/{key_id}/reset", response_model=KeyOut, responses=_NOT_FOUND)
 async def reset_key(key_id: str, keys: Keys) -> KeyOut:
     return await keys.reset(key_id)
 
 
-@router.get("/keys/{key_id}/periods", response_model=PeriodList)
+@router.get("/keys/{key_id}/periods", response_model=PeriodList, responses=_NOT_FOUND)
 async def key_periods(
     key_id: str, keys: Keys, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> PeriodList:

@@ -164,3 +164,16 @@ class PeriodOut(BaseModel):
 
 class PeriodList(BaseModel):
     data: list[PeriodOut]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route: the OpenAI error format (SPEC 7)."""
+
+    error: ErrorDetail

@@ -7,6 +7,7 @@ every request that was admitted ends in exactly one ledger entry, whatever happe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import uuid
@@ -109,6 +110,7 @@ class Gateway:
         upstream: UpstreamClient,
     ) -> None:
         self.hot = hot
+        self._pending_settlements: set[asyncio.Task[None]] = set()
         self.settings = settings
         self.clock = clock
         self.keys = keys
@@ -453,13 +455,43 @@ class Gateway:
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
         try:
             states = await self.hot.settle(info, outcome, self.clock.now())
-        except _LEDGER_ERRORS:
-            # The reservation stays held (fail closed); the sweeper releases it after the TTL.
-            log.exception("settlement failed for %s; the sweeper will release it", info.request_id)
+        except _LEDGER_ERRORS as exc:
+            # The upstream answered and may have billed: keep trying in the background (the
+            # reservation stays held meanwhile, so the budget stays closed for it).
+            log.warning(
+                "settlement of %s failed (%s); retrying in the background",
+                info.request_id,
+                type(exc).__name__,
+            )
+            task = asyncio.create_task(self._settle_in_background(info, outcome))
+            self._pending_settlements.add(task)
+            task.add_done_callback(self._pending_settlements.discard)
             return None
         if states is None:
             log.warning("request %s was already released by the sweeper", info.request_id)
         return states
+
+    async def _settle_in_background(self, info: RequestInfo, outcome: Outcome) -> None:
+        """Retry a settlement until the ledger is back, for as long as the reservation lives
+        (after that the sweeper has released it and recorded it as abandoned)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reservation_ttl_seconds
+        delay = 0.1
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                if await self.hot.settle(info, outcome, self.clock.now()) is None:
+                    log.warning("request %s was already released by the sweeper", info.request_id)
+                return
+            except _LEDGER_ERRORS:
+                continue
+        log.error("gave up settling %s; the sweeper releases it", info.request_id)
+
+    async def drain(self, seconds: float) -> None:
+        """At shutdown: give settlements still retrying a last chance to land."""
+        if self._pending_settlements:
+            await asyncio.wait(set(self._pending_settlements), timeout=seconds)
 
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
