@@ -90,7 +90,7 @@ def create_hot_ledger(settings: Settings) -> HotLedger:
 
 def _sqlite_time(when: datetime) -> str:
     # SQLAlchemy's SQLite DateTime storage format (naive UTC), so text order is time order.
-    return when.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return when.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _sqlite_parse(value: str | None) -> datetime | None:
@@ -152,11 +152,14 @@ def _sqlite_state(row: tuple[Any, ...]) -> PeriodState:
 class SqliteHotLedger:
     BUSY_RETRY_SECONDS = 0.002
     BUSY_GIVE_UP_SECONDS = 10.0
+    CHECKPOINT_EVERY = 500  # transactions
 
     def __init__(self, path: str, synchronous: str) -> None:
         self.path = path
         self.synchronous = synchronous
         self._conn: sqlite3.Connection | None = None
+        self._since_checkpoint = 0
+        self._checkpoint: asyncio.Task[None] | None = None
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -169,8 +172,33 @@ class SqliteHotLedger:
             # Per connection, like in app.db: see Settings.sqlite_synchronous.
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Copying the WAL back into the database is done by _checkpoint_soon, in a
+            # thread: on this connection it would stall the event loop every ~150 requests.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conn = conn
         return self._conn
+
+    def _checkpoint_soon(self) -> None:
+        self._since_checkpoint += 1
+        if self._since_checkpoint < self.CHECKPOINT_EVERY:
+            return
+        if self._checkpoint is not None and not self._checkpoint.done():
+            return
+        self._since_checkpoint = 0
+        self._checkpoint = asyncio.get_running_loop().create_task(
+            asyncio.to_thread(self._run_checkpoint)
+        )
+
+    def _run_checkpoint(self) -> None:
+        # PASSIVE: never blocks the writers; its own short-lived connection, in a thread.
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass  # the next one will do it
+        finally:
+            conn.close()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -178,7 +206,9 @@ class SqliteHotLedger:
         while True:
             conn = self._connection()
             try:
-                return fn(conn, *args)
+                result = fn(conn, *args)
+                self._checkpoint_soon()
+                return result
             except sqlite3.OperationalError as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -322,6 +352,8 @@ class SqliteHotLedger:
         return states
 
     async def close(self) -> None:
+        if self._checkpoint is not None:
+            await self._checkpoint
         if self._conn is not None:
             self._conn.close()
             self._conn = None
