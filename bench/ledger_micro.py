@@ -1,12 +1,13 @@
 """Ledger micro-benchmark: what authenticate / reserve / settle cost, in-process, one at a time.
 
 For the ledger at BUDGETGATE_DATABASE_URL (a key created with the admin API or the CLI; pass
-its plaintext with --key) it runs the gateway's own KeyService.authenticate,
-BudgetRepository.reserve and BudgetRepository.settle sequentially --iterations times and
-reports wall and CPU (process_time: every thread of this process) per call. For SQLite it then
-runs the same statements on a plain `sqlite3` connection in the calling thread (no
-SQLAlchemy, no aiosqlite thread; same PRAGMAs, BEGIN IMMEDIATE, same number of
-transactions): the floor a leaner data layer could approach.
+its plaintext with --key) it runs the gateway's own ledger steps, HotLedger.admit
+(authenticate + reserve, app.budgets.hotpath) and HotLedger.settle, sequentially --iterations
+times (and KeyService.authenticate, the SQLAlchemy lookup the admin API and free requests
+still use) and reports wall and CPU (process_time: every thread of this process) per call.
+With --raw it then runs the same statements on the bare driver (for SQLite: a plain `sqlite3`
+connection in the calling thread, and aiosqlite; same PRAGMAs, BEGIN IMMEDIATE, same number
+of transactions as the old SQLAlchemy path): the floor a leaner data layer could approach.
 
     BUDGETGATE_DATABASE_URL=sqlite+aiosqlite:////dev/shm/x.db \\
         .venv/bin/python bench/ledger_micro.py --key sk-bg-...
@@ -35,19 +36,22 @@ def _stats(name: str, wall: list[float], cpu: list[float]) -> str:
 
 
 async def app_layer(key: str, n: int) -> tuple[list[str], Any]:
+    from app.budgets.hotpath import AdmitRequest, create_hot_ledger
     from app.budgets.repository import BudgetRepository, Outcome, RequestInfo
     from app.clock import SystemClock
     from app.config import get_settings
     from app.db import create_engine
-    from app.keys.service import KeyService
+    from app.keys.service import KeyService, hash_key
 
     settings = get_settings()
     engine = create_engine(settings)
     clock = SystemClock()
     budgets = BudgetRepository(engine, clock, settings.reservation_ttl_seconds)
     keys = KeyService(engine, budgets, settings)
+    hot = create_hot_ledger(settings)
+    ttl = timedelta(seconds=settings.reservation_ttl_seconds)
     res: dict[str, tuple[list[float], list[float]]] = {
-        k: ([], []) for k in ("authenticate", "reserve", "settle")
+        k: ([], []) for k in ("authenticate", "admit (auth + reserve)", "settle")
     }
 
     async def timed(name: str, coro: Any) -> Any:
@@ -64,17 +68,24 @@ async def app_layer(key: str, n: int) -> tuple[list[str], Any]:
                 w.clear()
                 c.clear()
         ctx = await timed("authenticate", keys.authenticate(key))
-        info = RequestInfo(
-            f"req_micro_{uuid.uuid4().hex}", ctx.id, "bg-bench", "/chat/completions", False,
-            clock.now(),
+        started = clock.now()
+        rid = f"req_micro_{uuid.uuid4().hex}"
+        admit = AdmitRequest(
+            hash_key(key), rid, "bg-bench", "/chat/completions", False, 1000, started,
+            started + ttl,
         )  # fmt: skip
-        await timed("reserve", budgets.reserve(ctx.budgets, info, 1000))
-        await timed("settle", budgets.settle(info, Outcome("ok", 500, "prices", 10, 16, 200)))
+        result = await timed("admit (auth + reserve)", hot.admit(admit, clock.now()))
+        assert result.admission is not None and result.admission.admitted, result
+        info = RequestInfo(rid, ctx.id, "bg-bench", "/chat/completions", False, started)
+        outcome = Outcome("ok", 500, "prices", 10, 16, 200)
+        await timed("settle", hot.settle(info, outcome, clock.now()))
+    await hot.close()
     await engine.dispose()
     lines = [_stats(f"app: {k}", w, c) for k, (w, c) in res.items()]
-    total_w = [sum(x) for x in zip(*(w for w, _ in res.values()), strict=True)]
-    total_c = [sum(x) for x in zip(*(c for _, c in res.values()), strict=True)]
-    lines.append(_stats("app: all three", total_w, total_c))
+    path = [k for k in res if k != "authenticate"]  # what the request path runs
+    total_w = [sum(x) for x in zip(*(res[k][0] for k in path), strict=True)]
+    total_c = [sum(x) for x in zip(*(res[k][1] for k in path), strict=True)]
+    lines.append(_stats("app: admit + settle", total_w, total_c))
     return lines, ctx
 
 

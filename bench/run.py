@@ -457,7 +457,7 @@ class Bench:
         self.cluster = PgCluster()
         self.cluster.start()
         # The test cluster runs with fsync/synchronous_commit/full_page_writes off; a ledger is
-        # not run like that (and the SQLite ledger fsyncs every commit: synchronous=FULL).
+        # not run like that.
         for setting in ("fsync", "synchronous_commit", "full_page_writes"):
             self.cluster.psql(f"ALTER SYSTEM SET {setting} = on")
         self.cluster.psql("SELECT pg_reload_conf()")
@@ -1091,7 +1091,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ledger",
         choices=["durable", "fast", "both"],
         default="both",
-        help="durable: SQLite file in the temp dir (fsync per commit), PostgreSQL with "
+        help="durable: SQLite file in the temp dir (WAL, synchronous=normal), PostgreSQL with "
         "synchronous_commit=on; fast: SQLite on /dev/shm (tmpfs), PostgreSQL database with "
         "synchronous_commit=off -- the gateway's CPU cost without the disk's fsync latency "
         "(default: both)",
@@ -1189,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu ms/req: CPU of the server process (all threads) per request "
                 "[+ the PostgreSQL cluster's]",
                 "×base: req/s ÷ baseline's; +p50 / +ttfb50: ms added over the baseline's p50",
-                "gw/sqlite: ledger file on disk (fsync per commit); gw/sqlite-shm: on tmpfs; "
+                "gw/sqlite: ledger file on disk (WAL, synchronous=normal); gw/sqlite-shm: on tmpfs; "
                 "gw/pg: synchronous_commit=on; gw/pg-async: =off",
                 f"load average before / after the runs: {load_before} / {loadavg()} "
                 "(other work on the machine skews all rows alike: runs alternate)",
