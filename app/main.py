@@ -19,7 +19,7 @@ from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import create_engine
-from app.errors import AppError, error_response, install_error_handlers
+from app.errors import AppError, PayloadTooLarge, error_response, install_error_handlers
 from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
@@ -104,6 +104,7 @@ def create_app(
         lifespan=lifespan,
         # `curl -d '{...}'` sends form content-type: read admin bodies as JSON regardless.
         strict_content_type=False,
+        max_body_size=settings.max_body_bytes,  # admin bodies too (413)
     )
     app.state.settings = settings
     app.state.clock = clock
@@ -208,4 +209,22 @@ class BudgetGateApp:
                 )
             await response(scope, receive, send)
             return
+        if (
+            scope["type"] == "http"
+            and _declared_length(scope) > self.api.state.settings.max_body_bytes
+        ):
+            # FastAPI's own limit (max_body_size) also catches chunked bodies, but answers in
+            # plain text; a declared length gets the OpenAI error body here.
+            limit = self.api.state.settings.max_body_bytes
+            await error_response(PayloadTooLarge(f"request body is larger than {limit} bytes"))(
+                scope, receive, send
+            )
+            return
         await self.api(scope, receive, send)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
