@@ -369,6 +369,9 @@ def encode_cursor(value: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        key_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
-        raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
+        key_id = ""
+    if not key_id.startswith("key_"):  # cursors are key ids (encode_cursor)
+        raise InvalidField("cursor: not a cursor returned by this API", param="cursor")
+    return key_id

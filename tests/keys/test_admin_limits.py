@@ -19,3 +19,13 @@ async def test_admin_body_larger_than_the_limit_is_413(
         assert listed.json()["data"] == []  # nothing was created
         small = await gw.client.post("/admin/keys", content=b'{"alias": "ok"}', headers=auth)
         assert small.status_code == 201
+
+
+async def test_a_garbage_key_list_cursor_is_422(
+    sqlite_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    async with running_gateway(make_settings(sqlite_url, mock_upstream.url), clock) as gw:
+        for cursor in ("%%%", "bm9wZQ", "x"):
+            r = await gw.admin("GET", "/admin/keys", params={"cursor": cursor})
+            assert r.status_code == 422, (cursor, r.text)
+            assert r.json()["error"]["param"] == "cursor"
