@@ -63,6 +63,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings)
+        if settings.reservation_ttl_seconds <= settings.upstream_timeout_seconds:
+            log.warning(
+                "BUDGETGATE_RESERVATION_TTL_SECONDS (%s) is not above "
+                "BUDGETGATE_UPSTREAM_TIMEOUT_SECONDS (%s): the sweeper may release a request "
+                "that is still running, which is then not charged",
+                settings.reservation_ttl_seconds,
+                settings.upstream_timeout_seconds,
+            )
         engine = create_engine(settings)
         if migrate:
             await prepare_schema(settings, engine)
