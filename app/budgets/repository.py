@@ -1,4 +1,10 @@
-"""All SQL that moves money: reserve, settle, release, roll, reset, sweep.
+"""The budget SQL besides reserve and settle: roll, reset, sweep, open periods, read periods.
+
+The request path's reserve and settle live in app.budgets.hotpath (`HotLedger.admit`:
+authenticate + reserve all or none, or record the rejection; `HotLedger.settle`), on the
+database drivers. This module keeps the types they share (RequestInfo, Outcome, Admission,
+ConcurrentChange) and, on SQLAlchemy, what rolls (the scheduler's, and `roll_periods` for the
+periods an admission found expired), resets, the admin API and the sweeper need.
 
 Every decision is a conditional UPDATE evaluated by the database, inside one short
 transaction. PostgreSQL serialises concurrent writers on the period row (row lock +
@@ -12,13 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, insert, literal, or_, select, update
+from sqlalchemy import Table, delete, insert, literal, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.budgets.periods import parse_duration
 from app.budgets.schedule import Schedule
-from app.budgets.state import BudgetRef, PeriodState
+from app.budgets.state import PeriodState
 from app.clock import Clock
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
@@ -98,95 +104,7 @@ class BudgetRepository:
         self.clock = clock
         self.ttl = timedelta(seconds=reservation_ttl_seconds)
 
-    # -- admission -------------------------------------------------------------------------
-
-    async def reserve(self, budgets: list[BudgetRef], req: RequestInfo, amount: int) -> Admission:
-        """Hold `amount` in the current period of every budget, all or none, in one
-        transaction. On refusal the request's ledger entry (outcome `rejected`) is written in
-        the same transaction."""
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
-            period_ids = []
-            # Rolls lock budget rows: take them in one global order (by budget id), whatever
-            # order the key lookup listed them in, or two admissions deadlock.
-            for ref in sorted(budgets, key=lambda r: r.budget_id):
-                period_id = ref.period_id
-                if ref.period_end is not None and ref.period_end <= now:
-                    period_id = await self._roll(conn, ref.budget_id, period_id, now)
-                period_ids.append((period_id, ref))
-            period_ids.sort(key=lambda p: p[0])
-
-            held: list[PeriodState] = []
-            for period_id, ref in period_ids:
-                state, ok = await self._reserve_in(conn, ref, period_id, amount, now)
-                if not ok:
-                    for h in held:  # undo, under the locks this transaction still holds
-                        await conn.execute(
-                            update(P)
-                            .where(P.c.id == h.period_id)
-                            .values(reserved=P.c.reserved - amount)
-                        )
-                    await self._insert_entry(
-                        conn, req, Outcome("rejected", 0, "none", status_code=429), now
-                    )
-                    return Admission(False, [state], amount)
-                held.append(state)
-
-            if held:
-                expires = now + self.ttl
-                await conn.execute(
-                    insert(R),
-                    [
-                        {
-                            "request_id": req.request_id,
-                            "period_id": h.period_id,
-                            "amount": amount,
-                            "key_id": req.key_id,
-                            "model": req.model,
-                            "endpoint": req.endpoint,
-                            "stream": req.stream,
-                            "started_at": req.started_at,
-                            "expires_at": expires,
-                        }
-                        for h in held
-                    ],
-                )
-            return Admission(True, held, amount)
-
-    async def _reserve_in(
-        self, conn: AsyncConnection, ref: BudgetRef, period_id: int, amount: int, now: datetime
-    ) -> tuple[PeriodState, bool]:
-        # The one comparison used everywhere: a reached budget blocks everything, and
-        # max_budget = 0 blocks every request (strict `<` on what is already committed).
-        fits = or_(
-            P.c.max_budget.is_(None),
-            and_(
-                P.c.spend + P.c.reserved < P.c.max_budget,
-                P.c.spend + P.c.reserved + amount <= P.c.max_budget,
-            ),
-        )
-        for _ in range(5):
-            row = (
-                await conn.execute(
-                    update(P)
-                    .where(P.c.id == period_id, P.c.closed_at.is_(None), fits)
-                    .values(reserved=P.c.reserved + amount)
-                    .returning(*_PERIOD_COLS)
-                )
-            ).first()
-            if row is not None:
-                return _state(row), True
-            current = (
-                await conn.execute(select(*_PERIOD_COLS, P.c.closed_at).where(P.c.id == period_id))
-            ).one()
-            if current.closed_at is None:
-                if current.period_end is not None and current.period_end <= now:
-                    period_id = await self._roll(conn, ref.budget_id, period_id, now)
-                    continue
-                return _state(current), False
-            # Closed by a concurrent roll or reset since we looked: use the open one.
-            period_id = await self._open_period_id(conn, ref.budget_id, now)
-        raise ConcurrentChange(f"budget {ref.budget_id}: period kept changing")
+    # -- reads -----------------------------------------------------------------------------
 
     async def period_states(self, period_ids: list[int]) -> list[PeriodState]:
         """The current money of these periods (read-only; for headers on error responses)."""
@@ -197,41 +115,7 @@ class BudgetRepository:
             await conn.rollback()
         return [_state(r) for r in rows]
 
-    # -- settlement ------------------------------------------------------------------------
-
-    async def settle(self, req: RequestInfo, result: Outcome) -> list[PeriodState] | None:
-        """Replace the request's reservations by its actual cost and write its one ledger
-        entry. Returns None when there was nothing to settle (the sweeper released it)."""
-        async with self.engine.begin() as conn:
-            now = self.clock.now()
-            held = (
-                await conn.execute(
-                    delete(R)
-                    .where(R.c.request_id == req.request_id)
-                    .returning(R.c.period_id, R.c.amount)
-                )
-            ).all()
-            if not held:
-                return None
-            states = []
-            for period_id, amount in sorted(held):
-                row = (
-                    await conn.execute(
-                        update(P)
-                        .where(P.c.id == period_id)
-                        .values(reserved=P.c.reserved - amount, spend=P.c.spend + result.cost)
-                        .returning(*_PERIOD_COLS)
-                    )
-                ).one()
-                states.append(_state(row))
-            await self._insert_entry(conn, req, result, now, [s.period_id for s in states])
-            return states
-
-    async def record_unbudgeted(self, req: RequestInfo, result: Outcome) -> None:
-        """The ledger entry of a request that held no reservation (a rejected one is written
-        by `reserve` itself)."""
-        async with self.engine.begin() as conn:
-            await self._insert_entry(conn, req, result, self.clock.now())
+    # -- ledger entries --------------------------------------------------------------------
 
     async def _insert_entry(
         self,
@@ -273,7 +157,7 @@ class BudgetRepository:
         # Serialises roll/reset/PATCH of one budget on PostgreSQL; SQLite already holds the
         # database write lock (BEGIN IMMEDIATE) and ignores FOR UPDATE.
         # FOR NO KEY UPDATE, not FOR UPDATE: a period row updated twice in one transaction
-        # (reserve then undo, roll then reserve) makes PostgreSQL re-check its foreign key with
+        # (the old SQLAlchemy reserve's undo did) makes PostgreSQL re-check its foreign key with
         # FOR KEY SHARE on the budget row. FOR UPDATE conflicts with that, so a roll holding the
         # budget lock and waiting for the period row deadlocked with such a transaction.
         return (

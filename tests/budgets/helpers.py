@@ -2,16 +2,81 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 
+from app.budgets.hotpath import AdmitRequest
+from app.budgets.repository import Admission, ConcurrentChange, Outcome, RequestInfo
+from app.budgets.state import PeriodState
+from app.keys.repository import KeyContext
+from app.keys.service import hash_key
 from app.ledger.repository import reconcile
 from tests.conftest import Gateway
 
 BUDGET_HEADERS = ("x-budget-spend", "x-budget-max-budget", "x-budget-remaining")
+
+
+@dataclass(frozen=True)
+class Flight:
+    """A request admitted on the hot ledger, not yet settled."""
+
+    info: RequestInfo
+    key: KeyContext
+    admission: Admission
+
+
+async def admit(
+    gw: Gateway,
+    plaintext_key: str,
+    amount: int,
+    *,
+    request_id: str | None = None,
+    model: str | None = "bg-test",
+    endpoint: str = "/chat/completions",
+    stream: bool = False,
+    reverse_rolls: bool = False,
+) -> Flight:
+    """Authenticate + reserve `amount` on the gateway's hot ledger as the request path does
+    (app.proxy.service.Gateway._admit): roll the periods it reports expired, then try again, at
+    most 5 times. `reverse_rolls` hands roll_periods the expired periods in the opposite order
+    (the roll must impose its own lock order)."""
+    started = gw.clock.now()
+    req = AdmitRequest(
+        key_hash=hash_key(plaintext_key),
+        request_id=request_id or f"req_{uuid.uuid4().hex}",
+        model=model,
+        endpoint=endpoint,
+        stream=stream,
+        amount=amount,
+        started_at=started,
+        expires_at=started + timedelta(seconds=gw.settings.reservation_ttl_seconds),
+    )
+    for _ in range(5):
+        result = await gw.state.gateway.hot.admit(req, gw.clock.now())
+        if result.expired_periods:
+            due = result.expired_periods
+            await gw.state.budgets.roll_periods(list(reversed(due)) if reverse_rolls else due)
+            continue
+        if result.retry:
+            continue
+        assert result.key is not None and result.refusal(gw.clock.now()) is None, result
+        assert result.admission is not None, f"model {model} not allowed"
+        info = RequestInfo(req.request_id, result.key.id, model, endpoint, stream, started)
+        return Flight(info, result.key, result.admission)
+    raise ConcurrentChange("periods kept expiring during admission")
+
+
+async def settle(gw: Gateway, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+    """Settle on the gateway's hot ledger, as the request path does; None if already swept."""
+    states: list[PeriodState] | None = await gw.state.gateway.hot.settle(
+        info, outcome, gw.clock.now()
+    )
+    return states
 
 
 def when(text: str) -> datetime:

@@ -16,15 +16,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.budgets.repository import BudgetRepository, Outcome, RequestInfo
+from app.budgets.repository import BudgetRepository, Outcome
 from app.clock import ManualClock
 from app.db import create_engine
 from app.ledger.repository import reconcile
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 from app.scheduler import run_maintenance
+from tests.budgets.helpers import Flight, admit, settle
 from tests.conftest import START, Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -288,12 +289,10 @@ async def test_reset_race_across_replicas_opens_exactly_one_period(
 
 async def test_request_admitted_in_one_period_is_charged_to_it(gateway: Gateway) -> None:
     key = await gateway.create_key(max_budget=1.0, budget_duration="30s")
-    ctx = await gateway.state.key_service.authenticate(key["key"])
     budgets: BudgetRepository = gateway.state.budgets
-    req = RequestInfo("req_inflight", ctx.id, "bg-test", "/chat/completions", False, START)
-    admission = await budgets.reserve(ctx.budgets, req, CENT)
-    assert admission.admitted
-    (held,) = admission.periods
+    flight = await admit(gateway, key["key"], CENT, request_id="req_inflight")
+    assert flight.admission.admitted and flight.info.started_at == START
+    (held,) = flight.admission.periods
     first_period = held.period_id
 
     gateway.clock.advance(PERIOD)
@@ -303,10 +302,10 @@ async def test_request_admitted_in_one_period_is_charged_to_it(gateway: Gateway)
     assert (await gateway.chat(key["key"], max_tokens=5)).status_code == 200
 
     # ... and the one in flight settles into the period it was admitted in.
-    states = await budgets.settle(req, Outcome("ok", CENT, "prices", 0, 10, 200))
+    states = await settle(gateway, flight.info, Outcome("ok", CENT, "prices", 0, 10, 200))
     assert states is not None and [s.period_id for s in states] == [first_period]
 
-    old, new = await periods_of(gateway.state.engine, ctx.budgets[0].budget_id)
+    old, new = await periods_of(gateway.state.engine, held.budget_id)
     assert old.id == first_period and old.close_reason == "expired"
     assert (old.spend, old.reserved) == (CENT, 0)
     assert new.closed_at is None
@@ -325,24 +324,23 @@ async def test_request_admitted_before_a_reset_race_is_charged_to_its_period(
 ) -> None:
     """Same, with the roll done by racing requests and schedulers while many are in flight."""
     key = await gateway.create_key(max_budget=1.0, budget_duration="30s")
-    ctx = await gateway.state.key_service.authenticate(key["key"])
     budgets: BudgetRepository = gateway.state.budgets
-    reqs = [
-        RequestInfo(f"req_flight_{i}", ctx.id, "bg-test", "/chat/completions", False, START)
-        for i in range(10)
-    ]
-    admissions = await gather_all([budgets.reserve(ctx.budgets, r, CENT) for r in reqs])
-    assert all(a.admitted for a in admissions)
-    first_period = ctx.budgets[0].period_id
+    flights: list[Flight] = await gather_all(
+        [admit(gateway, key["key"], CENT, request_id=f"req_flight_{i}") for i in range(10)]
+    )
+    assert all(f.admission.admitted for f in flights)
+    ((first_period, budget_id),) = {
+        (p.period_id, p.budget_id) for f in flights for p in f.admission.periods
+    }
 
     gateway.clock.advance(PERIOD)
     outcome = Outcome("ok", CENT, "prices", 0, 10, 200)
     await gather_all(
         [run_maintenance(budgets) for _ in range(5)]
         + [gateway.chat(key["key"], max_tokens=5) for _ in range(10)]
-        + [budgets.settle(r, outcome) for r in reqs]
+        + [settle(gateway, f.info, outcome) for f in flights]
     )
-    old, new = await periods_of(gateway.state.engine, ctx.budgets[0].budget_id)
+    old, new = await periods_of(gateway.state.engine, budget_id)
     assert old.id == first_period and old.closed_at is not None
     assert (old.spend, old.reserved) == (10 * CENT, 0)
     assert (new.spend, new.reserved, new.closed_at) == (10 * CENT // 2, 0, None)
@@ -396,15 +394,29 @@ async def test_concurrent_rolls_and_requests_leave_one_open_period(gateway: Gate
 # -- 6. lock order regressions (PostgreSQL row locks) -----------------------------------------
 
 
-async def test_refusal_undo_does_not_deadlock_with_a_budget_lock_holder(
+async def _lock_waiters(engine: AsyncEngine) -> int:
+    """Backends of this database waiting for a lock (PostgreSQL)."""
+    ((n,),) = await fetch(
+        engine,
+        text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ),
+    )
+    return int(n)
+
+
+async def test_refusal_does_not_deadlock_with_a_budget_lock_holder(
     postgres_url: str, mock_upstream: ServerThread, clock: ManualClock
 ) -> None:
-    """Reserve holds the primary's period, the window refuses, the primary's hold is undone.
-    Meanwhile a roll-like transaction holds the primary's budget row lock and then wants the
-    period row. The undo (a second UPDATE of that row in one transaction, which makes
-    PostgreSQL re-check the period's foreign key with FOR KEY SHARE on the budget row) must not
-    wait for the budget lock: that was a deadlock (a 503 for the request, a leaked
-    reservation when the victim was a settlement)."""
+    """The hot path's admission (one statement on PostgreSQL) locks the primary's period row,
+    then waits for the window's (busy elsewhere), which refuses. Meanwhile a roll-like
+    transaction holds the primary's budget row lock and then wants the primary's period row.
+    The admission must never wait for that budget lock while it holds the period row: the
+    removed SQLAlchemy reserve did (its undo, a second UPDATE of the row in one transaction,
+    re-checked the period's foreign key with FOR KEY SHARE on the budget row), a deadlock: a
+    503 for the request, a leaked reservation when the victim was a settlement. And the refusal
+    is all or nothing: nothing stays held on the primary."""
     settings = make_settings(postgres_url, mock_upstream.url, db_pool_size=5)
     async with running_gateway(settings, clock) as g:
         key = await g.create_key(
@@ -414,34 +426,51 @@ async def test_refusal_undo_does_not_deadlock_with_a_budget_lock_holder(
         primary_id, window_id = await budget_ids(g, key["id"])
         ctx = await g.state.key_service.authenticate(key["key"])
         primary_period = next(r.period_id for r in ctx.budgets if r.budget_id == primary_id)
-        assert primary_period < next(r.period_id for r in ctx.budgets if r.budget_id == window_id)
+        window_period = next(r.period_id for r in ctx.budgets if r.budget_id == window_id)
+        assert primary_period < window_period
         budgets: BudgetRepository = g.state.budgets
+        engine = g.state.engine
 
-        async with g.state.engine.connect() as holder:
+        async with engine.connect() as blocker, engine.connect() as holder:
+            # The window's period row is busy (a settlement, say): the admission locks the
+            # primary's period row first (ascending id order), then waits here.
+            await blocker.begin()
+            await blocker.execute(select(P.c.id).where(P.c.id == window_period).with_for_update())
             await holder.begin()
             await budgets.lock_budget(holder, primary_id)  # as _roll / PATCH / reset do
-            req = RequestInfo("req_undo", ctx.id, "bg-test", "/chat/completions", False, START)
-            refusal = asyncio.ensure_future(budgets.reserve(ctx.budgets, req, CENT))
-            await asyncio.sleep(0.3)  # the reserve holds the primary's period row by now
-            # Now the holder wants the period row, as a roll (or a reserve after a roll) does.
-            await asyncio.wait_for(
+            refusal = asyncio.ensure_future(admit(g, key["key"], CENT, request_id="req_undo"))
+            # Now the holder wants the period row, as a roll (or an admission after it) does.
+            touch = asyncio.ensure_future(
                 holder.execute(
                     P.update().where(P.c.id == primary_period).values(reserved=P.c.reserved)
-                ),
-                timeout=10,
+                )
             )
+            for _ in range(200):  # both wait: the admission on the blocker, the holder on it
+                if await _lock_waiters(engine) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _lock_waiters(engine) == 2
+            assert not touch.done() and not refusal.done()
+            await blocker.rollback()
+            flight = await asyncio.wait_for(refusal, timeout=10)
+            await asyncio.wait_for(touch, timeout=10)
             await holder.rollback()
-            admission = await asyncio.wait_for(refusal, timeout=10)
-        assert not admission.admitted
-        assert admission.periods[0].budget_id == window_id
-        (p,) = await periods_of(g.state.engine, primary_id)
+        assert not flight.admission.admitted
+        assert flight.admission.periods[0].budget_id == window_id
+        (p,) = await periods_of(engine, primary_id)
         assert (p.spend, p.reserved) == (CENT, 0)
-        await assert_reconciles(g.state.engine)
+        assert await fetch(engine, select(R)) == []
+        entries = [e for e in await ledger_of(g, key["id"]) if e["request_id"] == "req_undo"]
+        assert [(e["outcome"], e["cost"]) for e in entries] == [("rejected", 0.0)]
+        await assert_reconciles(engine)
 
 
 async def test_admission_lock_order_does_not_depend_on_budget_order(gateway: Gateway) -> None:
-    """Two budgets expiring at once; requests list them in opposite orders (the key lookup
-    has no defined row order). Rolls inside admission must lock budgets in one global order."""
+    """Two budgets expiring at once; 40 admissions race on the hot ledger, each rolling the
+    expired periods it is told about and trying again, half of them handing the roll the
+    budgets in the opposite order. The admission locks periods in ascending id order and the
+    rolls lock budgets in one global order, whatever order they are asked in: no deadlock, and
+    every request holds the new period of both budgets (all or nothing)."""
     for round_ in range(3):
         key = await gateway.create_key(
             max_budget=1.0,
@@ -451,18 +480,24 @@ async def test_admission_lock_order_does_not_depend_on_budget_order(gateway: Gat
         ctx = await gateway.state.key_service.authenticate(key["key"])
         assert len(ctx.budgets) == 2
         gateway.clock.advance(PERIOD)
-        budgets: BudgetRepository = gateway.state.budgets
-        reqs = [
-            RequestInfo(f"req_o{round_}_{i}", ctx.id, "bg-test", "/chat/completions", False, START)
-            for i in range(40)
-        ]
-        orders = [ctx.budgets, list(reversed(ctx.budgets))]
-        admissions = await gather_all(
-            [budgets.reserve(orders[i % 2], r, CENT) for i, r in enumerate(reqs)]
+        flights: list[Flight] = await gather_all(
+            [
+                admit(
+                    gateway,
+                    key["key"],
+                    CENT,
+                    request_id=f"req_o{round_}_{i}",
+                    reverse_rolls=i % 2 == 1,
+                )
+                for i in range(40)
+            ]
         )
-        assert all(a.admitted for a in admissions)
+        assert all(f.admission.admitted for f in flights)
+        new_periods = {p.period_id for f in flights for p in f.admission.periods}
+        assert len(new_periods) == 2
+        assert new_periods.isdisjoint(r.period_id for r in ctx.budgets)
         outcome = Outcome("ok", CENT, "prices", 0, 10, 200)
-        await gather_all([budgets.settle(r, outcome) for r in reqs])
+        await gather_all([settle(gateway, f.info, outcome) for f in flights])
         for ref in ctx.budgets:
             old, new = await periods_of(gateway.state.engine, ref.budget_id)
             assert (old.spend, old.closed_at is not None) == (0, True)

@@ -4,12 +4,11 @@ admitted in one period is charged to that period."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 
 from app.budgets.repository import Outcome, RequestInfo
 from app.scheduler import run_maintenance
-from tests.budgets.helpers import assert_reconciled, get_key, ledger, periods
+from tests.budgets.helpers import admit, assert_reconciled, get_key, ledger, periods, settle
 from tests.conftest import Gateway
 
 TTL = timedelta(seconds=900)  # the default BUDGETGATE_RESERVATION_TTL_SECONDS
@@ -17,19 +16,12 @@ CENTS_20 = 200_000_000  # $0.20 in nano-dollars
 
 
 async def crashed_reservation(gw: Gateway, key: dict, amount: int) -> RequestInfo:
-    """Reserve as the request path does, then never settle (the replica died)."""
-    ctx = await gw.state.key_service.authenticate(key["key"])
-    req = RequestInfo(
-        request_id=f"req_{uuid.uuid4().hex}",
-        key_id=key["id"],
-        model="bg-test",
-        endpoint="/chat/completions",
-        stream=True,
-        started_at=gw.clock.now(),
-    )
-    admission = await gw.state.budgets.reserve(ctx.budgets, req, amount)
-    assert admission.admitted
-    return req
+    """Admit on the hot ledger as the request path does, then never settle (the replica
+    died)."""
+    flight = await admit(gw, key["key"], amount, stream=True)
+    assert flight.admission.admitted
+    assert flight.info.key_id == key["id"] and flight.info.started_at == gw.clock.now()
+    return flight.info
 
 
 async def test_abandoned_reservation_is_swept_once(gateway: Gateway) -> None:
@@ -70,8 +62,8 @@ async def test_abandoned_reservation_is_swept_once(gateway: Gateway) -> None:
 
     # The crashed replica comes back and tries to settle: nothing to settle, nothing written.
     before = await ledger(gw, key["id"])
-    late = await gw.state.budgets.settle(
-        req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200)
+    late = await settle(
+        gw, req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200)
     )
     assert late is None
     assert await ledger(gw, key["id"]) == before
@@ -85,8 +77,8 @@ async def test_settled_reservation_is_not_swept(gateway: Gateway) -> None:
     key = await gw.create_key(alias="slow", max_budget=1.0, budget_duration="1mo")
     req = await crashed_reservation(gw, key, CENTS_20)
     gw.clock.advance(timedelta(seconds=600))  # a long stream, finishing before the TTL
-    states = await gw.state.budgets.settle(
-        req, Outcome("ok", 150_000_000, "prices", prompt_tokens=3, completion_tokens=150)
+    states = await settle(
+        gw, req, Outcome("ok", 150_000_000, "prices", prompt_tokens=3, completion_tokens=150)
     )
     assert states is not None and states[0].spend == 150_000_000 and states[0].reserved == 0
     gw.clock.advance(TTL)
@@ -122,8 +114,8 @@ async def test_request_admitted_before_a_reset_is_charged_to_its_period(gateway:
 
     gw.clock.set(datetime(2026, 2, 1, 0, 1, tzinfo=UTC))
     assert await run_maintenance(gw.state.budgets) == (1, 0)  # the reservation is still live
-    states = await gw.state.budgets.settle(
-        req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200)
+    states = await settle(
+        gw, req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200)
     )
     assert states is not None
 
@@ -142,9 +134,7 @@ async def test_manual_reset_with_a_request_in_flight(gateway: Gateway) -> None:
     r = await gw.admin("POST", f"/admin/keys/{key['id']}/reset")
     assert r.status_code == 200, r.text
     assert r.json()["reserved"] == 0.0  # the hold stays with the period that admitted it
-    await gw.state.budgets.settle(
-        req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200)
-    )
+    await settle(gw, req, Outcome("ok", CENTS_20, "prices", prompt_tokens=3, completion_tokens=200))
     old, new = await periods(gw, key["id"])
     assert old["close_reason"] == "manual" and old["spend"] == 0.2 and old["reserved"] == 0.0
     assert new["spend"] == 0.0
