@@ -65,7 +65,7 @@ def install() -> None:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
 
-    from app.budgets import repository as budgets_repo
+    from app.budgets import hotpath
     from app.keys import repository as keys_repo
     from app.keys import service as keys_service
     from app.proxy import service as proxy_service
@@ -75,7 +75,7 @@ def install() -> None:
     G.handle = _timed("handle (to response object)", G.handle)
     G._authenticate = _timed("authenticate", G._authenticate)
     G._read_body = _timed("read body", G._read_body)
-    G._reserve = _timed("reserve", G._reserve)
+    G._admit = _timed("admit (authenticate + reserve)", G._admit)
     G._settle = _timed("settle", G._settle)
     G._relay = _timed_gen("relay (stream + settle)", G._relay)
     U = upstream_mod.UpstreamClient
@@ -83,9 +83,9 @@ def install() -> None:
     KS = keys_service.KeyService
     KS.authenticate = _timed("  auth: KeyService.authenticate", KS.authenticate)
     keys_repo.find_key_by_hash = _timed("  auth: SELECT key+budgets", keys_repo.find_key_by_hash)
-    BR = budgets_repo.BudgetRepository
-    BR.reserve = _timed("  reserve: BudgetRepository.reserve", BR.reserve)
-    BR.settle = _timed("  settle: BudgetRepository.settle", BR.settle)
+    for ledger in (hotpath.SqliteHotLedger, hotpath.PostgresHotLedger):
+        ledger.admit = _timed("  admit: HotLedger.admit", ledger.admit)  # type: ignore[method-assign]
+        ledger.settle = _timed("  settle: HotLedger.settle", ledger.settle)  # type: ignore[method-assign]
 
     orig_read = proxy_service.aiohttp.ClientResponse.read
 

@@ -1015,16 +1015,13 @@ def print_phases(phases: dict[str, dict[int, dict[str, Any]]], targets: list[Tar
     print(f"  {'(throughput while measured)':<36}" + "".join(f"{r:>{width}}" for r in rps))
     order = [
         "handle (to response object)",
-        "authenticate",
-        "  auth: KeyService.authenticate",
-        "  auth: SELECT key+budgets",
         "read body",
-        "reserve",
-        "  reserve: BudgetRepository.reserve",
+        "admit (authenticate + reserve)",
+        "  admit: HotLedger.admit",
         "upstream send (to headers)",
         "upstream body read",
         "settle",
-        "  settle: BudgetRepository.settle",
+        "  settle: HotLedger.settle",
     ]
     for n, c in cols:
         for k in phases[n][c]["phases"]:
