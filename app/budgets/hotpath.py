@@ -504,7 +504,7 @@ class PostgresHotLedger:
                 if r["period_end"] is not None and r["period_end"] <= now
             ]
             return AdmitResult(key, None, expired, retry=not expired)
-        states = [_pg_state(r) for r in periods]
+        states = [PeriodState.from_row(r) for r in periods]
         if not first["fits"]:
             refused = next(
                 s
@@ -552,21 +552,9 @@ class PostgresHotLedger:
         )
         if not rows:
             return None
-        return [_pg_state(r) for r in rows]
+        return [PeriodState.from_row(r) for r in rows]
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
-
-
-def _pg_state(r: Any) -> PeriodState:
-    return PeriodState(
-        budget_id=r["budget_id"],
-        period_id=r["id"],
-        period_start=r["period_start"],
-        period_end=r["period_end"],
-        max_budget=r["max_budget"],
-        spend=r["spend"],
-        reserved=r["reserved"],
-    )

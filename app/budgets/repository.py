@@ -45,18 +45,6 @@ _PERIOD_COLS = (
 )
 
 
-def _state(row: Any) -> PeriodState:
-    return PeriodState(
-        budget_id=row.budget_id,
-        period_id=row.id,
-        period_start=row.period_start,
-        period_end=row.period_end,
-        max_budget=row.max_budget,
-        spend=row.spend,
-        reserved=row.reserved,
-    )
-
-
 @dataclass(frozen=True)
 class RequestInfo:
     """What the ledger records about a request, known at admission."""
@@ -113,7 +101,7 @@ class BudgetRepository:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(*_PERIOD_COLS).where(P.c.id.in_(period_ids)))).all()
             await conn.rollback()
-        return [_state(r) for r in rows]
+        return [PeriodState.from_row(r._mapping) for r in rows]
 
     # -- ledger entries --------------------------------------------------------------------
 

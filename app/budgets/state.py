@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,19 @@ class PeriodState:
     max_budget: int | None
     spend: int
     reserved: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> PeriodState:
+        """From a budget_periods row (SQLAlchemy `row._mapping`, an asyncpg Record)."""
+        return cls(
+            budget_id=row["budget_id"],
+            period_id=row["id"],
+            period_start=row["period_start"],
+            period_end=row["period_end"],
+            max_budget=row["max_budget"],
+            spend=row["spend"],
+            reserved=row["reserved"],
+        )
 
     @property
     def remaining(self) -> int | None:

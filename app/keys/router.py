@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import AdminDisabled, Unauthorized
+from app.errors import AdminDisabled, InvalidField, Unauthorized
 from app.keys.schemas import (
     ErrorResponse,
     KeyCreate,
@@ -37,6 +37,14 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("missing or wrong admin key", code="invalid_admin_key")
 
 
+def reject_nul(request: Request) -> None:
+    """No id, alias, cursor or time holds a NUL character, and PostgreSQL text cannot: one in
+    the path or query is an invalid value (422), not a database error (500)."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
+        if "\x00" in str(value):
+            raise InvalidField(f"{name}: must not contain NUL characters", param=name)
+
+
 def _utc(value: datetime | None) -> datetime | None:
     """Query times without an offset (or bare dates) are UTC, as in request bodies."""
     if value is None or value.tzinfo is not None:
@@ -57,7 +65,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "U
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
-    dependencies=[Depends(require_admin)],
+    dependencies=[Depends(require_admin), Depends(reject_nul)],
     strict_content_type=False,
     responses={
         401: {**_ERROR, "description": "Missing or wrong admin key"},

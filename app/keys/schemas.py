@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -13,6 +14,29 @@ from app.budgets.periods import InvalidDuration, InvalidTimezone, load_timezone,
 MAX_DOLLARS = Decimal(1_000_000_000)
 
 Dollars = Field(default=None, ge=0, le=MAX_DOLLARS, allow_inf_nan=False)
+
+
+def _storable(value: Any) -> Any:
+    """Reject what the ledger database cannot store (a 422, not a 500): NUL characters
+    (PostgreSQL text), lone surrogates (not UTF-8) and NaN / Infinity (not JSON) -- at any
+    depth of `metadata`, and in `alias` and `models`."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("numbers must be finite (no NaN or Infinity)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _storable(k)
+            _storable(v)
+    elif isinstance(value, list):
+        for v in value:
+            _storable(v)
+    return value
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -68,6 +92,8 @@ class KeyCreate(BudgetSettings):
     metadata: dict[str, Any] = Field(default_factory=dict)
     budgets: list[BudgetSettings] = Field(default_factory=list, max_length=20)
 
+    _storable = field_validator("alias", "models", "metadata")(_storable)
+
     @field_validator("expires_at")
     @classmethod
     def _expires(cls, v: datetime | None) -> datetime | None:
@@ -96,6 +122,7 @@ class KeyUpdate(BaseModel):
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
 
+    _storable = field_validator("alias", "models", "metadata")(_storable)
     _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
     _anchor = field_validator("budget_anchor", "expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
 

@@ -27,12 +27,18 @@ HOP_BY_HOP = frozenset(
     }
 )
 CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+_CREDENTIAL_RAW = frozenset(h.encode() for h in CREDENTIAL_HEADERS)
 # The gateway reads upstream bodies (usage), so it asks for them uncompressed.
 _REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "date", "server"}
 
 
 def presented_key(headers: Headers) -> str | None:
+    # A credential header sent twice is ambiguous: the gateway would check the first value
+    # while passthrough mode forwarded the last one. That is no key (401).
+    sent = [name for name, _ in headers.raw if name in _CREDENTIAL_RAW]
+    if len(sent) > 1 and len(sent) != len(set(sent)):
+        return None
     auth = headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")

@@ -68,6 +68,8 @@ def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> Mete
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > 255:
         raise BadRequest("model is required and must be a non-empty string", param="model")
+    if "\x00" in model:  # no model has one, and the ledger (PostgreSQL text) cannot hold it
+        raise BadRequest("model must not contain NUL characters", param="model")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")

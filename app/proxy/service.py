@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -40,7 +41,6 @@ from app.errors import (
     BudgetExceeded,
     Forbidden,
     LedgerUnavailable,
-    NotFound,
     PayloadTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -65,23 +65,30 @@ from app.proxy.usage import StreamMeter, usage_from_body
 
 log = logging.getLogger("budgetgate.proxy")
 
-# Paths the gateway serves itself; never forwarded.
-RESERVED_PREFIXES = (
-    "/admin",
-    "/docs",
-    "/redoc",
-    "/openapi.json",
-    "/metrics",
-    "/healthz",
-    "/readyz",
-)
+# Header bytes that cannot be forwarded (see Gateway._check_sendable).
+_UNSENDABLE = re.compile(rb"[\r\n\x00]")
 # The gateway's own client route (not forwarded either).
 CLIENT_ROUTES = frozenset({"/v1/budget"})
 
 
+# Without the /v1 prefix only the OpenAI API's own paths are forwarded (as LiteLLM serves
+# them): the upstream's other routes -- LiteLLM's /key/generate, /config/update, ... -- must not
+# be reachable with the gateway's upstream credential.
+OPENAI_PATHS = frozenset(
+    {
+        "chat", "completions", "embeddings", "responses", "messages", "models", "images",
+        "audio", "files", "batches", "fine_tuning", "moderations", "assistants", "threads",
+        "vector_stores", "rerank", "uploads", "realtime", "engines", "openai",
+    }
+)  # fmt: skip
+
+
 def is_proxied(path: str) -> bool:
-    """Paths forwarded upstream: everything but the gateway's own routes."""
-    return not path.startswith(RESERVED_PREFIXES) and path not in CLIENT_ROUTES
+    """Paths the gateway takes: everything under /v1/ but its own routes, and the OpenAI
+    API's paths without /v1. Everything else is the FastAPI app's (and 404s there)."""
+    if path.startswith("/v1/"):
+        return path not in CLIENT_ROUTES
+    return path.split("/", 2)[1] in OPENAI_PATHS
 
 
 _LEDGER_ERRORS = (
@@ -142,8 +149,6 @@ class Gateway:
 
     async def _handle(self, request: Request) -> Response:
         path = request.url.path
-        if path.startswith(RESERVED_PREFIXES):
-            raise NotFound(f"no route {request.method} {path}")
         request_id = f"req_{uuid.uuid4().hex}"
         endpoint = api_path(path)
         started = self.clock.now()
@@ -153,10 +158,12 @@ class Gateway:
             # Free and always allowed (even for an exhausted key): no budget check, no entry.
             key = await self._authenticate(request)
             self._remember(request, key, request_id)
+            self._check_sendable(request)
             info = RequestInfo(request_id, key.id, None, endpoint, False, started)
             return await self._forward_free(request, info, await self._read_body(request))
 
         try:
+            self._check_sendable(request)
             raw = await self._read_body(request)
             metered, amount = self._bound(request.method, endpoint, raw)
         except AppError:
@@ -192,6 +199,18 @@ class Gateway:
         return await self._forward(request, info, metered, raw, admission)
 
     # -- steps -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sendable(request: Request) -> None:
+        """What cannot be forwarded or recorded is the client's error, found before admission:
+        NUL in the path (PostgreSQL text cannot hold it, for the ledger's endpoint), CR, LF or
+        NUL in a header (aiohttp refuses to send it; HTTP/1.1 servers never pass one on, but
+        other ASGI servers or callers might)."""
+        if "\x00" in request.url.path:
+            raise BadRequest("the request path must not contain NUL characters")
+        for name, value in request.headers.raw:
+            if _UNSENDABLE.search(name) or _UNSENDABLE.search(value):
+                raise BadRequest("request headers must not contain CR, LF or NUL characters")
 
     @staticmethod
     def _remember(request: Request, key: KeyContext, request_id: str) -> None:
@@ -296,6 +315,21 @@ class Gateway:
             outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
             states = await self._settle(info, Outcome(outcome, 0, "none", status_code=exc.status))
             return error_response(exc, budget_headers(states or admission.periods, info.request_id))
+        except BaseException as exc:
+            # Anything else (a bug, a request aiohttp refuses to send, cancellation): the
+            # reservation is released now, not held until the sweeper's TTL.
+            failed = isinstance(exc, Exception)
+            with anyio.CancelScope(shield=True):
+                await self._settle(
+                    info,
+                    Outcome(
+                        "upstream_error" if failed else "client_disconnect",
+                        0,
+                        "none",
+                        status_code=500 if failed else None,
+                    ),
+                )
+            raise
 
         if resp.status < 400 and (metered is None or metered.stream):
             meter = (

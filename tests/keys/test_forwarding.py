@@ -25,7 +25,7 @@ async def test_other_paths_forwarded_intact_and_recorded(
     request_ids = []
     for prefix in ("/v1", ""):
         for method in ("POST", "PUT", "PATCH", "DELETE", "GET"):
-            path = f"{prefix}/some/other/path"
+            path = f"{prefix}/files/file-abc/content"
             query = "x=1&y=two%20words&x=3&empty="
             body = BODY if method != "GET" else b""
             r = await gateway.client.request(
@@ -62,10 +62,31 @@ async def test_other_paths_forwarded_intact_and_recorded(
     assert {e["request_id"] for e in entries} == set(request_ids)
     assert len(entries) == 10
     for e in entries:
-        assert e["endpoint"] == "/some/other/path"
+        assert e["endpoint"] == "/files/file-abc/content"
         assert (e["outcome"], e["cost"], e["model"], e["stream"]) == ("ok", 0, None, False)
     got = await key_object(gateway, key["id"])
     assert (got["spend"], got["reserved"]) == (0, 0)
+
+
+async def test_upstream_admin_routes_are_not_reachable_through_the_gateway(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    """Outside /v1 only the OpenAI API's paths are forwarded: LiteLLM's own management routes
+    must not be reachable with the gateway's upstream credential (the master key)."""
+    key = await gateway.create_key(max_budget=1.0)
+    before = await upstream_requests(mock_upstream.url)
+    for method, path in (
+        ("POST", "/key/generate"),
+        ("POST", "/config/update"),
+        ("GET", "/spend/logs"),
+        ("GET", "/health"),
+        ("POST", "/user/new"),
+    ):
+        r = await gateway.client.request(method, path, json={}, headers=bearer(key["key"]))
+        assert r.status_code in (404, 405), (path, r.status_code, r.text)
+        assert "error" in r.json()
+    assert await upstream_requests(mock_upstream.url) == before
+    assert await ledger(gateway, key["id"]) == []
 
 
 async def test_upstream_reported_cost_is_charged_on_other_paths(
@@ -98,7 +119,7 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
         before = await upstream_requests(mock_upstream.url)
         for method, path in [
             ("POST", "/v1/some/other/path?x=1"),
-            ("POST", "/some/other/path"),
+            ("POST", "/batches"),
             ("GET", "/v1/files"),
             ("DELETE", "/v1/files/file-1"),
             ("GET", "/files"),
@@ -115,6 +136,7 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
         assert len(rejected) == 7
         assert {e["endpoint"] for e in rejected} == {
             "/some/other/path",
+            "/batches",
             "/files",
             "/files/file-1",
             "/chat/completions",
