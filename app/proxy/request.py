@@ -70,7 +70,9 @@ def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> Mete
         raise BadRequest("model is required and must be a non-empty string", param="model")
     if "\x00" in model:  # no model has one, and the ledger (PostgreSQL text) cannot hold it
         raise BadRequest("model must not contain NUL characters", param="model")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:  # absent or null: not streamed (as OpenAI and LiteLLM read it)
+        stream = False
     if not isinstance(stream, bool):
         raise BadRequest("stream must be true or false", param="stream")
     if endpoint not in STREAMABLE:
