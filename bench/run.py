@@ -9,6 +9,9 @@ Starts, each as its own process:
 * the gateway on SQLite (`budgetgate serve`, a fresh ledger file in a temp dir);
 * the gateway on PostgreSQL, when server binaries exist (a throwaway PgCluster from
   tests/pgcluster.py; `budgetgate migrate`, then `budgetgate serve`);
+* optionally the LiteLLM proxy (`litellm[proxy]`, 1 worker, no database, offline settings), when
+  an install exists (.litellm-venv from scripts/litellm-venv.sh, BUDGETGATE_LITELLM_BIN or
+  --litellm PATH), in front of the same mock upstream -- the comparison the issue asks for;
 
 creates a key with a huge budget through the admin API, then drives each target, alternating
 targets run by run so that machine noise hits all of them alike:
@@ -58,6 +61,29 @@ TARGET_RPS_PG = 0.5
 TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_TTFB_MS = 1.0
 TARGET_RSS_MB = 150.0
+TARGET_VS_LITELLM = 25.0  # gateway req/s at 32 conns ≥ 25× LiteLLM's (1 worker each)
+
+# The LiteLLM proxy row (optional). The settings are those of tests/litellm/conftest.py (copied,
+# not imported: that module needs pytest).
+LITELLM_BIN_ENV = "BUDGETGATE_LITELLM_BIN"
+LITELLM_START_TIMEOUT_ENV = "BUDGETGATE_LITELLM_START_TIMEOUT"
+LITELLM_DEFAULT_BIN = ROOT / ".litellm-venv" / "bin" / "litellm"
+LITELLM_MASTER_KEY = "sk-litellm-bench-master-0123456789abcdef"
+# Keep LiteLLM from fetching anything at start (cost map, beta headers, router presets, policy
+# templates, blog posts): it uses the copies shipped in the package.
+LITELLM_OFFLINE_ENV = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
+    "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True",
+    "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
+    "LITELLM_LOCAL_BLOG_POSTS": "True",
+}
+# Variables that would make LiteLLM use a database or a cache: it runs without them.
+LITELLM_SCRUBBED_ENV = ("DATABASE_URL", "DIRECT_URL", "REDIS_HOST", "REDIS_URL", "REDIS_PORT")
+LITELLM_HOWTO = (
+    "run `make test-litellm` once (or `bash scripts/litellm-venv.sh`) to install it in "
+    ".litellm-venv, or point BUDGETGATE_LITELLM_BIN / --litellm at a `litellm` executable"
+)
 
 
 def say(msg: str) -> None:
@@ -86,8 +112,19 @@ def budgetgate_bin() -> str:
 class Proc:
     """A server subprocess in its own session, output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, logdir: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        logdir: Path,
+        group: bool = False,
+    ):
         self.name = name
+        # group: stop the whole process group (the process leads it: start_new_session), for
+        # servers that start children of their own (LiteLLM).
+        self.group = group
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
@@ -114,7 +151,9 @@ class Proc:
             return ""
 
     def stop(self, timeout: float = 20) -> None:
-        if self.alive():
+        if self.group:
+            self._stop_group(timeout)
+        elif self.alive():
             try:
                 os.kill(self.pid, signal.SIGTERM)
                 self.popen.wait(timeout)
@@ -124,6 +163,29 @@ class Proc:
             except ProcessLookupError:
                 pass
         self._log.close()
+
+    def _stop_group(self, timeout: float) -> None:
+        """SIGTERM to the process group, SIGKILL to whatever of it is left after `timeout` (also
+        children that outlive the leader). The group id is the leader's pid."""
+        pgid = self.pid
+        deadline = time.monotonic() + timeout
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        while time.monotonic() < deadline:
+            self.popen.poll()  # reap the leader
+            if not group_pids(pgid):
+                return
+            time.sleep(0.1)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def http(
@@ -180,6 +242,17 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()  # fields from 'state' (field 3) on
 
 
+def rss_of_proc(proc: Proc) -> dict[str, float]:
+    """rss_of the process; for a process group (LiteLLM) summed over its live members."""
+    if not proc.group:
+        return rss_of(proc.pid)
+    out: dict[str, float] = {}
+    for pid in group_pids(proc.pid) or [proc.pid]:
+        for k, v in rss_of(pid).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """user+system CPU of a process (all its threads); with `children`, plus what its exited
     children used (for the postmaster: backends that came and went)."""
@@ -200,6 +273,26 @@ def cluster_cpu_seconds(postmaster: int) -> float:
             f = _stat_fields(int(entry))
             if f is not None and int(f[1]) == postmaster:
                 total += cpu_seconds(int(entry))
+    return total
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat_fields(int(entry))
+            if f is not None and int(f[2]) == pgid and f[0] != "Z":  # state, pgrp
+                out.append(int(entry))
+    return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU of a process group: the leader with its exited children, plus its live members."""
+    total = cpu_seconds(pgid, children=True)
+    for pid in group_pids(pgid):
+        if pid != pgid:
+            total += cpu_seconds(pid)
     return total
 
 
@@ -328,10 +421,15 @@ class Target:
     env: dict[str, str] | None = None  # the gateway's env (for reconcile)
     postmaster: int | None = None  # its PostgreSQL cluster (CPU accounting)
 
+    @property
+    def gateway(self) -> bool:
+        return self.name.startswith(("sqlite", "pg"))
+
     def cpu(self) -> tuple[float, float]:
         """(server process CPU s, database server CPU s)."""
         db = cluster_cpu_seconds(self.postmaster) if self.postmaster else 0.0
-        return cpu_seconds(self.proc.pid), db
+        own = group_cpu_seconds(self.proc.pid) if self.proc.group else cpu_seconds(self.proc.pid)
+        return own, db
 
 
 @dataclass
@@ -345,6 +443,7 @@ class Bench:
     shm_dir: Path | None = None
     json_body: Path | None = None
     stream_body: Path | None = None
+    litellm_note: str | None = None  # why there is no LiteLLM row (None: there is one)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -353,10 +452,18 @@ class Bench:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], ready_url: str) -> Proc:
-        proc = Proc(name, argv, env, self.tmp, self.tmp)
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        ready_url: str,
+        group: bool = False,
+        timeout: float = 60,
+    ) -> Proc:
+        proc = Proc(name, argv, env, self.tmp, self.tmp, group=group)
         self.procs.append(proc)
-        wait_ready(proc, ready_url)
+        wait_ready(proc, ready_url, timeout)
         return proc
 
     def write_inputs(self) -> None:
@@ -398,6 +505,68 @@ class Bench:
 
     def setup(self) -> None:
         self.write_inputs()
+        upstream = self.setup_servers()
+        self.start_litellm(upstream)
+
+    def litellm_bin(self) -> tuple[Path | None, str]:
+        """(the `litellm` executable, or None with why not)."""
+        if self.args.no_litellm:
+            return None, "skipped (--no-litellm)"
+        value = self.args.litellm or os.environ.get(LITELLM_BIN_ENV)
+        if value:
+            path = Path(value).expanduser().absolute()
+            origin = "--litellm" if self.args.litellm else LITELLM_BIN_ENV
+            if path.is_file() and os.access(path, os.X_OK):
+                return path, ""
+            return None, f"{origin}={value}: no executable there; {LITELLM_HOWTO}"
+        if LITELLM_DEFAULT_BIN.is_file() and os.access(LITELLM_DEFAULT_BIN, os.X_OK):
+            return LITELLM_DEFAULT_BIN, ""
+        return None, f"LiteLLM is not installed; for this row {LITELLM_HOWTO}"
+
+    def start_litellm(self, upstream: str) -> None:
+        """The LiteLLM proxy (1 worker, no database, a master key) with one model, `bg-bench`,
+        routed to the mock upstream: a target like the others, authenticated with the master
+        key. Optional: when it is missing or does not start, the row is left out (with a note)."""
+        path, why = self.litellm_bin()
+        if path is None:
+            self.litellm_note = why
+            say(f"bench: no LiteLLM row: {why}")
+            return
+        config = self.tmp / "litellm-config.yaml"
+        config.write_text(
+            "model_list:\n"
+            f"  - model_name: {MODEL}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{MODEL}\n"
+            f"      api_base: {upstream}/v1\n"
+            "      api_key: fake\n"
+            "general_settings:\n"
+            f"  master_key: {LITELLM_MASTER_KEY}\n"
+        )
+        env = {k: v for k, v in self.base_env().items() if k not in LITELLM_SCRUBBED_ENV}
+        env.update(LITELLM_OFFLINE_ENV)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [str(path), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--num_workers", "1"]
+        timeout = float(os.environ.get(LITELLM_START_TIMEOUT_ENV, "300"))
+        say(f"bench: LiteLLM proxy on :{port} ({path}; 1 worker, no database) ...")
+        started = time.monotonic()
+        try:
+            proc = self.start(
+                "litellm", argv, env, url + "/health/liveliness", group=True, timeout=timeout
+            )
+        except RuntimeError as exc:
+            failed = self.procs.pop()
+            failed.stop()
+            self.litellm_note = f"LiteLLM did not start ({path}): {exc}"
+            say(f"bench: no LiteLLM row: {self.litellm_note}")
+            return
+        say(f"bench: LiteLLM ready in {time.monotonic() - started:.1f}s")
+        self.targets.append(Target("litellm", "litellm", url, LITELLM_MASTER_KEY, proc))
+
+    def setup_servers(self) -> str:
+        """Mock upstream, baseline and gateways; returns the mock upstream's URL."""
         bg = budgetgate_bin()
         mock_port = free_port()
         upstream = f"http://127.0.0.1:{mock_port}"
@@ -446,13 +615,13 @@ class Bench:
 
         if self.args.no_pg:
             say("bench: PostgreSQL skipped (--no-pg)")
-            return
+            return upstream
         sys.path.insert(0, str(ROOT))
         from tests.pgcluster import PgCluster, find_pg_bindir
 
         if find_pg_bindir() is None:
             say("bench: no PostgreSQL server binaries found: the gw/pg rows are skipped")
-            return
+            return upstream
         say("bench: starting a throwaway PostgreSQL cluster ...")
         self.cluster = PgCluster()
         self.cluster.start()
@@ -482,6 +651,7 @@ class Bench:
             except (OSError, ValueError, IndexError):
                 pass
             self.targets.append(target)
+        return upstream
 
     def smoke(self) -> None:
         """One request of each kind per target: a broken setup fails here, not as a table of
@@ -953,6 +1123,7 @@ def print_targets(
     summary: dict[tuple[str, str, int], dict[str, Any]],
     targets: list[Target],
     rss: dict[str, dict[str, float]],
+    litellm_note: str | None = None,
 ) -> None:
     def get(name: str, mode: str, conns: int, k: str) -> float | None:
         s = summary.get((name, mode, conns))
@@ -963,18 +1134,17 @@ def print_targets(
 
     print("Targets of the performance issue (reported, not asserted):")
     base_rps = get("baseline", "json", 32, "rps")
-    for t in targets:
+    gateways = [t for t in targets if t.gateway]
+    for t in gateways:
         goal = TARGET_RPS_PG if t.name.startswith("pg") else TARGET_RPS_SQLITE
         rps = get(t.name, "json", 32, "rps")
-        if t.name == "baseline" or rps is None or not base_rps:
+        if rps is None or not base_rps:
             continue
         r = rps / base_rps
         print(
             f"  {t.label:<14} req/s at 32 conns ≥ {goal}× baseline: {r:.2f}×  {verdict(r >= goal)}"
         )
-    for t in targets:
-        if t.name == "baseline":
-            continue
+    for t in gateways:
         p50, b50 = get(t.name, "json", 1, "p50"), get("baseline", "json", 1, "p50")
         if p50 is not None and b50 is not None:
             d = p50 - b50
@@ -996,6 +1166,28 @@ def print_targets(
                 f"{m['VmRSS']:.0f} MiB (peak {m.get('VmHWM', 0):.0f} MiB)  "
                 f"{verdict(m['VmRSS'] <= TARGET_RSS_MB)}"
             )
+    lite_rps = get("litellm", "json", 32, "rps")
+    if lite_rps is None:
+        print(
+            f"  gateway req/s at 32 conns ≥ {TARGET_VS_LITELLM:g}× litellm: no LiteLLM row: "
+            f"{litellm_note or 'not measured'}"
+        )
+        return
+    for t in gateways:
+        rps = get(t.name, "json", 32, "rps")
+        if rps is None:
+            continue
+        if not lite_rps:
+            print(
+                f"  {t.label:<14} req/s at 32 conns ≥ {TARGET_VS_LITELLM:g}× litellm: "
+                "litellm served 0 req/s  -"
+            )
+            continue
+        r = rps / lite_rps
+        print(
+            f"  {t.label:<14} req/s at 32 conns ≥ {TARGET_VS_LITELLM:g}× litellm: {r:.1f}×  "
+            f"{verdict(r >= TARGET_VS_LITELLM)}"
+        )
 
 
 def print_phases(phases: dict[str, dict[int, dict[str, Any]]], targets: list[Target]) -> None:
@@ -1100,11 +1292,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="x-mock-delay-ms for streaming runs: the mock sleeps this long before each SSE "
         "event (default 0: the whole stream comes in one write)",
     )
+    p.add_argument(
+        "--litellm",
+        metavar="PATH",
+        help="the `litellm` executable for the LiteLLM row (default: $BUDGETGATE_LITELLM_BIN, "
+        "else .litellm-venv/bin/litellm when it exists; without one the row is left out)",
+    )
+    p.add_argument(
+        "--no-litellm", action="store_true", help="leave out the LiteLLM row even when installed"
+    )
     p.add_argument("--profile", action="store_true", help="also profile a gateway with py-spy")
     p.add_argument(
         "--profile-target",
         default="sqlite-shm",
-        choices=["sqlite", "sqlite-shm", "pg", "pg-async", "baseline"],
+        choices=["sqlite", "sqlite-shm", "pg", "pg-async", "baseline", "litellm"],
     )
     p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
@@ -1153,10 +1354,10 @@ def main(argv: list[str] | None = None) -> int:
             results = bench.measure()
             summary = summarize(results)
             elapsed = time.monotonic() - t0
-        rss = {t.name: rss_of(t.proc.pid) for t in bench.targets}
+        rss = {t.name: rss_of_proc(t.proc) for t in bench.targets}
         prof = bench.profile() if args.profile else None
         phases = bench.phases() if args.phases else {}
-        rss_after_profile = {t.name: rss_of(t.proc.pid) for t in bench.targets}
+        rss_after_profile = {t.name: rss_of_proc(t.proc) for t in bench.targets}
         for p in bench.procs:  # graceful stop: in-flight requests settle before reconcile
             if p.name.startswith(("sqlite", "pg")):
                 p.stop()
@@ -1188,6 +1389,9 @@ def main(argv: list[str] | None = None) -> int:
                 "×base: req/s ÷ baseline's; +p50 / +ttfb50: ms added over the baseline's p50",
                 "gw/sqlite: ledger file on disk (WAL, synchronous=normal); gw/sqlite-shm: on tmpfs; "
                 "gw/pg: synchronous_commit=on; gw/pg-async: =off",
+                "litellm: the LiteLLM proxy, 1 worker, no database, master key, model bg-bench "
+                "-> the same mock upstream"
+                + (f" ({bench.litellm_note})" if bench.litellm_note else ""),
                 f"load average before / after the runs: {load_before} / {loadavg()} "
                 "(other work on the machine skews all rows alike: runs alternate)",
             ):
@@ -1198,7 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {n}")
             if notes:
                 print()
-            print_targets(summary, bench.targets, rss)
+            print_targets(summary, bench.targets, rss, bench.litellm_note)
             print()
         print("Memory after the runs (from /proc/<pid>/status):")
         for t in bench.targets:
