@@ -1,0 +1,69 @@
+"""SQLite group commit (app/budgets/hotpath.py): steps queued in one event-loop turn share a
+transaction, each in a savepoint, so one step's failure undoes only that step."""
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from app.budgets.hotpath import SqliteHotLedger
+
+
+async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -> None:
+    path = str(tmp_path / "g.db")
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t (x INTEGER)")
+    setup.commit()
+    setup.close()
+    ledger = SqliteHotLedger(path, "normal")
+    batches: list[int] = []
+    real_run_batch = ledger._run_batch
+
+    def counting_run_batch(batch):  # noqa: ANN001, ANN202
+        batches.append(len(batch))
+        return real_run_batch(batch)
+
+    ledger._run_batch = counting_run_batch  # type: ignore[method-assign]
+
+    def insert(conn: sqlite3.Connection, x: int) -> int:
+        conn.execute("INSERT INTO t VALUES (?)", (x,))
+        return x
+
+    def insert_then_fail(conn: sqlite3.Connection, x: int) -> int:
+        conn.execute("INSERT INTO t VALUES (?)", (x,))
+        raise ValueError("step failed after writing")
+
+    results = await asyncio.gather(
+        ledger._run(insert, 1),
+        ledger._run(insert_then_fail, 2),
+        ledger._run(insert, 3),
+        return_exceptions=True,
+    )
+    await ledger.close()
+    assert batches == [3]  # one transaction for the three steps
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ValueError)
+    check = sqlite3.connect(path)
+    assert [r[0] for r in check.execute("SELECT x FROM t ORDER BY x")] == [1, 3]
+    check.close()
+
+
+async def test_a_lone_failing_step_writes_nothing(tmp_path: Path) -> None:
+    path = str(tmp_path / "g.db")
+    setup = sqlite3.connect(path)
+    setup.execute("CREATE TABLE t (x INTEGER)")
+    setup.commit()
+    setup.close()
+    ledger = SqliteHotLedger(path, "normal")
+
+    def insert_then_fail(conn: sqlite3.Connection, x: int) -> int:
+        conn.execute("INSERT INTO t VALUES (?)", (x,))
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        await ledger._run(insert_then_fail, 7)
+    await ledger.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    check.close()
