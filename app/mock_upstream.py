@@ -129,6 +129,20 @@ def _sse(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+def _usage_chunk(cid: str, obj: str, created: int, model: str, usage: Any) -> bytes:
+    """OpenAI's usage-only chunk (stream_options.include_usage): no choices, just usage."""
+    return _sse(
+        {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [],
+            "usage": usage,
+        }
+    )
+
+
 def _sse_event(event: str, data: Any) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
@@ -395,18 +409,7 @@ def create_mock_app() -> Starlette:
                 events.append(chunk({"role": "assistant", "content": ""}, None))
             events.append(chunk({}, "stop"))
             if include_usage:
-                events.append(
-                    _sse(
-                        {
-                            "id": cid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
-                )
+                events.append(_usage_chunk(cid, "chat.completion.chunk", created, model, usage))
             events.append(b"data: [DONE]\n\n")
             return events
 
@@ -465,18 +468,7 @@ def create_mock_app() -> Starlette:
         def post() -> list[bytes]:
             events = [chunk("", "stop")]
             if include_usage:
-                events.append(
-                    _sse(
-                        {
-                            "id": cid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage,
-                        }
-                    )
-                )
+                events.append(_usage_chunk(cid, "text_completion", created, model, usage))
             events.append(b"data: [DONE]\n\n")
             return events
 

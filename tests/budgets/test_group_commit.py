@@ -10,12 +10,17 @@ import pytest
 from app.budgets.hotpath import SqliteHotLedger
 
 
-async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -> None:
+def scratch_db(tmp_path: Path) -> str:
     path = str(tmp_path / "g.db")
     setup = sqlite3.connect(path)
     setup.execute("CREATE TABLE t (x INTEGER)")
     setup.commit()
     setup.close()
+    return path
+
+
+async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -> None:
+    path = scratch_db(tmp_path)
     ledger = SqliteHotLedger(path, "normal")
     batches: list[int] = []
     real_run_batch = ledger._run_batch
@@ -50,11 +55,7 @@ async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -
 
 
 async def test_a_lone_failing_step_writes_nothing(tmp_path: Path) -> None:
-    path = str(tmp_path / "g.db")
-    setup = sqlite3.connect(path)
-    setup.execute("CREATE TABLE t (x INTEGER)")
-    setup.commit()
-    setup.close()
+    path = scratch_db(tmp_path)
     ledger = SqliteHotLedger(path, "normal")
 
     def insert_then_fail(conn: sqlite3.Connection, x: int) -> int:
