@@ -65,7 +65,3 @@ def _create_sqlite_engine(database_url: str, synchronous: str, **overrides: Any)
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
-
-
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"

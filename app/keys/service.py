@@ -219,10 +219,7 @@ class KeyService:
             values["soft_budget"] = _nanos(changes["soft_budget"])
         max_nanos = values.get("max_budget", budget.max_budget)
         soft_nanos = values.get("soft_budget", budget.soft_budget)
-        if soft_nanos is not None and max_nanos is not None and soft_nanos > max_nanos:
-            raise InvalidField(
-                "soft_budget: must not be greater than max_budget", param="soft_budget"
-            )
+        _check_soft(soft_nanos, max_nanos)
         duration = changes.get("budget_duration", budget.budget_duration)
         timezone = changes.get("budget_timezone") or budget.budget_timezone
         anchor = changes.get("budget_anchor", budget.budget_anchor)
@@ -303,7 +300,7 @@ class KeyService:
         ]
 
 
-def _check_soft(soft: Decimal | None, max_budget: Decimal | None) -> None:
+def _check_soft(soft: Decimal | int | None, max_budget: Decimal | int | None) -> None:
     if soft is not None and max_budget is not None and soft > max_budget:
         raise InvalidField("soft_budget: must not be greater than max_budget", param="soft_budget")
 

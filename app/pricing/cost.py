@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from app.errors import BadRequest
@@ -16,23 +15,18 @@ COST_HEADER = "x-litellm-response-cost"
 _NANO = Decimal("1e-9")
 
 
-@dataclass(frozen=True)
-class Estimate:
-    amount: int  # nano-dollars reserved
-    priced: bool  # False: an unpriced model let through by BUDGETGATE_UNPRICED_MODEL=free
-
-
 class CostCalculator:
     def __init__(self, book: PriceBook, unpriced_model: str, trust_upstream_cost: bool) -> None:
         self.book = book
         self.reject_unpriced = unpriced_model == "reject"
         self.trust_upstream_cost = trust_upstream_cost
 
-    def estimate(self, model: str, input_tokens: int, output_tokens: int) -> Estimate:
-        """Upper bound of a request's cost, with the same price function as the charge."""
+    def estimate(self, model: str, input_tokens: int, output_tokens: int) -> int:
+        """Upper bound of a request's cost (nano-dollars), with the same price function as the
+        charge; 0 for an unpriced model let through by BUDGETGATE_UNPRICED_MODEL=free."""
         amount = self.book.estimate(model, input_tokens, output_tokens)
         if amount is not None:
-            return Estimate(amount, True)
+            return amount
         if self.reject_unpriced:
             raise BadRequest(
                 f"model '{model}' has no known price, so its cost cannot be bounded; add it to "
@@ -40,7 +34,7 @@ class CostCalculator:
                 param="model",
                 code="model_not_priced",
             )
-        return Estimate(0, False)
+        return 0
 
     def from_header(self, value: str | None) -> int | None:
         if value is None or not self.trust_upstream_cost:

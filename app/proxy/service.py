@@ -221,8 +221,9 @@ class Gateway:
         if method != "POST" or endpoint not in METERED_PATHS:
             return None, 0
         metered = parse_metered(endpoint, raw, self.settings.default_max_output_tokens)
-        estimate = self.costs.estimate(metered.model, metered.input_bound, metered.output_bound)
-        return metered, estimate.amount
+        return metered, self.costs.estimate(
+            metered.model, metered.input_bound, metered.output_bound
+        )
 
     async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
         """The key and its admission; None when the key may not use the requested model."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 
@@ -67,7 +66,3 @@ class UpstreamClient:
         except _CONNECT_ERRORS as exc:
             log.warning("upstream unreachable: %s", type(exc).__name__)
             raise UpstreamUnreachable("the upstream server could not be reached") from None
-
-
-def is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, TimeoutError | asyncio.TimeoutError)
