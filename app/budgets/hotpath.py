@@ -25,12 +25,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from prometheus_client import Histogram
 from sqlalchemy.engine import make_url
 
 from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState
 from app.config import Settings
 from app.keys.repository import KeyContext
+
+
+# Steps (admits and settles) per request-path transaction: group commit at work.
+BATCH_STEPS = Histogram(
+    "budgetgate_ledger_batch_steps",
+    "Request-path ledger steps (admits and settles) committed in one transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 @dataclass(frozen=True)
@@ -253,6 +262,7 @@ class SqliteHotLedger:
             self._fail(batch, exc)
             return
         self._checkpoint_soon(len(batch))
+        BATCH_STEPS.observe(len(batch))
         for step, (ok, value) in zip(batch, results, strict=True):
             if step.future.cancelled():
                 continue
@@ -476,7 +486,8 @@ WITH k AS (
     SELECT $4, k.id, $5, $6, $7, 0, 'none', 'rejected', 429, $8, $3
     FROM k, verdict v WHERE v.key_ok AND v.current AND NOT v.fits
 )
-SELECT k.id AS key_id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
+SELECT $4::text AS request_id, k.id AS key_id, k.alias, k.key_prefix, k.status, k.models,
+       k.expires_at,
        per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,
        per.spend, per.reserved, v.key_ok, v.current, v.fits
 FROM k CROSS JOIN verdict v LEFT JOIN per ON true
@@ -505,16 +516,69 @@ WITH d AS (
 ), c AS (
     INSERT INTO ledger_charges (request_id, period_id, amount) SELECT $1, d.period_id, $2 FROM d
 )
-SELECT * FROM u ORDER BY id
+SELECT $1::text AS request_id, * FROM u ORDER BY id
 """
 
 
+_ADMIT, _SETTLE = _PG_ADMIT, _PG_SETTLE
+
+
+def _resolve(
+    future: asyncio.Future[list[Any]],
+    rows: list[Any] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    if not future.done():  # (a caller cancelled at shutdown)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(rows or [])
+
+
+async def _rollback_if_in_transaction(conn: Any) -> None:
+    """The pool's reset on release. asyncpg's default (RESET ALL, CLOSE ALL, UNLISTEN *, advisory
+    unlocks) is a round trip per step, for session state this pool never sets."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+@dataclass
+class _PgStep:
+    query: str  # _PG_ADMIT or _PG_SETTLE
+    args: tuple[Any, ...]  # its parameters; args[0] or args[3] is the request id
+    future: asyncio.Future[list[Any]]
+
+    @property
+    def request_id(self) -> str:
+        return self.args[3] if self.query is _ADMIT else self.args[0]
+
+
 class PostgresHotLedger:
+    """Group commit per key: the first step of a key runs at once; the steps of that key that
+    arrive while it runs wait and then run together, as one batch: one pipelined round trip
+    (asyncpg's fetchmany) and ONE transaction, so one WAL flush for all of them. All steps of
+    a key serialize on its period rows anyway (each holds their locks through its commit);
+    batching shares that commit instead of queueing in PostgreSQL's lock manager (bench, 32
+    connections on one key: see bench/README.md).
+
+    Lock order: a batch only touches one key's periods; it runs its settles first, oldest
+    request first (older requests hold older periods), then its admits (which lock the key's open periods, the
+    newest), so it takes its locks in ascending id order as every single statement does. A
+    step's error (a deadlock all the same, a duplicate request id) rolls the whole batch back:
+    its steps then run again one by one, each in its own transaction, so that only the failing
+    one fails. A lost connection fails every step of the batch (their commit is unknown: a
+    re-run admit would find its own reservation, a re-run settle nothing to settle)."""
+
+    MAX_BATCH = 200  # steps per transaction
+
     def __init__(self, dsn: str, pool_size: int) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
         self._pool: Any = None
         self._lock = asyncio.Lock()
+        self._queues: dict[str, list[_PgStep]] = {}  # key -> steps waiting for its next batch
+        self._drains: set[asyncio.Task[None]] = set()
+        self._key_ids: dict[str, str] = {}  # key hash -> key id (batching only)
 
     async def _acquire_pool(self) -> Any:
         if self._pool is None:
@@ -528,26 +592,101 @@ class PostgresHotLedger:
                         max_size=self.pool_size,
                         max_inactive_connection_lifetime=300,
                         command_timeout=30,
+                        reset=_rollback_if_in_transaction,
                     )
         return self._pool
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+    async def _step(self, key: str, query: str, args: tuple[Any, ...]) -> list[Any]:
+        step = _PgStep(query, args, asyncio.get_running_loop().create_future())
+        queue = self._queues.get(key)
+        if queue is not None:  # a batch of this key is running: join the next one
+            queue.append(step)
+        else:
+            self._queues[key] = [step]
+            task = asyncio.get_running_loop().create_task(self._drain(key))
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        return await step.future
+
+    async def _drain(self, key: str) -> None:
+        """Run the key's queued steps, a batch at a time, until none are left."""
+        queue = self._queues[key]
+        try:
+            while queue:
+                batch, queue[:] = queue[: self.MAX_BATCH], queue[self.MAX_BATCH :]
+                try:
+                    await self._execute([s for s in batch if not s.future.cancelled()])
+                except BaseException as exc:  # a lost connection, a cancel at shutdown, a bug
+                    for step in batch:
+                        _resolve(step.future, error=exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            del self._queues[key]
+            for step in queue:  # only when cancelled
+                step.future.cancel()
+
+    async def _execute(self, batch: list[_PgStep]) -> None:
+        """Run a batch, hand each step its rows or its error."""
+        import asyncpg
+
+        if not batch:
+            return
+        # Settles by start time: older requests hold older (lower-id) periods.
+        settles = sorted((s for s in batch if s.query is _SETTLE), key=lambda s: s.args[11])
+        admits = [s for s in batch if s.query is _ADMIT]
         pool = await self._acquire_pool()
-        rows = await pool.fetch(
-            _PG_ADMIT,
-            req.key_hash,
-            req.amount,
-            now,
-            req.request_id,
-            req.model,
-            req.endpoint,
-            req.stream,
-            req.started_at,
-            req.expires_at,
+        async with pool.acquire() as conn:
+            try:
+                if len(batch) == 1:
+                    rows = await conn.fetch(batch[0].query, *batch[0].args)
+                elif not admits or not settles:
+                    rows = await conn.fetchmany(batch[0].query, [s.args for s in batch])
+                else:
+                    async with conn.transaction():
+                        rows = await conn.fetchmany(_SETTLE, [s.args for s in settles])
+                        rows += await conn.fetchmany(_ADMIT, [s.args for s in admits])
+            except asyncpg.PostgresError:
+                if len(batch) == 1 or conn.is_closed():
+                    raise
+                # One step failed and the batch was rolled back: one by one now.
+                for step in (*settles, *admits):
+                    try:
+                        result = await conn.fetch(step.query, *step.args)
+                    except asyncpg.PostgresError as exc:
+                        if conn.is_closed():
+                            raise
+                        _resolve(step.future, error=exc)
+                    else:
+                        _resolve(step.future, result)
+                return
+        BATCH_STEPS.observe(len(batch))
+        by_request: dict[str, list[Any]] = {}
+        for row in rows:
+            by_request.setdefault(row["request_id"], []).append(row)
+        for step in batch:
+            _resolve(step.future, by_request.get(step.request_id, []))
+
+    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+        rows = await self._step(
+            self._key_ids.get(req.key_hash, req.key_hash),
+            _ADMIT,
+            (
+                req.key_hash,
+                req.amount,
+                now,
+                req.request_id,
+                req.model,
+                req.endpoint,
+                req.stream,
+                req.started_at,
+                req.expires_at,
+            ),
         )
         if not rows:
             return AdmitResult(None, None, [])
         first = rows[0]
+        self._key_ids[req.key_hash] = first["key_id"]
         periods = [r for r in rows if r["id"] is not None]
         key = KeyContext(
             id=first["key_id"],
@@ -598,28 +737,32 @@ class PostgresHotLedger:
     async def settle(
         self, req: RequestInfo, result: Outcome, now: datetime
     ) -> list[PeriodState] | None:
-        pool = await self._acquire_pool()
-        rows = await pool.fetch(
-            _PG_SETTLE,
-            req.request_id,
-            result.cost,
+        rows = await self._step(
             req.key_id,
-            req.model,
-            req.endpoint,
-            req.stream,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.cost_source,
-            result.outcome,
-            result.status_code,
-            req.started_at,
-            now,
+            _SETTLE,
+            (
+                req.request_id,
+                result.cost,
+                req.key_id,
+                req.model,
+                req.endpoint,
+                req.stream,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.cost_source,
+                result.outcome,
+                result.status_code,
+                req.started_at,
+                now,
+            ),
         )
         if not rows:
             return None
         return [PeriodState.from_row(r) for r in rows]
 
     async def close(self) -> None:
+        if self._drains:  # batches still running: let them finish
+            await asyncio.wait(set(self._drains))
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -1,0 +1,210 @@
+"""PostgreSQL group commit per key (app/budgets/hotpath.py, PostgresHotLedger): the steps of a
+key that arrive while one of its batches runs share the next transaction; one step's error
+fails only that step; a lost connection fails its batch and nothing after it; several
+processes racing on one key still admit exactly what fits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.budgets.hotpath import PostgresHotLedger
+from app.budgets.repository import Outcome
+from app.ledger.repository import reconcile
+from tests.budgets.helpers import Flight, admit, settle
+from tests.conftest import Gateway, make_settings, running_gateway
+from tests.servers import ServerThread
+
+CENT = 10_000_000  # $0.01 in nano-dollars
+
+
+def dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(False)
+
+
+@pytest.fixture
+async def gw(postgres_url: str, mock_upstream: ServerThread, clock: Any) -> AsyncIterator[Gateway]:
+    async with running_gateway(make_settings(postgres_url, mock_upstream.url), clock) as g:
+        yield g
+
+
+def record_batches(gw: Gateway) -> list[list[str]]:
+    """The kinds of the steps of every batch the gateway's ledger runs from now on."""
+    ledger = gw.state.gateway.hot
+    assert isinstance(ledger, PostgresHotLedger)
+    batches: list[list[str]] = []
+    real = ledger._execute
+
+    async def recording(batch: list[Any]) -> None:
+        batches.append(["admit" if s.request_id == s.args[3] else "settle" for s in batch])
+        await real(batch)
+
+    ledger._execute = recording  # type: ignore[method-assign]
+    return batches
+
+
+@asynccontextmanager
+async def periods_locked(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another session holds every period row: the ledger's next step waits for it."""
+    conn = await asyncpg.connect(dsn(url))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT id FROM budget_periods FOR UPDATE")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def until_waiting(url: str) -> list[int]:
+    """The pids of the sessions waiting for a lock, once there is one. (Its own connection:
+    the lock holder's transaction would see one snapshot of pg_stat_activity throughout.)"""
+    conn = await asyncpg.connect(dsn(url))
+    try:
+        for _ in range(500):
+            pids = [
+                r["pid"]
+                for r in await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+            ]
+            if pids:
+                return pids
+            await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+    raise AssertionError("no ledger step ever waited for the lock")
+
+
+async def test_steps_arriving_during_a_batch_share_the_next_transaction(
+    gw: Gateway, postgres_url: str
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        rest = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert not first.done() and not any(f.done() for f in rest)
+    flights = await asyncio.gather(first, *rest)
+    assert all(f.admission.admitted for f in flights)
+    assert batches == [["admit"], ["admit"] * 5]
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM reservations") == 6
+        assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 6 * CENT
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
+    gw: Gateway, postgres_url: str
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_first"))
+        await until_waiting(postgres_url)
+        a = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_a"))
+        # The same request id again: its reservation collides with the first's.
+        dup = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_first"))
+        c = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_c"))
+        await asyncio.sleep(0.05)
+    results = await asyncio.gather(first, a, dup, c, return_exceptions=True)
+    assert batches == [["admit"], ["admit"] * 3]
+    assert isinstance(results[2], asyncpg.UniqueViolationError), results[2]
+    for flight in (results[0], results[1], results[3]):
+        assert isinstance(flight, Flight) and flight.admission.admitted, flight
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        held = await conn.fetch("SELECT request_id FROM reservations ORDER BY request_id")
+        assert [r["request_id"] for r in held] == ["req_a", "req_c", "req_first"]
+        assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 3 * CENT
+    finally:
+        await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_settles_and_admits_of_one_key_share_a_transaction(
+    gw: Gateway, postgres_url: str
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    flights = [await admit(gw, key["key"], 5 * CENT) for _ in range(3)]
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        settles = [
+            asyncio.ensure_future(settle(gw, f.info, Outcome("ok", 2 * CENT, "usage", 1, 1, 200)))
+            for f in flights
+        ]
+        admits = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+    await first
+    states = await asyncio.gather(*settles)
+    assert all(s is not None and s[0].spend >= 2 * CENT for s in states), states
+    assert all(f.admission.admitted for f in await asyncio.gather(*admits))
+    assert batches == [["admit"], ["settle"] * 3 + ["admit"] * 3]
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["spend"] == 0.06  # three settled at $0.02
+    assert got["reserved"] == 0.04  # four admitted at $0.01, unsettled
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_lost_connection_fails_its_batch_only(gw: Gateway, postgres_url: str) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url) as other:
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        (pid,) = await until_waiting(postgres_url)
+        queued = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await asyncio.wait_for(first, 10)
+        await asyncio.sleep(0.05)
+    # The next batch ran on another connection, once the rows were free.
+    flights = await asyncio.wait_for(asyncio.gather(*queued), 10)
+    assert all(f.admission.admitted for f in flights)
+    assert batches == [["admit"], ["admit"] * 3]
+    assert (await admit(gw, key["key"], CENT)).admission.admitted
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["reserved"] == 0.04  # the lost step reserved nothing
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_two_processes_race_on_shared_keys_and_admit_exactly_what_fits(
+    postgres_url: str, mock_upstream: ServerThread, clock: Any
+) -> None:
+    """Two gateways (each its own ledger, pool and batches) on one database, four keys with room
+    for 15 requests each, 40 requests per key sent to both at once: batches of one process
+    race the other's on the same period rows."""
+    settings = make_settings(postgres_url, mock_upstream.url, db_pool_size=10)
+    async with running_gateway(settings, clock) as one, running_gateway(settings, clock) as two:
+        keys = [await one.create_key(alias=f"k{i}", max_budget=0.15) for i in range(4)]
+        steps_one, steps_two = record_batches(one), record_batches(two)
+        calls = [
+            (one if n % 2 else two).chat(key["key"], max_tokens=10)
+            for n in range(40)
+            for key in keys
+        ]
+        responses = await asyncio.gather(*calls)
+        by_key: Counter[tuple[str, int]] = Counter()
+        for n, r in enumerate(responses):
+            by_key[(keys[n % 4]["id"], r.status_code)] += 1
+        for key in keys:
+            assert by_key[(key["id"], 200)] == 15, by_key
+            assert by_key[(key["id"], 429)] == 25, by_key
+            got = (await one.admin("GET", f"/admin/keys/{key['id']}")).json()
+            assert got["spend"] == 0.15 and got["reserved"] == 0.0, got
+        # Both processes grouped steps: their batches raced each other on the rows.
+        for recorded in (steps_one, steps_two):
+            assert max(len(b) for b in recorded) > 1, recorded
+        assert (await reconcile(one.state.engine)).ok
