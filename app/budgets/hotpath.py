@@ -33,7 +33,6 @@ from app.budgets.state import BudgetRef, PeriodState
 from app.config import Settings
 from app.keys.repository import KeyContext
 
-
 # Steps (admits and settles) per request-path transaction: group commit at work.
 BATCH_STEPS = Histogram(
     "budgetgate_ledger_batch_steps",
@@ -169,6 +168,13 @@ class _SqliteStep:
     deadline: float  # loop time after which a busy database is this step's error
 
 
+def _busy(exc: Exception) -> bool:
+    """Another connection holds SQLite's write lock (or a checkpoint does): try again later."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
 class SqliteHotLedger:
     BUSY_RETRY_SECONDS = 0.002
     BUSY_GIVE_UP_SECONDS = 10.0
@@ -247,7 +253,7 @@ class SqliteHotLedger:
         try:
             results = self._run_batch(batch)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _busy(exc):
                 self._fail(batch, exc)
                 return
             loop = asyncio.get_running_loop()
@@ -273,34 +279,45 @@ class SqliteHotLedger:
 
     def _run_batch(self, batch: list[_SqliteStep]) -> list[tuple[bool, Any]]:
         """(True, result) or (False, its exception) per step, once committed. A busy or locked
-        database raises, with the transaction rolled back."""
+        database raises, with the transaction rolled back.
+
+        First without savepoints (each costs two statements a step); when a step fails there,
+        that transaction is rolled back and the batch runs again, each step in its own
+        savepoint, so that only the failing step fails."""
         conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        results: list[tuple[bool, Any]] = []
         try:
-            if len(batch) == 1:  # alone, a step needs no savepoint: its error fails the batch
-                step = batch[0]
-                results.append((True, step.fn(conn, *step.args)))
-                conn.execute("COMMIT")
-                return results
-            for step in batch:
-                conn.execute("SAVEPOINT step")
-                try:
-                    results.append((True, step.fn(conn, *step.args)))
-                except sqlite3.OperationalError as exc:
-                    if "locked" in str(exc) or "busy" in str(exc):
-                        raise  # the whole batch again
-                    conn.execute("ROLLBACK TO step")
-                    results.append((False, exc))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO step")
-                    results.append((False, exc))
-                conn.execute("RELEASE step")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results = [(True, step.fn(conn, *step.args)) for step in batch]
+            except Exception as exc:
+                if len(batch) == 1 or _busy(exc):
+                    raise  # (busy: the whole batch again, later)
+                conn.execute("ROLLBACK")
+                return self._run_batch_in_savepoints(conn, batch)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return results
+
+    @staticmethod
+    def _run_batch_in_savepoints(
+        conn: sqlite3.Connection, batch: list[_SqliteStep]
+    ) -> list[tuple[bool, Any]]:
+        conn.execute("BEGIN IMMEDIATE")
+        results: list[tuple[bool, Any]] = []
+        for step in batch:
+            conn.execute("SAVEPOINT step")
+            try:
+                results.append((True, step.fn(conn, *step.args)))
+            except Exception as exc:
+                if _busy(exc):
+                    raise  # the whole batch again
+                conn.execute("ROLLBACK TO step")
+                results.append((False, exc))
+            conn.execute("RELEASE step")
+        conn.execute("COMMIT")
         return results
 
     @staticmethod

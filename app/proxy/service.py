@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 import aiohttp
-import anyio
 import asyncpg
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
@@ -117,7 +117,7 @@ class Gateway:
         upstream: UpstreamClient,
     ) -> None:
         self.hot = hot
-        self._pending_settlements: set[asyncio.Task[None]] = set()
+        self._pending_settlements: set[asyncio.Task[Any]] = set()
         self.settings = settings
         self.clock = clock
         self.keys = keys
@@ -148,8 +148,8 @@ class Gateway:
         return budget_headers(states, request_id)
 
     async def _handle(self, request: Request) -> Response:
-        path = request.url.path
-        request_id = f"req_{uuid.uuid4().hex}"
+        path = request.scope["path"]
+        request_id = f"req_{secrets.token_hex(16)}"
         endpoint = api_path(path)
         started = self.clock.now()
         presented = presented_key(request.headers)
@@ -206,7 +206,7 @@ class Gateway:
         NUL in the path (PostgreSQL text cannot hold it, for the ledger's endpoint), CR, LF or
         NUL in a header (aiohttp refuses to send it; HTTP/1.1 servers never pass one on, but
         other ASGI servers or callers might)."""
-        if "\x00" in request.url.path:
+        if "\x00" in request.scope["path"]:
             raise BadRequest("the request path must not contain NUL characters")
         for name, value in request.headers.raw:
             if _UNSENDABLE.search(name) or _UNSENDABLE.search(value):
@@ -298,7 +298,8 @@ class Gateway:
         headers = upstream_headers(
             request.headers, info.request_id, self.upstream_key, self.passthrough
         )
-        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = request.scope["query_string"]
+        path_qs = request.scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
         return await self.upstream.send(request.method, path_qs, headers, body)
 
     async def _forward(
@@ -320,16 +321,15 @@ class Gateway:
             # Anything else (a bug, a request aiohttp refuses to send, cancellation): the
             # reservation is released now, not held until the sweeper's TTL.
             failed = isinstance(exc, Exception)
-            with anyio.CancelScope(shield=True):
-                await self._settle(
-                    info,
-                    Outcome(
-                        "upstream_error" if failed else "client_disconnect",
-                        0,
-                        "none",
-                        status_code=500 if failed else None,
-                    ),
-                )
+            await self._settle(
+                info,
+                Outcome(
+                    "upstream_error" if failed else "client_disconnect",
+                    0,
+                    "none",
+                    status_code=500 if failed else None,
+                ),
+            )
             raise
 
         if resp.status < 400 and (metered is None or metered.stream):
@@ -365,8 +365,7 @@ class Gateway:
             return error_response(err, budget_headers(states or admission.periods, info.request_id))
         resp.release()
         result = self._outcome_of_body(resp, metered, content)
-        with anyio.CancelScope(shield=True):
-            states = await self._settle(info, result)
+        states = await self._settle(info, result)
         headers = response_headers(list(resp.headers.items())) | budget_headers(
             states or admission.periods, info.request_id
         )
@@ -446,8 +445,7 @@ class Gateway:
             raise
         finally:
             resp.close()
-            with anyio.CancelScope(shield=True):
-                await self._settle(info, self._outcome_of_stream(resp, metered, meter, outcome))
+            await self._settle(info, self._outcome_of_stream(resp, metered, meter, outcome))
 
     def _outcome_of_stream(
         self,
@@ -488,6 +486,15 @@ class Gateway:
         )
 
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+        """Settle in a task of its own, awaited shielded: a request cancelled meanwhile (its
+        client left, the server shuts down) leaves the settlement running to its end (the
+        shutdown drains it). Cheaper than an anyio shielded cancel scope on this path."""
+        task = asyncio.ensure_future(self._settle_now(info, outcome))
+        self._pending_settlements.add(task)
+        task.add_done_callback(self._pending_settlements.discard)
+        return await asyncio.shield(task)
+
+    async def _settle_now(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
         try:
             states = await self.hot.settle(info, outcome, self.clock.now())
         except _LEDGER_ERRORS as exc:
@@ -524,7 +531,7 @@ class Gateway:
         log.error("gave up settling %s; the sweeper releases it", info.request_id)
 
     async def drain(self, seconds: float) -> None:
-        """At shutdown: give settlements still retrying a last chance to land."""
+        """At shutdown: give settlements still running or retrying a last chance to land."""
         if self._pending_settlements:
             await asyncio.wait(set(self._pending_settlements), timeout=seconds)
 
