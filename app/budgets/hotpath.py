@@ -101,7 +101,9 @@ def create_hot_ledger(settings: Settings) -> HotLedger:
 
 def _sqlite_time(when: datetime) -> str:
     # SQLAlchemy's SQLite DateTime storage format (naive UTC), so text order is time order.
-    return when.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if when.tzinfo is not UTC:  # (the clock's times are UTC already: skip the conversion)
+        when = when.astimezone(UTC)
+    return when.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _sqlite_parse(value: str | None) -> datetime | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from decimal import Decimal
 
 from starlette.datastructures import Headers
 
@@ -67,9 +66,10 @@ def response_headers(raw: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def format_dollars(nanos: int) -> str:
-    value = Decimal(nanos).scaleb(-9).normalize()
-    text = f"{value:f}"
-    return text if "." in text else text + ".0"
+    """Nano-dollars as a decimal number of dollars, exact, without trailing zeros: 1.5, 0.0."""
+    whole, frac = divmod(abs(nanos), 1_000_000_000)
+    text = f"{'-' if nanos < 0 else ''}{whole}.{frac:09d}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def rfc3339(when: datetime) -> str:

@@ -8,10 +8,12 @@ every request that was admitted ends in exactly one ledger entry, whatever happe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
-import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -149,7 +151,7 @@ class Gateway:
 
     async def _handle(self, request: Request) -> Response:
         path = request.scope["path"]
-        request_id = f"req_{secrets.token_hex(16)}"
+        request_id = new_request_id()
         endpoint = api_path(path)
         started = self.clock.now()
         presented = presented_key(request.headers)
@@ -538,6 +540,27 @@ class Gateway:
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
         return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
+
+
+# Request ids: "req_" + 32 hex digits: the time in milliseconds, a random number drawn once per
+# process (again in a forked child), a counter. Time first, so that the ledger's indexes on
+# request ids grow at their end: random ids dirtied a random index page per request in every
+# commit (measured: ~30 % of the SQLite ledger's CPU per request, on a 30k-entry ledger).
+_process_tag = os.urandom(5).hex()
+_request_counter = itertools.count()
+
+
+def _new_process_tag() -> None:
+    global _process_tag
+    _process_tag = os.urandom(5).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+def new_request_id() -> str:
+    count = next(_request_counter) & 0xFF_FFFF_FFFF
+    return f"req_{time.time_ns() // 1_000_000:012x}{_process_tag}{count:010x}"
 
 
 def format_dollars_4(nanos: int) -> str:
