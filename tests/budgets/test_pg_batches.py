@@ -1,6 +1,6 @@
 """PostgreSQL group commit per key (app/budgets/hotpath.py, PostgresHotLedger): the steps of a
-key that arrive while one of its batches runs share the next transaction; one step's error
-fails only that step; a lost connection fails its batch and nothing after it; several
+key that arrive while one of its batches runs share the next batch (a transaction per kind of
+step); one step's error fails only that step; a lost connection fails its batch and nothing after it; several
 processes racing on one key still admit exactly what fits."""
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
     assert (await reconcile(gw.state.engine)).ok
 
 
-async def test_settles_and_admits_of_one_key_share_a_transaction(
+async def test_settles_and_admits_queued_together_run_in_one_batch(
     gw: Gateway, postgres_url: str
 ) -> None:
     key = await gw.create_key(alias="b", max_budget=1)
