@@ -6,12 +6,13 @@ budgetgate adds: it forwards the request (method, path, query, headers less hop-
 body) and relays the answer. JSON answers are read whole and returned (as the gateway does for
 non-streaming requests); event streams are relayed chunk by chunk.
 
-    python bench/baseline_proxy.py --port 8200 --upstream http://127.0.0.1:9100
+    python bench/baseline_proxy.py --port 8200 --upstream http://127.0.0.1:9100 [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8200)
     parser.add_argument("--upstream", default="http://127.0.0.1:9100")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     args = parser.parse_args(argv)
     config: dict[str, Any] = {
         "host": args.host,
@@ -111,7 +113,19 @@ def main(argv: list[str] | None = None) -> None:
         "loop": "uvloop",
         "http": "httptools",
     }
-    uvicorn.run(create_app(args.upstream), **config)
+    if args.workers == 1:
+        uvicorn.run(create_app(args.upstream), **config)
+        return
+    # Several workers: uvicorn imports the app in each (like `budgetgate serve --workers N`).
+    os.environ[UPSTREAM_ENV] = args.upstream
+    uvicorn.run("baseline_proxy:app_from_env", factory=True, workers=args.workers, **config)
+
+
+UPSTREAM_ENV = "BASELINE_UPSTREAM_URL"
+
+
+def app_from_env() -> Starlette:
+    return create_app(os.environ[UPSTREAM_ENV])
 
 
 if __name__ == "__main__":

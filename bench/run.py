@@ -491,8 +491,9 @@ class Bench:
     def start_gateway(self, name: str, label: str, env: dict[str, str]) -> Target:
         port = free_port()
         argv = [budgetgate_bin(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--workers", str(self.args.workers)]
         url = f"http://127.0.0.1:{port}"
-        proc = self.start(name, argv, env, url + "/healthz")
+        proc = self.start(name, argv, env, url + "/healthz", group=self.args.workers > 1)
         status, out = http(
             "POST",
             url + "/admin/keys",
@@ -548,9 +549,10 @@ class Bench:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [str(path), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--num_workers", "1"]
+        argv += ["--num_workers", str(self.args.workers)]
         timeout = float(os.environ.get(LITELLM_START_TIMEOUT_ENV, "300"))
-        say(f"bench: LiteLLM proxy on :{port} ({path}; 1 worker, no database) ...")
+        workers = f"{self.args.workers} worker{'s' if self.args.workers > 1 else ''}"
+        say(f"bench: LiteLLM proxy on :{port} ({path}; {workers}, no database) ...")
         started = time.monotonic()
         try:
             proc = self.start(
@@ -590,9 +592,12 @@ class Bench:
                 str(port),
                 "--upstream",
                 upstream,
+                "--workers",
+                str(self.args.workers),
             ],  # fmt: skip
             self.base_env(),
             url + "/v1/models",
+            group=self.args.workers > 1,
         )
         self.targets.append(Target("baseline", "baseline", url, "", proc))
 
@@ -1124,6 +1129,7 @@ def print_targets(
     targets: list[Target],
     rss: dict[str, dict[str, float]],
     litellm_note: str | None = None,
+    workers: int = 1,
 ) -> None:
     def get(name: str, mode: str, conns: int, k: str) -> float | None:
         s = summary.get((name, mode, conns))
@@ -1160,7 +1166,13 @@ def print_targets(
                 f"{d:+.2f} ms  {verdict(d <= TARGET_ADDED_TTFB_MS)}"
             )
         m = rss.get(t.name, {})
-        if "VmRSS" in m:
+        if "VmRSS" in m and workers > 1:
+            print(
+                f"  {t.label:<14} RSS after the runs ≤ {TARGET_RSS_MB:g} MB per process: "
+                f"{m['VmRSS']:.0f} MiB summed over its {workers} workers and supervisor "
+                "(measure the target with --workers 1)"
+            )
+        elif "VmRSS" in m:
             print(
                 f"  {t.label:<14} RSS after the runs ≤ {TARGET_RSS_MB:g} MB: "
                 f"{m['VmRSS']:.0f} MiB (peak {m.get('VmHWM', 0):.0f} MiB)  "
@@ -1277,6 +1289,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke test")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL gateway")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes for every server alike: baseline, gateways (serve --workers), "
+        "LiteLLM (--num_workers); CPU and RSS are then summed over each server's processes "
+        "(default 1)",
+    )
+    p.add_argument(
         "--ledger",
         choices=["durable", "fast", "both"],
         default="both",
@@ -1384,12 +1404,14 @@ def main(argv: list[str] | None = None) -> int:
                 "p50/p99: latency in ms (stream: time to last byte); ttfb50/99: time to first "
                 "body byte",
                 "errors: non-2xx + socket errors (stream: also broken or error-event streams)",
-                "cpu ms/req: CPU of the server process (all threads) per request "
-                "[+ the PostgreSQL cluster's]",
+                "cpu ms/req: CPU of the server process (all threads; with --workers N, all "
+                "its processes) per request [+ the PostgreSQL cluster's]",
+                f"workers: {args.workers} per server (baseline, gateways, LiteLLM alike)",
                 "×base: req/s ÷ baseline's; +p50 / +ttfb50: ms added over the baseline's p50",
                 "gw/sqlite: ledger file on disk (WAL, synchronous=normal); gw/sqlite-shm: on tmpfs; "
                 "gw/pg: synchronous_commit=on; gw/pg-async: =off",
-                "litellm: the LiteLLM proxy, 1 worker, no database, master key, model bg-bench "
+                f"litellm: the LiteLLM proxy, {args.workers} worker(s), no database, master key, "
+                "model bg-bench "
                 "-> the same mock upstream"
                 + (f" ({bench.litellm_note})" if bench.litellm_note else ""),
                 f"load average before / after the runs: {load_before} / {loadavg()} "
@@ -1402,7 +1424,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {n}")
             if notes:
                 print()
-            print_targets(summary, bench.targets, rss, bench.litellm_note)
+            print_targets(summary, bench.targets, rss, bench.litellm_note, args.workers)
             print()
         print("Memory after the runs (from /proc/<pid>/status):")
         for t in bench.targets:

@@ -178,7 +178,7 @@ def _busy(exc: Exception) -> bool:
 
 
 class SqliteHotLedger:
-    BUSY_RETRY_SECONDS = 0.002
+    BUSY_RETRY_SECONDS = 0.0005
     BUSY_GIVE_UP_SECONDS = 10.0
     CHECKPOINT_EVERY = 100  # steps
 
