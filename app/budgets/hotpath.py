@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -119,18 +119,9 @@ LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
 WHERE k.key_hash = ?
 ORDER BY p.id
 """
-# The one comparison (as in app.budgets.repository): a reached budget blocks everything, and
-# max_budget = 0 blocks every request.
-_SQLITE_RESERVE = """
-UPDATE budget_periods SET reserved = reserved + :amount
-WHERE id = :id AND closed_at IS NULL
-  AND (max_budget IS NULL
-       OR (spend + reserved < max_budget AND spend + reserved + :amount <= max_budget))
-RETURNING budget_id, id, period_start, period_end, max_budget, spend, reserved
-"""
-_SQLITE_READ_PERIOD = """
-SELECT budget_id, id, period_start, period_end, max_budget, spend, reserved
-FROM budget_periods WHERE id = ?
+_SQLITE_RELEASE = """
+DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?))
+RETURNING request_id, period_id, amount
 """
 _SQLITE_INSERT_RESERVATION = """
 INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
@@ -164,8 +155,10 @@ def _sqlite_state(row: tuple[Any, ...]) -> PeriodState:
 
 @dataclass
 class _SqliteStep:
-    fn: Any  # (connection, *args) -> result; runs inside the batch's transaction
-    args: tuple[Any, ...]
+    # (connection, [args of each step]) -> [result of each step], inside the batch's
+    # transaction: the steps of a batch with the same fn run in one call (set-based work)
+    fn: Any
+    args: Any
     future: asyncio.Future[Any]
     deadline: float  # loop time after which a busy database is this step's error
 
@@ -175,6 +168,138 @@ def _busy(exc: Exception) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and (
         "locked" in str(exc) or "busy" in str(exc)
     )
+
+
+def _sqlite_admit(
+    conn: sqlite3.Connection, steps: list[tuple[AdmitRequest, datetime]]
+) -> list[AdmitResult]:
+    """Admit requests in order, as if one by one: each is decided on the periods' money as the
+    ones before it left it. The batch's transaction holds SQLite's write lock, so what it reads
+    stays true until its commit: each key is read once, the decisions are made here (the same
+    comparison as everywhere: PeriodState.fits), and the periods are written once."""
+    keys: dict[str, tuple[KeyContext, list[Any]] | None] = {}
+    money: dict[int, PeriodState] = {}  # period id -> its money, with this batch's reservations
+    held: dict[int, int] = {}  # period id -> what this batch reserved on it
+    reservations: list[tuple[Any, ...]] = []
+    rejections: list[tuple[Any, ...]] = []
+    results: list[AdmitResult] = []
+    for req, now in steps:
+        if req.key_hash not in keys:
+            keys[req.key_hash] = _sqlite_read_key(conn, req.key_hash, money)
+        found = keys[req.key_hash]
+        if found is None:
+            results.append(AdmitResult(None, None, []))
+            continue
+        key, periods = found
+        if AdmitResult(key, None, []).refusal(now) or not model_allowed(key.models, req.model):
+            results.append(AdmitResult(key, None, []))
+            continue
+        now_text = _sqlite_time(now)
+        expired = [(r[6], r[8]) for r in periods if r[10] is not None and r[10] <= now_text]
+        if expired:
+            results.append(AdmitResult(key, None, expired))
+            continue
+        states = [money[r[8]] for r in periods]  # ascending period id
+        refused = next((st for st in states if not st.fits(req.amount)), None)
+        if refused is not None:
+            rejections.append(
+                (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
+                + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text)
+            )
+            results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
+            continue
+        started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
+        after = []
+        for st in states:
+            money[st.period_id] = replace(st, reserved=st.reserved + req.amount)
+            after.append(money[st.period_id])
+            held[st.period_id] = held.get(st.period_id, 0) + req.amount
+            reservations.append(
+                (req.request_id, st.period_id, req.amount, key.id, req.model, req.endpoint)
+                + (req.stream, started, expires)
+            )
+        results.append(AdmitResult(key, Admission(True, after, req.amount), []))
+    for period_id in sorted(held):
+        conn.execute(
+            "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
+            (held[period_id], period_id),
+        )
+    if reservations:
+        conn.executemany(_SQLITE_INSERT_RESERVATION, reservations)
+    if rejections:
+        conn.executemany(_SQLITE_INSERT_ENTRY, rejections)
+    return results
+
+
+def _sqlite_read_key(
+    conn: sqlite3.Connection, key_hash: str, money: dict[int, PeriodState]
+) -> tuple[KeyContext, list[Any]] | None:
+    """The key and its budgets' open periods (rows, ascending period id), their money into
+    `money`; None when there is no such key."""
+    rows = conn.execute(_SQLITE_AUTH, (key_hash,)).fetchall()
+    if not rows:
+        return None
+    first = rows[0]
+    periods = [r for r in rows if r[8] is not None]
+    key = KeyContext(
+        id=first[0],
+        alias=first[1],
+        key_prefix=first[2],
+        status=first[3],
+        models=json.loads(first[4]) if first[4] else [],
+        expires_at=_sqlite_parse(first[5]),
+        budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
+    )
+    for r in periods:
+        money[r[8]] = _sqlite_state((r[6], r[8], r[9], r[10], r[11], r[12], r[13]))
+    return key, periods
+
+
+def _sqlite_settle(
+    conn: sqlite3.Connection, steps: list[tuple[RequestInfo, Outcome, datetime]]
+) -> list[list[PeriodState] | None]:
+    """Settle requests: their reservations go, their costs are charged, each period written
+    once; every request gets its periods' state after the batch. None: nothing to settle (the
+    sweeper released it already)."""
+    ids = json.dumps([req.request_id for req, _, _ in steps])
+    held: dict[str, list[tuple[int, int]]] = {}
+    for request_id, period_id, amount in conn.execute(_SQLITE_RELEASE, (ids,)).fetchall():
+        held.setdefault(request_id, []).append((period_id, amount))
+    released: dict[int, int] = {}  # period id -> reservations released
+    charged: dict[int, int] = {}  # period id -> cost charged
+    entries: list[tuple[Any, ...]] = []
+    charges: list[tuple[str, int, int]] = []
+    settled: list[list[int] | None] = []
+    for req, result, now in steps:
+        mine = held.pop(req.request_id, None)  # (a request twice in a batch: settled once)
+        if not mine:
+            settled.append(None)
+            continue
+        for period_id, amount in mine:
+            released[period_id] = released.get(period_id, 0) + amount
+            charged[period_id] = charged.get(period_id, 0) + result.cost
+            charges.append((req.request_id, period_id, result.cost))
+        entries.append(
+            (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
+            + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
+            + (result.outcome, result.status_code, _sqlite_time(req.started_at))
+            + (_sqlite_time(now),)
+        )
+        settled.append(sorted(period_id for period_id, _ in mine))
+    states = {
+        period_id: _sqlite_state(
+            conn.execute(
+                _SQLITE_SETTLE_PERIOD, (released[period_id], charged[period_id], period_id)
+            ).fetchone()
+        )
+        for period_id in sorted(released)
+    }
+    if entries:
+        conn.executemany(_SQLITE_INSERT_ENTRY, entries)
+        conn.executemany(
+            "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)", charges
+        )
+    return [None if mine is None else [states[i] for i in mine] for mine in settled]
 
 
 class SqliteHotLedger:
@@ -235,7 +360,7 @@ class SqliteHotLedger:
         finally:
             conn.close()
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Any, args: Any) -> Any:
         loop = asyncio.get_running_loop()
         step = _SqliteStep(fn, args, loop.create_future(), loop.time() + self.BUSY_GIVE_UP_SECONDS)
         self._queue.append(step)
@@ -283,14 +408,21 @@ class SqliteHotLedger:
         """(True, result) or (False, its exception) per step, once committed. A busy or locked
         database raises, with the transaction rolled back.
 
-        First without savepoints (each costs two statements a step); when a step fails there,
-        that transaction is rolled back and the batch runs again, each step in its own
-        savepoint, so that only the failing step fails."""
+        First the steps with the same fn together, in one call each, without savepoints; when
+        that fails, the transaction is rolled back and the batch runs again, each step alone
+        in its own savepoint, so that only the failing step fails."""
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results = [(True, step.fn(conn, *step.args)) for step in batch]
+                together: dict[Any, list[int]] = {}
+                for i, step in enumerate(batch):
+                    together.setdefault(step.fn, []).append(i)
+                results: list[tuple[bool, Any]] = [(False, None)] * len(batch)
+                for fn, indexes in together.items():
+                    values = fn(conn, [batch[i].args for i in indexes])
+                    for i, value in zip(indexes, values, strict=True):
+                        results[i] = (True, value)
             except Exception as exc:
                 if len(batch) == 1 or _busy(exc):
                     raise  # (busy: the whole batch again, later)
@@ -312,7 +444,7 @@ class SqliteHotLedger:
         for step in batch:
             conn.execute("SAVEPOINT step")
             try:
-                results.append((True, step.fn(conn, *step.args)))
+                results.append((True, step.fn(conn, [step.args])[0]))
             except Exception as exc:
                 if _busy(exc):
                     raise  # the whole batch again
@@ -329,124 +461,12 @@ class SqliteHotLedger:
                 step.future.set_exception(exc)
 
     async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
-        return await self._run(self._admit, req, now)  # type: ignore[no-any-return]
-
-    def _admit(self, conn: sqlite3.Connection, req: AdmitRequest, now: datetime) -> AdmitResult:
-        rows = conn.execute(_SQLITE_AUTH, (req.key_hash,)).fetchall()
-        if not rows:
-            return AdmitResult(None, None, [])
-        first = rows[0]
-        periods = [r for r in rows if r[8] is not None]
-        key = KeyContext(
-            id=first[0],
-            alias=first[1],
-            key_prefix=first[2],
-            status=first[3],
-            models=json.loads(first[4]) if first[4] else [],
-            expires_at=_sqlite_parse(first[5]),
-            budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
-        )
-        result = AdmitResult(key, None, [])
-        if result.refusal(now) or not model_allowed(key.models, req.model):
-            return result
-        now_text = _sqlite_time(now)
-        expired = [(r[6], r[8]) for r in periods if r[10] is not None and r[10] <= now_text]
-        if expired:
-            return AdmitResult(key, None, expired)
-
-        held: list[PeriodState] = []
-        for r in periods:  # ascending period id
-            row = conn.execute(_SQLITE_RESERVE, {"amount": req.amount, "id": r[8]}).fetchone()
-            if row is None:
-                refused = _sqlite_state(conn.execute(_SQLITE_READ_PERIOD, (r[8],)).fetchone())
-                for h in held:  # undo, still under this transaction's write lock
-                    conn.execute(
-                        "UPDATE budget_periods SET reserved = reserved - ? WHERE id = ?",
-                        (req.amount, h.period_id),
-                    )
-                conn.execute(
-                    _SQLITE_INSERT_ENTRY,
-                    (
-                        req.request_id,
-                        key.id,
-                        req.model,
-                        req.endpoint,
-                        req.stream,
-                        None,
-                        None,
-                        0,
-                        "none",
-                        "rejected",
-                        429,
-                        _sqlite_time(req.started_at),
-                        now_text,
-                    ),
-                )
-                return AdmitResult(key, Admission(False, [refused], req.amount), [])
-            held.append(_sqlite_state(row))
-        started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
-        conn.executemany(
-            _SQLITE_INSERT_RESERVATION,
-            [
-                (
-                    req.request_id,
-                    h.period_id,
-                    req.amount,
-                    key.id,
-                    req.model,
-                    req.endpoint,
-                    req.stream,
-                    started,
-                    expires,
-                )
-                for h in held
-            ],
-        )
-        return AdmitResult(key, Admission(True, held, req.amount), [])
+        return await self._run(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
 
     async def settle(
         self, req: RequestInfo, result: Outcome, now: datetime
     ) -> list[PeriodState] | None:
-        return await self._run(self._settle, req, result, now)  # type: ignore[no-any-return]
-
-    def _settle(
-        self, conn: sqlite3.Connection, req: RequestInfo, result: Outcome, now: datetime
-    ) -> list[PeriodState] | None:
-        held = conn.execute(
-            "DELETE FROM reservations WHERE request_id = ? RETURNING period_id, amount",
-            (req.request_id,),
-        ).fetchall()
-        if not held:  # released by the sweeper already
-            return None
-        states = [
-            _sqlite_state(
-                conn.execute(_SQLITE_SETTLE_PERIOD, (amount, result.cost, period_id)).fetchone()
-            )
-            for period_id, amount in sorted(held)
-        ]
-        conn.execute(
-            _SQLITE_INSERT_ENTRY,
-            (
-                req.request_id,
-                req.key_id,
-                req.model,
-                req.endpoint,
-                req.stream,
-                result.prompt_tokens,
-                result.completion_tokens,
-                result.cost,
-                result.cost_source,
-                result.outcome,
-                result.status_code,
-                _sqlite_time(req.started_at),
-                _sqlite_time(now),
-            ),
-        )
-        conn.executemany(
-            "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)",
-            [(req.request_id, s.period_id, result.cost) for s in states],
-        )
-        return states
+        return await self._run(_sqlite_settle, (req, result, now))  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         if self._queue:
@@ -658,11 +678,20 @@ class PostgresHotLedger:
                 if steps:
                     await self._execute_together(conn, steps)
 
-    @staticmethod
-    async def _execute_together(conn: Any, steps: list[_PgStep]) -> None:
+    async def _execute_together(self, conn: Any, steps: list[_PgStep]) -> None:
         """Steps of one kind in one transaction; hand each its rows or its error."""
         import asyncpg
 
+        first: list[_PgStep] = []
+        again: list[_PgStep] = []  # a request a second time: rows are told apart by request id
+        ids: set[str] = set()
+        for step in steps:
+            (again if step.request_id in ids else first).append(step)
+            ids.add(step.request_id)
+        if again:
+            await self._execute_together(conn, first)
+            await self._execute_together(conn, again)
+            return
         try:
             if len(steps) == 1:
                 rows = await conn.fetch(steps[0].query, *steps[0].args)
@@ -732,15 +761,7 @@ class PostgresHotLedger:
             return AdmitResult(key, None, expired, retry=not expired)
         states = [PeriodState.from_row(r) for r in periods]
         if not first["fits"]:
-            refused = next(
-                s
-                for s in states
-                if s.max_budget is not None
-                and not (
-                    s.spend + s.reserved < s.max_budget
-                    and s.spend + s.reserved + req.amount <= s.max_budget
-                )
-            )
+            refused = next(s for s in states if not s.fits(req.amount))
             return AdmitResult(key, Admission(False, [refused], req.amount), [])
         held = [
             PeriodState(

@@ -43,6 +43,14 @@ class PeriodState:
             reserved=row["reserved"],
         )
 
+    def fits(self, amount: int) -> bool:
+        """The one comparison (as the SQL statements make it): a reached budget blocks
+        everything, and max_budget = 0 blocks every request."""
+        used = self.spend + self.reserved
+        return self.max_budget is None or (
+            used < self.max_budget and used + amount <= self.max_budget
+        )
+
     @property
     def remaining(self) -> int | None:
         if self.max_budget is None:

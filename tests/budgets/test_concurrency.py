@@ -451,6 +451,10 @@ async def test_refusal_does_not_deadlock_with_a_budget_lock_holder(
             await holder.begin()
             await budgets.lock_budget(holder, primary_id)  # as _roll / PATCH / reset do
             refusal = asyncio.ensure_future(admit(g, key["key"], CENT, request_id="req_undo"))
+            for _ in range(200):  # the admission holds the primary's row, waits for the window
+                if await _lock_waiters(engine) >= 1:
+                    break
+                await asyncio.sleep(0.01)
             # Now the holder wants the period row, as a roll (or an admission after it) does.
             touch = asyncio.ensure_future(
                 holder.execute(

@@ -1,5 +1,6 @@
 """SQLite group commit (app/budgets/hotpath.py): steps queued in one event-loop turn share a
-transaction, each in a savepoint, so one step's failure undoes only that step."""
+transaction (the steps of one kind in one call); when one fails, the batch runs again with each
+step alone in a savepoint, so one step's failure undoes only that step."""
 
 import asyncio
 import sqlite3
@@ -31,22 +32,25 @@ async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -
 
     ledger._run_batch = counting_run_batch  # type: ignore[method-assign]
 
-    def insert(conn: sqlite3.Connection, x: int) -> int:
-        conn.execute("INSERT INTO t VALUES (?)", (x,))
-        return x
+    calls: list[list[int]] = []
 
-    def insert_then_fail(conn: sqlite3.Connection, x: int) -> int:
-        conn.execute("INSERT INTO t VALUES (?)", (x,))
-        raise ValueError("step failed after writing")
+    def insert(conn: sqlite3.Connection, xs: list[int]) -> list[int]:
+        calls.append(xs)
+        for x in xs:
+            conn.execute("INSERT INTO t VALUES (?)", (x,))
+            if x == 2:
+                raise ValueError("step failed after writing")
+        return xs
 
     results = await asyncio.gather(
         ledger._run(insert, 1),
-        ledger._run(insert_then_fail, 2),
+        ledger._run(insert, 2),
         ledger._run(insert, 3),
         return_exceptions=True,
     )
     await ledger.close()
     assert batches == [3]  # one transaction for the three steps
+    assert calls == [[1, 2, 3], [1], [2], [3]]  # together; after the failure one by one
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], ValueError)
     check = sqlite3.connect(path)
@@ -58,8 +62,8 @@ async def test_a_lone_failing_step_writes_nothing(tmp_path: Path) -> None:
     path = scratch_db(tmp_path)
     ledger = SqliteHotLedger(path, "normal")
 
-    def insert_then_fail(conn: sqlite3.Connection, x: int) -> int:
-        conn.execute("INSERT INTO t VALUES (?)", (x,))
+    def insert_then_fail(conn: sqlite3.Connection, xs: list[int]) -> list[int]:
+        conn.execute("INSERT INTO t VALUES (?)", (xs[0],))
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
