@@ -2,15 +2,21 @@
 
 `admit` (authenticate + reserve, all or none, or record the rejection) and `settle` (actual cost
 replaces the reservation + the ledger entry) run once per request; everything else (rolls,
-resets, the sweeper, the admin API) uses SQLAlchemy in app.budgets.repository. The SQL here
-makes the same decisions with the same comparison, in as few round trips as the database
-allows: PostgreSQL runs each step as ONE statement (data-modifying CTEs; the period rows are
-locked in ascending id order); SQLite runs each step in a `BEGIN IMMEDIATE` transaction on a
-connection used from the event loop, with no thread hand-off (statements take microseconds;
-the transaction never spans an await, so it never holds the lock while others wait on us).
-SQLite steps queued in the same event-loop turn share one transaction (group commit: BEGIN and
-COMMIT are most of a step's cost), each in its own savepoint, so that one step's error undoes
-only that step; a step's result is handed back only after its transaction committed.
+resets, the sweeper, the admin API) uses SQLAlchemy in app.budgets.repository. Both ledgers group
+commit: the steps that arrive together share a transaction, and a step's result is handed back
+only after its transaction committed; when one step of a group fails, the group runs again one
+step at a time, so that only the failing step fails.
+
+PostgreSQL: per key, the steps arriving while a batch of that key runs make the next batch
+(PostgresHotLedger). Each step is ONE statement (data-modifying CTEs; the period rows are
+locked in ascending id order); a batch's settles, then its admits, are each pipelined in one
+round trip and one transaction.
+
+SQLite: the steps queued in the same event-loop turn make a batch, run in a `BEGIN IMMEDIATE`
+transaction on a connection used from the event loop, with no thread hand-off (statements take
+microseconds; the transaction never spans an await, so it never holds the lock while others
+wait on us). It holds SQLite's write lock, so a batch's admits are decided in Python on each
+key read once, with the one comparison (PeriodState.fits), and each period is written once.
 
 Why not SQLAlchemy here: measured (bench/ledger_micro.py) 3.6-4.8 ms of CPU per request through
 SQLAlchemy + aiosqlite against 0.1-0.7 ms for the same SQL on the drivers.
