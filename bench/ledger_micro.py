@@ -78,7 +78,7 @@ async def app_layer(key: str, n: int) -> tuple[list[str], Any]:
         assert result.admission is not None and result.admission.admitted, result
         info = RequestInfo(rid, ctx.id, "bg-bench", "/chat/completions", False, started)
         outcome = Outcome("ok", 500, "prices", 10, 16, 200)
-        await timed("settle", hot.settle(info, outcome, clock.now()))
+        await timed("settle", hot.settle_soon(info, outcome, clock.now()))
     await hot.close()
     await engine.dispose()
     lines = [_stats(f"app: {k}", w, c) for k, (w, c) in res.items()]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -85,9 +86,13 @@ def model_allowed(models: list[str], model: str | None) -> bool:
 class HotLedger(Protocol):
     async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult: ...
 
-    async def settle(
+    def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
-    ) -> list[PeriodState] | None: ...
+    ) -> asyncio.Future[list[PeriodState] | None]:
+        """Queue the settlement; the future has its periods' state after it (None: nothing was
+        held any more, the sweeper released it). It runs to its end whatever happens to its
+        caller: await it shielded (asyncio.shield), never cancel it."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -366,7 +371,7 @@ class SqliteHotLedger:
         finally:
             conn.close()
 
-    async def _run(self, fn: Any, args: Any) -> Any:
+    def _submit(self, fn: Any, args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         step = _SqliteStep(fn, args, loop.create_future(), loop.time() + self.BUSY_GIVE_UP_SECONDS)
         self._queue.append(step)
@@ -374,7 +379,7 @@ class SqliteHotLedger:
             # After the callbacks already ready in this turn: their steps join the batch.
             self._flush_pending = True
             loop.call_soon(self._flush)
-        return await step.future
+        return step.future
 
     def _flush(self) -> None:
         """Run the queued steps in one transaction; on a busy database, retry them shortly."""
@@ -467,12 +472,12 @@ class SqliteHotLedger:
                 step.future.set_exception(exc)
 
     async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
-        return await self._run(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
+        return await self._submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
 
-    async def settle(
+    def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
-    ) -> list[PeriodState] | None:
-        return await self._run(_sqlite_settle, (req, result, now))  # type: ignore[no-any-return]
+    ) -> asyncio.Future[list[PeriodState] | None]:
+        return self._submit(_sqlite_settle, (req, result, now))
 
     async def close(self) -> None:
         if self._queue:
@@ -569,15 +574,17 @@ _ADMIT, _SETTLE = _PG_ADMIT, _PG_SETTLE
 
 
 def _resolve(
-    future: asyncio.Future[list[Any]],
-    rows: list[Any] | None = None,
-    error: BaseException | None = None,
+    step: _PgStep, rows: list[Any] | None = None, error: BaseException | None = None
 ) -> None:
-    if not future.done():  # (a caller cancelled at shutdown)
+    if not step.future.done():  # (an admission's caller cancelled at shutdown)
         if error is not None:
-            future.set_exception(error)
+            step.future.set_exception(error)
         else:
-            future.set_result(rows or [])
+            step.future.set_result(step.convert(rows or []))
+
+
+def _settled_states(rows: list[Any]) -> list[PeriodState] | None:
+    return [PeriodState.from_row(r) for r in rows] if rows else None
 
 
 async def _rollback_if_in_transaction(conn: Any) -> None:
@@ -591,7 +598,8 @@ async def _rollback_if_in_transaction(conn: Any) -> None:
 class _PgStep:
     query: str  # _PG_ADMIT or _PG_SETTLE
     args: tuple[Any, ...]  # its parameters; args[0] or args[3] is the request id
-    future: asyncio.Future[list[Any]]
+    future: asyncio.Future[Any]
+    convert: Callable[[list[Any]], Any]  # its rows -> the future's result
 
     @property
     def request_id(self) -> str:
@@ -642,17 +650,24 @@ class PostgresHotLedger:
                     )
         return self._pool
 
-    async def _step(self, key: str, query: str, args: tuple[Any, ...]) -> list[Any]:
-        step = _PgStep(query, args, asyncio.get_running_loop().create_future())
+    def _submit(
+        self,
+        key: str,
+        query: str,
+        args: tuple[Any, ...],
+        convert: Callable[[list[Any]], Any] = lambda rows: rows,
+    ) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        step = _PgStep(query, args, loop.create_future(), convert)
         queue = self._queues.get(key)
         if queue is not None:  # a batch of this key is running: join the next one
             queue.append(step)
         else:
             self._queues[key] = [step]
-            task = asyncio.get_running_loop().create_task(self._drain(key))
+            task = loop.create_task(self._drain(key))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
-        return await step.future
+        return step.future
 
     async def _drain(self, key: str) -> None:
         """Run the key's queued steps, a batch at a time, until none are left."""
@@ -664,7 +679,7 @@ class PostgresHotLedger:
                     await self._execute([s for s in batch if not s.future.cancelled()])
                 except BaseException as exc:  # a lost connection, a cancel at shutdown, a bug
                     for step in batch:
-                        _resolve(step.future, error=exc)
+                        _resolve(step, error=exc)
                     if not isinstance(exc, Exception):
                         raise
         finally:
@@ -713,19 +728,19 @@ class PostgresHotLedger:
                 except asyncpg.PostgresError as exc:
                     if conn.is_closed():
                         raise
-                    _resolve(step.future, error=exc)
+                    _resolve(step, error=exc)
                 else:
-                    _resolve(step.future, result)
+                    _resolve(step, result)
             return
         BATCH_STEPS.observe(len(steps))
         by_request: dict[str, list[Any]] = {}
         for row in rows:
             by_request.setdefault(row["request_id"], []).append(row)
         for step in steps:
-            _resolve(step.future, by_request.get(step.request_id, []))
+            _resolve(step, by_request.get(step.request_id, []))
 
     async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
-        rows = await self._step(
+        rows = await self._submit(
             self._key_ids.get(req.key_hash, req.key_hash),
             _ADMIT,
             (
@@ -783,31 +798,25 @@ class PostgresHotLedger:
         ]
         return AdmitResult(key, Admission(True, held, req.amount), [])
 
-    async def settle(
+    def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
-    ) -> list[PeriodState] | None:
-        rows = await self._step(
+    ) -> asyncio.Future[list[PeriodState] | None]:
+        args = (
+            req.request_id,
+            result.cost,
             req.key_id,
-            _SETTLE,
-            (
-                req.request_id,
-                result.cost,
-                req.key_id,
-                req.model,
-                req.endpoint,
-                req.stream,
-                result.prompt_tokens,
-                result.completion_tokens,
-                result.cost_source,
-                result.outcome,
-                result.status_code,
-                req.started_at,
-                now,
-            ),
+            req.model,
+            req.endpoint,
+            req.stream,
+            result.prompt_tokens,
+            result.completion_tokens,
+            result.cost_source,
+            result.outcome,
+            result.status_code,
+            req.started_at,
+            now,
         )
-        if not rows:
-            return None
-        return [PeriodState.from_row(r) for r in rows]
+        return self._submit(req.key_id, _SETTLE, args, _settled_states)
 
     async def close(self) -> None:
         if self._drains:  # batches still running: let them finish

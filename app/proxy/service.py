@@ -8,6 +8,7 @@ every request that was admitted ends in exactly one ledger entry, whatever happe
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -119,7 +120,7 @@ class Gateway:
         upstream: UpstreamClient,
     ) -> None:
         self.hot = hot
-        self._pending_settlements: set[asyncio.Task[Any]] = set()
+        self._pending_settlements: set[asyncio.Future[Any]] = set()
         self.settings = settings
         self.clock = clock
         self.keys = keys
@@ -488,18 +489,30 @@ class Gateway:
         )
 
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
-        """Settle in a task of its own, awaited shielded: a request cancelled meanwhile (its
-        client left, the server shuts down) leaves the settlement running to its end (the
-        shutdown drains it). Cheaper than an anyio shielded cancel scope on this path."""
-        task = asyncio.ensure_future(self._settle_now(info, outcome))
-        self._pending_settlements.add(task)
-        task.add_done_callback(self._pending_settlements.discard)
-        return await asyncio.shield(task)
+        """The periods' state after the settlement; None if it did not land (yet).
 
-    async def _settle_now(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+        The ledger runs it to its end whatever happens to this request (its client left, the
+        server shuts down and cancels it): it is awaited shielded, and its outcome is handled
+        by _settled, a callback, in either case (the shutdown drains what is still pending)."""
+        settling = self.hot.settle_soon(info, outcome, self.clock.now())
+        self._pending_settlements.add(settling)
+        settling.add_done_callback(functools.partial(self._settled, info, outcome))
         try:
-            states = await self.hot.settle(info, outcome, self.clock.now())
-        except _LEDGER_ERRORS as exc:
+            return await asyncio.shield(settling)
+        except _LEDGER_ERRORS:
+            return None
+
+    def _settled(
+        self,
+        info: RequestInfo,
+        outcome: Outcome,
+        settling: asyncio.Future[list[PeriodState] | None],
+    ) -> None:
+        self._pending_settlements.discard(settling)
+        if settling.cancelled():
+            return
+        exc = settling.exception()
+        if isinstance(exc, _LEDGER_ERRORS):
             # The upstream answered and may have billed: keep trying in the background (the
             # reservation stays held meanwhile, so the budget stays closed for it).
             log.warning(
@@ -507,13 +520,13 @@ class Gateway:
                 info.request_id,
                 type(exc).__name__,
             )
-            task = asyncio.create_task(self._settle_in_background(info, outcome))
+            task = asyncio.ensure_future(self._settle_in_background(info, outcome))
             self._pending_settlements.add(task)
             task.add_done_callback(self._pending_settlements.discard)
-            return None
-        if states is None:
+        elif exc is not None:
+            log.error("settlement of %s failed", info.request_id, exc_info=exc)
+        elif settling.result() is None:
             log.warning("request %s was already released by the sweeper", info.request_id)
-        return states
 
     async def _settle_in_background(self, info: RequestInfo, outcome: Outcome) -> None:
         """Retry a settlement until the ledger is back, for as long as the reservation lives
@@ -525,7 +538,8 @@ class Gateway:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:
-                if await self.hot.settle(info, outcome, self.clock.now()) is None:
+                settling = self.hot.settle_soon(info, outcome, self.clock.now())
+                if await asyncio.shield(settling) is None:
                     log.warning("request %s was already released by the sweeper", info.request_id)
                 return
             except _LEDGER_ERRORS:

@@ -73,7 +73,7 @@ async def admit(
 
 async def settle(gw: Gateway, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
     """Settle on the gateway's hot ledger, as the request path does; None if already swept."""
-    states: list[PeriodState] | None = await gw.state.gateway.hot.settle(
+    states: list[PeriodState] | None = await gw.state.gateway.hot.settle_soon(
         info, outcome, gw.clock.now()
     )
     return states

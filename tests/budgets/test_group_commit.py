@@ -43,9 +43,9 @@ async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -
         return xs
 
     results = await asyncio.gather(
-        ledger._run(insert, 1),
-        ledger._run(insert, 2),
-        ledger._run(insert, 3),
+        ledger._submit(insert, 1),
+        ledger._submit(insert, 2),
+        ledger._submit(insert, 3),
         return_exceptions=True,
     )
     await ledger.close()
@@ -67,7 +67,7 @@ async def test_a_lone_failing_step_writes_nothing(tmp_path: Path) -> None:
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
-        await ledger._run(insert_then_fail, 7)
+        await ledger._submit(insert_then_fail, 7)
     await ledger.close()
     check = sqlite3.connect(path)
     assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 0
