@@ -83,9 +83,9 @@ def install() -> None:
     KS = keys_service.KeyService
     KS.authenticate = _timed("  auth: KeyService.authenticate", KS.authenticate)
     keys_repo.find_key_by_hash = _timed("  auth: SELECT key+budgets", keys_repo.find_key_by_hash)
+    # (settlement: HotLedger.settle_soon only queues it; "settle" above times it whole)
     for ledger in (hotpath.SqliteHotLedger, hotpath.PostgresHotLedger):
         ledger.admit = _timed("  admit: HotLedger.admit", ledger.admit)  # type: ignore[method-assign]
-        ledger.settle = _timed("  settle: HotLedger.settle", ledger.settle)  # type: ignore[method-assign]
 
     orig_read = proxy_service.aiohttp.ClientResponse.read
 

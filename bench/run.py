@@ -49,6 +49,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))  # tests.pgcluster, tests.litellm.offline: stdlib only
+
+from tests.litellm.offline import LITELLM_OFFLINE_ENV, LITELLM_SCRUBBED_ENV  # noqa: E402
+
 BIN = Path(sys.executable).parent  # the venv's bin: budgetgate, py-spy
 MODEL = "bg-bench"
 ADMIN_KEY = "bench-admin-key-0123456789"
@@ -63,23 +67,11 @@ TARGET_ADDED_TTFB_MS = 1.0
 TARGET_RSS_MB = 150.0
 TARGET_VS_LITELLM = 25.0  # gateway req/s at 32 conns ≥ 25× LiteLLM's (1 worker each)
 
-# The LiteLLM proxy row (optional). The settings are those of tests/litellm/conftest.py (copied,
-# not imported: that module needs pytest).
+# The LiteLLM proxy row (optional), run as the LiteLLM integration tests run it.
 LITELLM_BIN_ENV = "BUDGETGATE_LITELLM_BIN"
 LITELLM_START_TIMEOUT_ENV = "BUDGETGATE_LITELLM_START_TIMEOUT"
 LITELLM_DEFAULT_BIN = ROOT / ".litellm-venv" / "bin" / "litellm"
 LITELLM_MASTER_KEY = "sk-litellm-bench-master-0123456789abcdef"
-# Keep LiteLLM from fetching anything at start (cost map, beta headers, router presets, policy
-# templates, blog posts): it uses the copies shipped in the package.
-LITELLM_OFFLINE_ENV = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True",
-    "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
-    "LITELLM_LOCAL_BLOG_POSTS": "True",
-}
-# Variables that would make LiteLLM use a database or a cache: it runs without them.
-LITELLM_SCRUBBED_ENV = ("DATABASE_URL", "DIRECT_URL", "REDIS_HOST", "REDIS_URL", "REDIS_PORT")
 LITELLM_HOWTO = (
     "run `make test-litellm` once (or `bash scripts/litellm-venv.sh`) to install it in "
     ".litellm-venv, or point BUDGETGATE_LITELLM_BIN / --litellm at a `litellm` executable"
@@ -621,7 +613,6 @@ class Bench:
         if self.args.no_pg:
             say("bench: PostgreSQL skipped (--no-pg)")
             return upstream
-        sys.path.insert(0, str(ROOT))
         from tests.pgcluster import PgCluster, find_pg_bindir
 
         if find_pg_bindir() is None:

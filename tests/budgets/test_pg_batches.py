@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.budgets import hotpath
 from app.budgets.hotpath import PostgresHotLedger
 from app.budgets.repository import Outcome
 from app.ledger.repository import reconcile
@@ -43,7 +44,7 @@ def record_batches(gw: Gateway) -> list[list[str]]:
     real = ledger._execute
 
     async def recording(batch: list[Any]) -> None:
-        batches.append(["admit" if s.request_id == s.args[3] else "settle" for s in batch])
+        batches.append(["admit" if s.query is hotpath._ADMIT else "settle" for s in batch])
         await real(batch)
 
     ledger._execute = recording  # type: ignore[method-assign]

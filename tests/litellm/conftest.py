@@ -30,6 +30,7 @@ from app.clock import SystemClock
 from app.config import Settings
 from app.main import create_app
 from app.migrate import upgrade_to_head
+from tests.litellm.offline import LITELLM_OFFLINE_ENV, LITELLM_SCRUBBED_ENV
 from tests.servers import ServerThread, free_port
 
 LITELLM_BIN_ENV = "BUDGETGATE_LITELLM_BIN"
@@ -38,17 +39,6 @@ MASTER_KEY = "sk-litellm-master-0123456789abcdef"
 ADMIN_KEY = "litellm-it-admin-key-0123456789"
 MODEL = "gpt-4o-mini"
 
-# Keep LiteLLM from fetching anything at start (cost map, beta headers, router presets, policy
-# templates, blog posts): it uses the copies shipped in the package.
-LITELLM_OFFLINE_ENV = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS": "True",
-    "LITELLM_LOCAL_AUTOROUTER_PRESETS": "True",
-    "LITELLM_LOCAL_POLICY_TEMPLATES": "True",
-    "LITELLM_LOCAL_BLOG_POSTS": "True",
-}
-# Variables that would make LiteLLM use a database or a cache: this proxy runs without them.
-LITELLM_SCRUBBED_ENV = ("DATABASE_URL", "DIRECT_URL", "REDIS_HOST", "REDIS_URL", "REDIS_PORT")
 
 _timings: dict[str, float] = {}
 
