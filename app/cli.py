@@ -34,7 +34,10 @@ def _settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        typer.echo(f"invalid settings: {exc}", err=True)
+        # Not str(exc): pydantic's message repeats each input, and a URL carries its password.
+        for error in exc.errors():
+            name = "BUDGETGATE_" + "_".join(map(str, error["loc"])).upper()
+            typer.echo(f"invalid settings: {name}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -8,6 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -47,6 +55,20 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, v: str) -> str:
         return v.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, v: str) -> str:
+        """`sqlite:///…` and `postgresql://…`, as other tools write them, mean the async drivers
+        budgetgate runs on; any other scheme is refused here, not deep in a migration."""
+        scheme, sep, rest = v.partition("://")
+        driver = _ASYNC_DRIVERS.get(scheme.lower()) if sep else None
+        if driver is None:
+            raise ValueError(
+                f"unsupported database URL {v.split('@')[-1]!r}: use sqlite+aiosqlite:///PATH "
+                "or postgresql+asyncpg://USER:PASSWORD@HOST/DB"
+            )
+        return f"{driver}://{rest}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,0 +1,57 @@
+"""BUDGETGATE_DATABASE_URL as users write it: the sync spellings mean the async drivers; anything
+else is refused at startup with a clear message (and no password in it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from app.cli import app as cli_app
+from app.config import Settings, get_settings
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("sqlite:///./l.db", "sqlite+aiosqlite:///./l.db"),
+        ("sqlite+aiosqlite:////tmp/l.db", "sqlite+aiosqlite:////tmp/l.db"),
+        ("postgresql://u:p@h:5432/db", "postgresql+asyncpg://u:p@h:5432/db"),
+        ("postgres://u:p@h/db", "postgresql+asyncpg://u:p@h/db"),
+        ("POSTGRESQL+ASYNCPG://u:p@h/db", "postgresql+asyncpg://u:p@h/db"),
+    ],
+)
+def test_database_url_spellings_mean_the_async_drivers(given: str, used: str) -> None:
+    assert Settings(database_url=given).database_url == used
+
+
+@pytest.mark.parametrize(
+    "given", ["mysql://u:secretpw@h/db", "postgresql+psycopg2://u:secretpw@h/db", "l.db", ""]
+)
+def test_other_database_urls_are_refused_without_echoing_the_password(given: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(database_url=given)
+    (error,) = err.value.errors()
+    assert "unsupported database URL" in error["msg"]
+    assert "secretpw" not in error["msg"]
+
+
+def test_migrate_with_a_plain_sqlite_url_works(tmp_path: Path) -> None:
+    """Was a traceback ("the asyncio extension requires an async driver")."""
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}
+    env["BUDGETGATE_DATABASE_URL"] = f"sqlite:///{tmp_path}/ledger.db"
+    get_settings.cache_clear()
+    try:
+        ok = CliRunner().invoke(cli_app, ["migrate"], env=env)
+        env["BUDGETGATE_DATABASE_URL"] = "mysql://u:secretpw@h/db"
+        get_settings.cache_clear()
+        refused = CliRunner().invoke(cli_app, ["migrate"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "ledger.db").stat().st_size > 0
+    assert refused.exit_code != 0
+    assert "unsupported database URL" in refused.output and "secretpw" not in refused.output
