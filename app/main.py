@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -95,9 +96,15 @@ def create_app(
         scheduler = (
             start_scheduler(budgets, settings.reset_interval_seconds) if run_scheduler else None
         )
+        # What startup built lives as long as the process: out of the collector's sight. Under
+        # load a full collection walked all of it (modules, schemas, prices): ~0.12 s every few
+        # seconds, ~4 % of the CPU, and a pause for every request in flight.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             await app.state.gateway.drain(seconds=10)

@@ -1,7 +1,8 @@
 """The floor for `make bench`: a bare pass-through proxy with no auth and no ledger.
 
 Same stack and server settings as the gateway (uvicorn with uvloop + httptools, no access log,
-log level warning; one long-lived aiohttp ClientSession for the upstream), minus everything
+log level warning; one long-lived aiohttp ClientSession for the upstream; what startup built
+frozen out of the garbage collector's sight), minus everything
 budgetgate adds: it forwards the request (method, path, query, headers less hop-by-hop ones,
 body) and relays the answer. JSON answers are read whole and returned (as the gateway does for
 non-streaming requests); event streams are relayed chunk by chunk.
@@ -12,6 +13,7 @@ non-streaming requests); event streams are relayed chunk by chunk.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -58,9 +60,12 @@ def create_app(upstream_url: str, max_connections: int = 512) -> Starlette:
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        gc.collect()  # as the gateway does after its startup (app/main.py)
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await state["session"].close()
 
     async def relay(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
