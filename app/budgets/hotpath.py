@@ -114,7 +114,7 @@ def _sqlite_time(when: datetime) -> str:
     # SQLAlchemy's SQLite DateTime storage format (naive UTC), so text order is time order.
     if when.tzinfo is not UTC:  # (the clock's times are UTC already: skip the conversion)
         when = when.astimezone(UTC)
-    return when.replace(tzinfo=None).isoformat(" ", "microseconds")
+    return when.isoformat(" ", "microseconds")[:26]  # without its "+00:00"
 
 
 def _sqlite_parse(value: str | None) -> datetime | None:
