@@ -376,9 +376,11 @@ class SqliteHotLedger:
         step = _SqliteStep(fn, args, loop.create_future(), loop.time() + self.BUSY_GIVE_UP_SECONDS)
         self._queue.append(step)
         if not self._flush_pending:
-            # After the callbacks already ready in this turn: their steps join the batch.
+            # One loop turn later: the steps of the callbacks ready in this turn and of those
+            # the next turn's I/O wakes join the batch (wrk -c32: 16 steps per transaction
+            # instead of 10.5, -6 % CPU per request; nothing measurable at one connection).
             self._flush_pending = True
-            loop.call_soon(self._flush)
+            loop.call_soon(loop.call_soon, self._flush)
         return step.future
 
     def _flush(self) -> None:
