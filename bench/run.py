@@ -5,7 +5,7 @@ Starts, each as its own process:
 
 * the project's mock upstream (`budgetgate mock-upstream`);
 * the baseline: bench/baseline_proxy.py, a bare uvicorn + Starlette + aiohttp pass-through
-  (no auth, no ledger; same uvicorn settings as the gateway) -- the floor;
+  (no auth, no ledger; same uvicorn and gc settings as the gateway) -- the floor;
 * the gateway on SQLite (`budgetgate serve`, a fresh ledger file in a temp dir);
 * the gateway on PostgreSQL, when server binaries exist (a throwaway PgCluster from
   tests/pgcluster.py; `budgetgate migrate`, then `budgetgate serve`);
