@@ -52,6 +52,7 @@ def serve(
 
     from app.db import create_engine
     from app.main import SchemaOutdated, prepare_schema
+    from app.pricing import PriceBook, PricesFileError
 
     settings = _settings()
 
@@ -62,6 +63,11 @@ def serve(
         finally:
             await engine.dispose()
 
+    try:
+        PriceBook.load(settings.prices_file)  # (each worker loads it again: fail here, once)
+    except PricesFileError as exc:
+        typer.echo(f"invalid settings: BUDGETGATE_PRICES_FILE: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         asyncio.run(check())
     except SchemaOutdated as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,7 +20,13 @@ _ASYNC_DRIVERS = {
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="BUDGETGATE_", env_file=".env", extra="ignore", case_sensitive=False
+        env_prefix="BUDGETGATE_",
+        env_file=".env",
+        extra="ignore",
+        case_sensitive=False,
+        # `BUDGETGATE_ADMIN_KEY=` (as in .env.example) means unset, not the empty string: an
+        # empty admin key would have opened the admin API to an empty credential.
+        env_ignore_empty=True,
     )
 
     database_url: str = "sqlite+aiosqlite:///./budgetgate.db"
@@ -51,9 +58,19 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("admin_key", "upstream_api_key", "prices_file", "alert_webhook_url")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        """Blank is unset however the value arrives (environment, .env, code)."""
+        secret = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return None if isinstance(secret, str) and not secret.strip() else v
+
     @field_validator("upstream_url")
     @classmethod
-    def _strip_slash(cls, v: str) -> str:
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:4000")
         return v.rstrip("/")
 
     @field_validator("database_url")

@@ -55,3 +55,43 @@ def test_migrate_with_a_plain_sqlite_url_works(tmp_path: Path) -> None:
     assert (tmp_path / "ledger.db").stat().st_size > 0
     assert refused.exit_code != 0
     assert "unsupported database URL" in refused.output and "secretpw" not in refused.output
+
+
+def test_empty_settings_mean_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`.env.example` as shipped (`BUDGETGATE_ADMIN_KEY=`, `BUDGETGATE_PRICES_FILE=`): an empty
+    admin key must not become a key that an empty credential matches (the admin API stays
+    disabled: 503), and an empty prices file is no prices file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(
+        "BUDGETGATE_ADMIN_KEY=\nBUDGETGATE_PRICES_FILE=\nBUDGETGATE_UPSTREAM_API_KEY=   \n"
+    )
+    for name in ("ADMIN_KEY", "PRICES_FILE", "UPSTREAM_API_KEY"):
+        monkeypatch.delenv(f"BUDGETGATE_{name}", raising=False)
+    from_file = Settings()
+    monkeypatch.setenv("BUDGETGATE_ADMIN_KEY", "")
+    from_env = Settings(_env_file=None)  # type: ignore[call-arg]
+    for settings in (from_file, from_env, Settings(_env_file=None, admin_key=" ")):  # type: ignore[call-arg]
+        assert settings.admin_key is None
+    assert from_file.prices_file is None and from_file.upstream_api_key is None
+
+
+@pytest.mark.parametrize("url", ["notaurl", "127.0.0.1:4000", "ftp://h/x", "http://"])
+def test_upstream_url_must_be_http(url: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(_env_file=None, upstream_url=url)  # type: ignore[call-arg]
+    (error,) = err.value.errors()
+    assert error["loc"] == ("upstream_url",) and "http://" in error["msg"]
+
+
+def test_serve_refuses_an_unreadable_prices_file(tmp_path: Path) -> None:
+    """A clean message and exit 2 (like any invalid setting), not a traceback from a worker."""
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}
+    env["BUDGETGATE_DATABASE_URL"] = f"sqlite:///{tmp_path}/ledger.db"
+    env["BUDGETGATE_PRICES_FILE"] = str(tmp_path / "missing.yaml")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli_app, ["serve", "--port", "1"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "BUDGETGATE_PRICES_FILE" in result.output and "missing.yaml" in result.output

@@ -555,10 +555,12 @@ async def test_ledger_unreachable_is_503_and_nothing_forwarded(
 # -- admin authentication ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("admin_key", [None, ""], ids=["unset", "empty"])
 async def test_admin_api_without_admin_key_configured_is_503(
-    custom_gateway: MakeGateway,
+    custom_gateway: MakeGateway, admin_key: str | None
 ) -> None:
-    async with custom_gateway(admin_key=None) as gw:
+    """Empty is unset: it was a key that an empty credential matched (an open admin API)."""
+    async with custom_gateway(admin_key=admin_key) as gw:
         for method, path in [
             ("GET", "/admin/keys"),
             ("POST", "/admin/keys"),
@@ -566,7 +568,7 @@ async def test_admin_api_without_admin_key_configured_is_503(
             ("GET", "/admin/usage"),
             ("GET", "/admin/keys/key_x/periods"),
         ]:
-            for headers in ({}, {"authorization": "Bearer anything"}):
+            for headers in ({}, {"authorization": "Bearer anything"}, {"authorization": "Bearer "}):
                 r = await gw.client.request(method, path, headers=headers, json={})
                 assert_openai_error(
                     r,
