@@ -179,6 +179,15 @@ def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def _print_key(out: Any, columns: list[str], as_json: bool) -> None:
+    """One key: its object in JSON (as the admin API returns it), else a one-row table."""
+    row = _key_dict(out)
+    if as_json:
+        typer.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2, default=str).decode())
+    else:
+        _print_rows([row], columns, as_json)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -237,8 +246,7 @@ def keys_create(
         models=models or [],
         key=key,
     )
-    out = _key_dict(_run_with_services(lambda s: s.create(body)))
-    _print_rows([out], ["key", *KEY_COLUMNS], as_json)
+    _print_key(_run_with_services(lambda s: s.create(body)), ["key", *KEY_COLUMNS], as_json)
     if not as_json:
         typer.echo("\nThe key is shown only once: store it now.")
 
@@ -264,7 +272,7 @@ def keys_list(
 @keys_app.command("show")
 def keys_show(key_id: str, as_json: JsonOpt = False) -> None:
     """Show one key with its current period."""
-    _print_rows([_key_dict(_run_with_services(lambda s: s.get(key_id)))], KEY_COLUMNS, as_json)
+    _print_key(_run_with_services(lambda s: s.get(key_id)), KEY_COLUMNS, as_json)
 
 
 @keys_app.command("update")
@@ -288,21 +296,19 @@ def keys_update(
         "budget_timezone": budget_timezone,
     }
     body = _body(KeyUpdate, **{k: v for k, v in given.items() if v is not None})
-    _print_rows(
-        [_key_dict(_run_with_services(lambda s: s.update(key_id, body)))], KEY_COLUMNS, as_json
-    )
+    _print_key(_run_with_services(lambda s: s.update(key_id, body)), KEY_COLUMNS, as_json)
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, as_json: JsonOpt = False) -> None:
     """Revoke a key: later requests get 401; its history is kept."""
-    _print_rows([_key_dict(_run_with_services(lambda s: s.revoke(key_id)))], KEY_COLUMNS, as_json)
+    _print_key(_run_with_services(lambda s: s.revoke(key_id)), KEY_COLUMNS, as_json)
 
 
 @keys_app.command("reset")
 def keys_reset(key_id: str, as_json: JsonOpt = False) -> None:
     """Close the key's current periods early; the new ones end at the same boundary."""
-    _print_rows([_key_dict(_run_with_services(lambda s: s.reset(key_id)))], KEY_COLUMNS, as_json)
+    _print_key(_run_with_services(lambda s: s.reset(key_id)), KEY_COLUMNS, as_json)
 
 
 @app.command()

@@ -217,9 +217,10 @@ class KeyService:
             values["max_budget"] = _nanos(changes["max_budget"])
         if "soft_budget" in changes:
             values["soft_budget"] = _nanos(changes["soft_budget"])
-        max_nanos = values.get("max_budget", budget.max_budget)
-        soft_nanos = values.get("soft_budget", budget.soft_budget)
-        _check_soft(soft_nanos, max_nanos)
+        if "soft_budget" in changes:
+            # A soft budget set above the max is a mistake; a max lowered under the soft budget
+            # is not (max_budget 0 freezes a key, whatever its soft budget).
+            _check_soft(values["soft_budget"], values.get("max_budget", budget.max_budget))
         duration = changes.get("budget_duration", budget.budget_duration)
         timezone = changes.get("budget_timezone") or budget.budget_timezone
         anchor = changes.get("budget_anchor", budget.budget_anchor)

@@ -416,7 +416,6 @@ async def test_invalid_field_on_patch_is_422_and_changes_nothing(gateway: Gatewa
         ({"budget_timezone": "Nowhere/Land"}, "budget_timezone"),
         ({"bogus": True}, "bogus"),
         ({"soft_budget": 2}, "soft_budget"),  # above the existing max_budget
-        ({"max_budget": 0.25}, "soft_budget"),  # below the existing soft_budget
         ({"max_budget": 0.5, "soft_budget": 0.75}, "soft_budget"),
     ]
     for body, field in cases:
@@ -424,6 +423,9 @@ async def test_invalid_field_on_patch_is_422_and_changes_nothing(gateway: Gatewa
         assert_openai_error(r, 422, param=field, in_message=(field,))
     got = await key_object(gateway, key["id"])
     assert (got["max_budget"], got["soft_budget"], got["budget_timezone"]) == (1.0, 0.5, "UTC")
+    # Lowering max_budget under the soft budget is no mistake: max_budget 0 freezes the key.
+    r = await gateway.admin("PATCH", f"/admin/keys/{key['id']}", json={"max_budget": 0})
+    assert r.status_code == 200 and (r.json()["max_budget"], r.json()["soft_budget"]) == (0, 0.5)
 
 
 async def test_invalid_query_parameter_is_422(gateway: Gateway) -> None:

@@ -1,0 +1,87 @@
+"""`budgetgate keys …` and `budgetgate usage`, straight against a SQLite ledger (SPEC 1): tables
+by default, `--json` on request (one key: its object, as the admin API returns it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app as cli_app
+from app.config import get_settings
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}
+    env["BUDGETGATE_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/ledger.db"
+
+    def run(*args: str, code: int = 0) -> str:
+        get_settings.cache_clear()
+        try:
+            result = CliRunner().invoke(cli_app, list(args), env=env)
+        finally:
+            get_settings.cache_clear()
+        assert result.exit_code == code, (args, result.output, result.exception)
+        return result.output
+
+    return run
+
+
+def test_keys_lifecycle_in_json(cli: Any) -> None:
+    created = orjson.loads(
+        cli(
+            "keys",
+            "create",
+            "--alias",
+            "team-a",
+            "--max-budget",
+            "1.5",
+            "--budget-duration",
+            "1mo",
+            "--soft-budget",
+            "1",
+            "--model",
+            "gpt-4o",
+            "--json",
+        )  # fmt: skip
+    )
+    assert isinstance(created, dict)
+    assert created["key"].startswith("sk-bg-") and created["alias"] == "team-a"
+    assert created["max_budget"] == 1.5 and created["soft_budget"] == 1.0
+    assert created["models"] == ["gpt-4o"] and created["spend"] == 0 and created["reset_at"]
+    key_id = created["id"]
+
+    shown = orjson.loads(cli("keys", "show", key_id, "--json"))
+    assert shown["id"] == key_id and "key" not in shown  # the plaintext key: only at creation
+
+    # A max_budget under the soft budget is how a key is frozen (max_budget 0): allowed.
+    frozen = orjson.loads(cli("keys", "update", key_id, "--max-budget", "0", "--json"))
+    assert frozen["max_budget"] == 0 and frozen["soft_budget"] == 1.0
+    assert orjson.loads(cli("keys", "reset", key_id, "--json"))["id"] == key_id
+
+    cli("keys", "create", "--alias", "team-b", "--json")
+    listed = orjson.loads(cli("keys", "list", "--json"))
+    assert sorted(k["alias"] for k in listed) == ["team-a", "team-b"]
+    assert [k["id"] for k in orjson.loads(cli("keys", "list", "--alias", "team-a", "--json"))] == [
+        key_id
+    ]
+
+    assert orjson.loads(cli("keys", "revoke", key_id, "--json"))["status"] == "revoked"
+    assert orjson.loads(cli("usage", "--json")) == []  # no traffic yet
+
+
+def test_keys_tables_and_errors(cli: Any) -> None:
+    out = cli("keys", "create", "--alias", "team-a", "--max-budget", "2")
+    assert out.splitlines()[0].split()[:3] == ["key", "id", "alias"]
+    assert "sk-bg-" in out and "shown only once" in out
+    assert "team-a" in cli("keys", "list")
+    assert "no key with id" in cli("keys", "show", "key_missing", code=1)
+    assert "not a dollar amount" in cli("keys", "create", "--max-budget", "lots", code=2)
+    assert "budget_duration" in cli("keys", "create", "--budget-duration", "1month", code=2)
+    cli("usage", "--group-by", "team", code=2)
