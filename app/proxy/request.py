@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from app.errors import BadRequest
+from app.errors import BadRequest, InvalidField
 
 METERED_PATHS = frozenset(
     {"/chat/completions", "/completions", "/responses", "/embeddings", "/messages"}
@@ -50,10 +50,8 @@ def _positive_int(body: dict[str, Any], field: str) -> int | None:
         or value < 0
         or value > MAX_TOKENS_LIMIT
     ):
-        raise BadRequest(
-            f"{field} must be an integer between 0 and {MAX_TOKENS_LIMIT}",
-            param=field,
-            code="invalid_value",
+        raise InvalidField(
+            f"{field} must be an integer between 0 and {MAX_TOKENS_LIMIT}", param=field
         )
     return value
 
@@ -67,14 +65,14 @@ def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> Mete
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     model = body.get("model")
     if not isinstance(model, str) or not model or len(model) > 255:
-        raise BadRequest("model is required and must be a non-empty string", param="model")
+        raise InvalidField("model is required and must be a non-empty string", param="model")
     if "\x00" in model:  # no model has one, and the ledger (PostgreSQL text) cannot hold it
-        raise BadRequest("model must not contain NUL characters", param="model")
+        raise InvalidField("model must not contain NUL characters", param="model")
     stream = body.get("stream")
     if stream is None:  # absent or null: not streamed (as OpenAI and LiteLLM read it)
         stream = False
     if not isinstance(stream, bool):
-        raise BadRequest("stream must be true or false", param="stream")
+        raise InvalidField("stream must be true or false", param="stream")
     if endpoint not in STREAMABLE:
         stream = False
 
@@ -95,7 +93,7 @@ def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> Mete
     if stream and endpoint in ("/chat/completions", "/completions"):
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
-            raise BadRequest("stream_options must be an object", param="stream_options")
+            raise InvalidField("stream_options must be an object", param="stream_options")
         wants_usage = bool(options and options.get("include_usage") is True)
         if not wants_usage:
             body["stream_options"] = {**(options or {}), "include_usage": True}

@@ -153,7 +153,7 @@ async def test_malformed_bodies_are_400_and_change_nothing(
     await assert_reconciled(gateway)
 
 
-async def test_wrong_types_for_known_fields_are_400_naming_the_field(
+async def test_wrong_types_for_known_fields_are_422_naming_the_field(
     gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
     key = await gateway.create_key(max_budget=10.0)
@@ -163,7 +163,7 @@ async def test_wrong_types_for_known_fields_are_400_naming_the_field(
     for path in METERED:
         for body, field in typed_cases(path):
             r = await post(gateway, path, key["key"], dumps(body))
-            err = assert_client_error(r, 400)
+            err = assert_client_error(r, 422)  # SPEC 7: 422 invalid field, named
             assert err["param"] == field, (path, body, err)
             assert field in err["message"], (path, body, err)
             checked += 1
@@ -172,7 +172,7 @@ async def test_wrong_types_for_known_fields_are_400_naming_the_field(
     await assert_reconciled(gateway)
 
 
-async def test_nul_in_model_or_path_is_400_not_a_ledger_outage(
+async def test_nul_in_model_or_path_is_a_client_error_not_a_ledger_outage(
     database_url: str, mock_upstream: ServerThread, clock: ManualClock
 ) -> None:
     """A NUL character (valid JSON, `\\u0000`, or `%00` in the path) is the client's error: it
@@ -186,7 +186,7 @@ async def test_nul_in_model_or_path_is_400_not_a_ledger_outage(
             for path in METERED:
                 for model in ("bg-test\u0000", "\u0000", "x\u0000y"):
                     r = await post(gw, path, key["key"], dumps({**VALID[path], "model": model}))
-                    err = assert_client_error(r, 400)
+                    err = assert_client_error(r, 422)
                     assert err["param"] == "model", err
             for path in ("/v1/files%00x", "/v1/chat/completions%00", "/v1/%00/models"):
                 r = await gw.client.post(path, content=b"{}", headers=bearer(key["key"]))

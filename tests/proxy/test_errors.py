@@ -224,7 +224,7 @@ async def test_authenticated_errors_carry_request_id_and_budget_headers(
                 "/v1/chat/completions", content=b"{", headers=bearer(key["key"])
             ),
         ),
-        (400, await gateway.chat(key["key"], max_tokens=-1)),
+        (422, await gateway.chat(key["key"], max_tokens=-1)),
     ]
     r = await gateway.admin("PATCH", f"/admin/keys/{key['id']}", json={"models": []})
     assert r.status_code == 200
