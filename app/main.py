@@ -28,7 +28,7 @@ from app.logs import configure_logging
 from app.migrate import schema_is_current, upgrade_to_head
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
-from app.proxy.service import Gateway, is_proxied
+from app.proxy.service import Gateway, is_proxied, new_request_id
 from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
 
@@ -172,7 +172,8 @@ def create_app(
     async def my_budget(request: Request) -> JSONResponse:
         """The calling key's budgets, spend, remaining and reset times."""
         keys: KeyService = request.app.state.key_service
-        ctx = await request.app.state.gateway._authenticate(request)
+        gateway: Gateway = request.app.state.gateway
+        ctx = await gateway._authenticate(request)
         out = await keys.get(ctx.id)
         primary = out.model_dump(
             mode="json",
@@ -181,6 +182,7 @@ def create_app(
                 "budget_duration",
                 "soft_budget",
                 "budget_timezone",
+                "budget_anchor",
                 "spend",
                 "reserved",
                 "remaining",
@@ -191,7 +193,10 @@ def create_app(
         budgets = [primary] + [
             b.model_dump(mode="json", exclude={"budget_id"}) for b in out.budgets or []
         ]
-        return JSONResponse({"key_prefix": out.key_prefix, "alias": out.alias, "budgets": budgets})
+        return JSONResponse(
+            {"key_prefix": out.key_prefix, "alias": out.alias, "budgets": budgets},
+            headers=await gateway.headers_now(ctx, new_request_id()),
+        )
 
     return BudgetGateApp(app)
 

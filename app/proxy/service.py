@@ -140,10 +140,12 @@ class Gateway:
             # headers (SPEC 3); a 429 already has them.
             key: KeyContext | None = getattr(request.state, "budget_key", None)
             if key is not None and "x-request-id" not in exc.headers:
-                exc.headers.update(await self._error_headers(key, request.state.budget_request_id))
+                exc.headers.update(await self.headers_now(key, request.state.budget_request_id))
             raise
 
-    async def _error_headers(self, key: KeyContext, request_id: str) -> dict[str, str]:
+    async def headers_now(self, key: KeyContext, request_id: str) -> dict[str, str]:
+        """x-request-id and the key's budget headers as the ledger has them now (responses
+        that did not go through an admission: errors, the free paths, GET /v1/budget)."""
         try:
             states = await self.budgets.period_states([b.period_id for b in key.budgets])
         except _LEDGER_ERRORS:
@@ -163,7 +165,9 @@ class Gateway:
             self._remember(request, key, request_id)
             self._check_sendable(request)
             info = RequestInfo(request_id, key.id, None, endpoint, False, started)
-            return await self._forward_free(request, info, await self._read_body(request))
+            response = await self._forward_free(request, info, await self._read_body(request))
+            response.headers.update(await self.headers_now(key, request_id))
+            return response
 
         try:
             self._check_sendable(request)
@@ -289,11 +293,7 @@ class Gateway:
             body = await resp.read()
         finally:
             resp.release()
-        return Response(
-            body,
-            resp.status,
-            response_headers(list(resp.headers.items())) | {"x-request-id": info.request_id},
-        )
+        return Response(body, resp.status, response_headers(list(resp.headers.items())))
 
     async def _send(
         self, request: Request, info: RequestInfo, body: bytes

@@ -368,7 +368,12 @@ async def test_client_budget_endpoint(gateway: Gateway, mock_upstream: ServerThr
         }
         assert (window["max_budget"], window["spend"], window["remaining"]) == (0.1, 0.01, 0.09)
         assert window["reset_at"] == "2026-01-16T00:00:00Z"
+        assert primary["budget_anchor"] is None and "budget_anchor" in window
         assert key["key"] not in r.text
+        # An authenticated response: the budget headers of the tightest budget (SPEC 3).
+        assert r.headers["x-request-id"].startswith("req_")
+        assert (r.headers["x-budget-spend"], r.headers["x-budget-remaining"]) == ("0.01", "0.09")
+        assert r.headers["x-budget-max-budget"] == "0.1"
     assert await upstream_requests(mock_upstream.url) == before  # served, not forwarded
     # No ledger entry for checking one's budget.
     assert len(await ledger(gateway, key["id"])) == 1

@@ -152,6 +152,9 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
             assert stats["last_headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
             assert "x-api-key" not in stats["last_headers"]
             assert stats["last_headers"]["x-request-id"] == r.headers["x-request-id"]
+            # Authenticated: the budget headers too (SPEC 3), showing the exhausted budget.
+            assert r.headers["x-budget-remaining"] == "0.0", r.headers
+            assert r.headers["x-budget-spend"] == r.headers["x-budget-max-budget"]
         assert await upstream_requests(mock_upstream.url) == before + 2
         assert len(await ledger(gateway, key["id"])) == entries_before
         got = await key_object(gateway, key["id"])
