@@ -48,7 +48,7 @@ def dollars(nanos: int | None) -> float | None:
 
 
 def _nanos(value: Decimal | None) -> int | None:
-    return None if value is None else dollars_to_nanos(value)
+    return None if value is None else dollars_to_nanos(value, nearest=True)
 
 
 class KeyService:

@@ -3,12 +3,14 @@
 Money in budgetgate is an ``int`` of nano-dollars. Conversions from dollars go through
 exact integer fractions (``Decimal.as_integer_ratio``), never through the decimal context
 (whose 28-digit precision would silently round large values) and never through floats.
-Charges round *up* to the next whole nano-dollar so they never undercount.
+Charges round *up* to the next whole nano-dollar so they never undercount; amounts users set
+(budgets) round to the nearest one.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 __all__ = ["NANOS_PER_DOLLAR", "ceil_div", "dollars_to_nanos", "nanos_to_dollars"]
 
@@ -34,8 +36,10 @@ def _to_decimal(value: Decimal | str | int) -> Decimal:
         raise ValueError(f"not a number: {value!r}") from None
 
 
-def dollars_to_nanos(value: Decimal | str | int) -> int:
-    """Convert dollars to nano-dollars exactly, rounding up to a whole nano-dollar.
+def dollars_to_nanos(value: Decimal | str | int, *, nearest: bool = False) -> int:
+    """Convert dollars to nano-dollars exactly: rounding up to a whole nano-dollar (charges,
+    estimates), or to the nearest one, ties to even (amounts a user sets: a budget of
+    0.30000000000000004, float noise, is 0.3).
 
     Raises ValueError for negative, NaN or infinite amounts, TypeError for floats/bools.
     """
@@ -45,6 +49,8 @@ def dollars_to_nanos(value: Decimal | str | int) -> int:
     if amount < 0:
         raise ValueError(f"dollar amount must not be negative, got {value!r}")
     numerator, denominator = amount.as_integer_ratio()
+    if nearest:
+        return round(Fraction(numerator * NANOS_PER_DOLLAR, denominator))
     return ceil_div(numerator * NANOS_PER_DOLLAR, denominator)
 
 

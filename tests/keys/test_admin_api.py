@@ -117,6 +117,20 @@ async def test_create_returns_201_with_the_flat_key_object(gateway: Gateway) -> 
     )
 
 
+async def test_budget_amounts_round_to_the_nearest_nano_dollar(gateway: Gateway) -> None:
+    """0.1 + 0.2 as a client's float arithmetic sends it is a budget of 0.3, not 0.300000001
+    (charges round up; amounts a user sets round to the nearest nano-dollar)."""
+    r = await gateway.admin(
+        "POST", "/admin/keys", content=b'{"max_budget": 0.30000000000000004, "soft_budget": 1e-10}'
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["max_budget"], r.json()["soft_budget"]) == (0.3, 0)
+    r = await gateway.admin(
+        "PATCH", f"/admin/keys/{r.json()['id']}", content=b'{"max_budget": 2.0000000015}'
+    )
+    assert r.status_code == 200 and r.json()["max_budget"] == 2.000000002  # tie: to even
+
+
 async def test_list_keys_alias_filter_and_cursor_pagination(gateway: Gateway) -> None:
     page_ids = {(await gateway.create_key(alias="page", max_budget=1))["id"] for _ in range(5)}
     other_ids = {(await gateway.create_key(alias="other"))["id"] for _ in range(2)}
