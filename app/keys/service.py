@@ -217,7 +217,6 @@ class KeyService:
             values["max_budget"] = _nanos(changes["max_budget"])
         if "soft_budget" in changes:
             values["soft_budget"] = _nanos(changes["soft_budget"])
-        if "soft_budget" in changes:
             # A soft budget set above the max is a mistake; a max lowered under the soft budget
             # is not (max_budget 0 freezes a key, whatever its soft budget).
             _check_soft(values["soft_budget"], values.get("max_budget", budget.max_budget))
