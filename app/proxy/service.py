@@ -159,7 +159,9 @@ class Gateway:
         started = self.clock.now()
         presented = presented_key(request.headers)
 
-        if not presented or (request.method == "GET" and endpoint == "/models"):
+        if not presented or (
+            request.method == "GET" and (endpoint == "/models" or endpoint.startswith("/models/"))
+        ):
             # Free and always allowed (even for an exhausted key): no budget check, no entry.
             key = await self._authenticate(request)
             self._remember(request, key, request_id)

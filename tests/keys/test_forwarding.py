@@ -155,7 +155,11 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
             # Authenticated: the budget headers too (SPEC 3), showing the exhausted budget.
             assert r.headers["x-budget-remaining"] == "0.0", r.headers
             assert r.headers["x-budget-spend"] == r.headers["x-budget-max-budget"]
-        assert await upstream_requests(mock_upstream.url) == before + 2
+        # So is retrieving one model (the mock echoes the request it got).
+        r = await gateway.client.get("/v1/models/bg-test", headers=bearer(key["key"]))
+        assert r.status_code == 200 and r.json()["path"] == "/v1/models/bg-test", r.text
+        assert r.headers["x-budget-remaining"] == "0.0"
+        assert await upstream_requests(mock_upstream.url) == before + 3
         assert len(await ledger(gateway, key["id"])) == entries_before
         got = await key_object(gateway, key["id"])
         assert got["reserved"] == 0
