@@ -28,6 +28,15 @@ app.add_typer(keys_app, name="keys")
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+ModelsOpt = Annotated[list[str] | None, typer.Option("--model", help="allowed model (repeat)")]
+AnchorOpt = Annotated[
+    str | None,
+    typer.Option(help="RFC 3339 time the periods count from (default: the unit's start)"),
+]
+ExpiresOpt = Annotated[
+    str | None, typer.Option(help="RFC 3339 time after which the key is refused")
+]
+MetadataOpt = Annotated[str | None, typer.Option(help='JSON object, e.g. \'{"team": "a"}\'')]
 
 
 def _settings() -> Settings:
@@ -158,6 +167,19 @@ def _body(model: type[T], **fields: Any) -> T:
         raise typer.Exit(2) from None
 
 
+def _json_object(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        typer.echo(f"error: --metadata: not a JSON object: {value!r}", err=True)
+        raise typer.Exit(2)
+    return parsed
+
+
 def _dollars(value: str | None) -> Decimal | None:
     if value is None:
         return None
@@ -225,9 +247,10 @@ def keys_create(
     ] = None,
     soft_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
     budget_timezone: Annotated[str, typer.Option()] = "UTC",
-    models: Annotated[
-        list[str] | None, typer.Option("--model", help="allowed model (repeat)")
-    ] = None,
+    budget_anchor: AnchorOpt = None,
+    models: ModelsOpt = None,
+    expires_at: ExpiresOpt = None,
+    metadata: MetadataOpt = None,
     key: Annotated[
         str | None, typer.Option(help="passthrough mode: the existing upstream key")
     ] = None,
@@ -243,7 +266,10 @@ def keys_create(
         budget_duration=budget_duration,
         soft_budget=_dollars(soft_budget),
         budget_timezone=budget_timezone,
+        budget_anchor=budget_anchor,
         models=models or [],
+        expires_at=expires_at,
+        metadata=_json_object(metadata) or {},
         key=key,
     )
     _print_key(_run_with_services(lambda s: s.create(body)), ["key", *KEY_COLUMNS], as_json)
@@ -283,6 +309,13 @@ def keys_update(
     soft_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
     budget_duration: Annotated[str | None, typer.Option()] = None,
     budget_timezone: Annotated[str | None, typer.Option()] = None,
+    budget_anchor: AnchorOpt = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="allowed model (repeat; replaces the allow-list)"),
+    ] = None,
+    expires_at: ExpiresOpt = None,
+    metadata: MetadataOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a key's settings (only the options given)."""
@@ -294,6 +327,10 @@ def keys_update(
         "soft_budget": _dollars(soft_budget),
         "budget_duration": budget_duration,
         "budget_timezone": budget_timezone,
+        "budget_anchor": budget_anchor,
+        "models": models,
+        "expires_at": expires_at,
+        "metadata": _json_object(metadata),
     }
     body = _body(KeyUpdate, **{k: v for k, v in given.items() if v is not None})
     _print_key(_run_with_services(lambda s: s.update(key_id, body)), KEY_COLUMNS, as_json)

@@ -49,7 +49,7 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
             "--model",
             "gpt-4o",
             "--json",
-        )  # fmt: skip
+        )
     )
     assert isinstance(created, dict)
     assert created["key"].startswith("sk-bg-") and created["alias"] == "team-a"
@@ -65,7 +65,44 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
     assert frozen["max_budget"] == 0 and frozen["soft_budget"] == 1.0
     assert orjson.loads(cli("keys", "reset", key_id, "--json"))["id"] == key_id
 
-    cli("keys", "create", "--alias", "team-b", "--json")
+    other = orjson.loads(
+        cli(
+            "keys",
+            "create",
+            "--alias",
+            "team-b",
+            "--budget-duration",
+            "1d",
+            "--budget-anchor",
+            "2026-01-01T06:00:00Z",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+            "--metadata",
+            '{"team": "b"}',
+            "--json",
+        )
+    )
+    assert other["budget_anchor"] == "2026-01-01T06:00:00Z"
+    assert other["expires_at"] == "2030-01-01T00:00:00Z" and other["metadata"] == {"team": "b"}
+    assert other["reset_at"].endswith("T06:00:00Z")
+    changed = orjson.loads(
+        cli(
+            "keys",
+            "update",
+            other["id"],
+            "--model",
+            "m1",
+            "--model",
+            "m2",
+            "--metadata",
+            '{"team": "c"}',
+            "--expires-at",
+            "2031-01-01T00:00:00Z",
+            "--json",
+        )
+    )
+    assert changed["models"] == ["m1", "m2"] and changed["metadata"] == {"team": "c"}
+    assert changed["expires_at"] == "2031-01-01T00:00:00Z"
     listed = orjson.loads(cli("keys", "list", "--json"))
     assert sorted(k["alias"] for k in listed) == ["team-a", "team-b"]
     assert [k["id"] for k in orjson.loads(cli("keys", "list", "--alias", "team-a", "--json"))] == [
@@ -84,4 +121,6 @@ def test_keys_tables_and_errors(cli: Any) -> None:
     assert "no key with id" in cli("keys", "show", "key_missing", code=1)
     assert "not a dollar amount" in cli("keys", "create", "--max-budget", "lots", code=2)
     assert "budget_duration" in cli("keys", "create", "--budget-duration", "1month", code=2)
+    assert "--metadata" in cli("keys", "create", "--metadata", "[1]", code=2)
+    assert "expires_at" in cli("keys", "create", "--expires-at", "tomorrow", code=2)
     cli("usage", "--group-by", "team", code=2)
