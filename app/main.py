@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.types import Receive, Scope, Send
 
+from app.alerts.service import AlertService
 from app.budgets.hotpath import create_hot_ledger
 from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
@@ -92,9 +93,13 @@ def create_app(
         app.state.budgets = budgets
         app.state.key_service = keys
         hot = create_hot_ledger(settings)
-        app.state.gateway = Gateway(settings, clock, keys, budgets, hot, costs, upstream)
+        alerts = AlertService(engine, clock, settings.alert_webhook_url)
+        app.state.alerts = alerts
+        app.state.gateway = Gateway(settings, clock, keys, budgets, hot, costs, upstream, alerts)
         scheduler = (
-            start_scheduler(budgets, settings.reset_interval_seconds) if run_scheduler else None
+            start_scheduler(budgets, alerts, settings.reset_interval_seconds)
+            if run_scheduler
+            else None
         )
         # What startup built lives as long as the process: out of the collector's sight. Under
         # load a full collection walked all of it (modules, schemas, prices): ~0.12 s every few
@@ -108,6 +113,7 @@ def create_app(
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             await app.state.gateway.drain(seconds=10)
+            await alerts.close()
             await upstream.close()
             await hot.close()
             await engine.dispose()

@@ -1,5 +1,6 @@
-"""Periodic jobs: roll expired periods, release abandoned reservations. Thin and idempotent:
-every replica runs them, and the ledger's conditional statements make that safe."""
+"""Periodic jobs: roll expired periods, release abandoned reservations, record and send budget
+alerts. Thin and idempotent: every replica runs them, and the ledger's conditional statements
+make that safe."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from app.alerts.service import AlertService
 from app.budgets.repository import BudgetRepository
 
 log = logging.getLogger("budgetgate.scheduler")
@@ -21,20 +23,28 @@ async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
     return rolled, swept
 
 
-async def _safe_run(budgets: BudgetRepository) -> None:
-    try:
-        await run_maintenance(budgets)
-    except Exception as exc:  # a database outage must not kill the scheduler
-        log.warning("maintenance pass failed: %s", type(exc).__name__)
+async def run_alerts(alerts: AlertService) -> tuple[int, int]:
+    """One pass: record soft-budget crossings, send what is due; returns (recorded, sent)."""
+    return await alerts.record_soft_crossings(), await alerts.deliver_due()
 
 
-def start_scheduler(budgets: BudgetRepository, interval_seconds: float) -> AsyncIOScheduler:
+async def _safe_run(budgets: BudgetRepository, alerts: AlertService) -> None:
+    for job in (run_maintenance(budgets), run_alerts(alerts)):
+        try:
+            await job
+        except Exception as exc:  # a database outage must not kill the scheduler
+            log.warning("maintenance pass failed: %s", type(exc).__name__)
+
+
+def start_scheduler(
+    budgets: BudgetRepository, alerts: AlertService, interval_seconds: float
+) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler()
     scheduler.add_job(
         _safe_run,
         "interval",
         seconds=interval_seconds,
-        args=[budgets],
+        args=[budgets, alerts],
         id="budget-maintenance",
         max_instances=1,
         coalesce=True,

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from app.alerts.service import AlertService
 from app.budgets.hotpath import AdmitRequest, HotLedger
 from app.budgets.repository import (
     Admission,
@@ -118,8 +119,10 @@ class Gateway:
         hot: HotLedger,
         costs: CostCalculator,
         upstream: UpstreamClient,
+        alerts: AlertService,
     ) -> None:
         self.hot = hot
+        self.alerts = alerts
         self._pending_settlements: set[asyncio.Future[Any]] = set()
         self.settings = settings
         self.clock = clock
@@ -275,6 +278,7 @@ class Gateway:
         self, key: KeyContext, admission: Admission, request_id: str
     ) -> BudgetExceeded:
         state = admission.periods[0]
+        self.alerts.exhausted_soon(key, state)
         used = state.spend + state.reserved
         resets = (
             f"the period resets at {rfc3339(state.period_end)}"

@@ -1,0 +1,231 @@
+"""Budget alerts (SPEC 8), kept in the ledger database as an outbox.
+
+* Soft budget crossed: found by the scheduler's pass (a period's spend only grows, so a
+  periodic look cannot miss a crossing while the period is open); a `soft_budget` of 0
+  alerts on the first spend.
+* Exhausted: recorded when a period refuses a request (the 429 path knows which one), in a
+  background task, so the request path does not wait for it.
+* Exactly once per period per budget: `budget_alerts` has one row per (period, kind), whatever
+  number of replicas notice; the next period re-arms both.
+* Delivery: every pass POSTs the alerts that are due, one replica per alert at a time (a
+  conditional claim), retrying with backoff until the webhook answers 2xx. A replica that dies
+  between the POST and recording it sends that alert again: each event has an `id` for the
+  receiver to drop duplicates.
+
+Without BUDGETGATE_ALERT_WEBHOOK_URL nothing is recorded or sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+from sqlalchemy import Table, and_, exists, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.budgets.state import PeriodState
+from app.clock import Clock
+from app.keys.repository import KeyContext, new_id
+from app.keys.service import dollars, iso
+from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod
+
+A: Table = BudgetAlert.__table__  # type: ignore[assignment]
+P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
+B: Table = Budget.__table__  # type: ignore[assignment]
+K: Table = ApiKey.__table__  # type: ignore[assignment]
+
+log = logging.getLogger("budgetgate.alerts")
+
+EVENT_TYPES = {"soft_budget": "budget.soft_budget_crossed", "exhausted": "budget.exhausted"}
+MAX_ATTEMPTS = 12  # backoff 2 s, 4 s, ... capped at 1 h: about 5 hours of retries
+CLAIM_SECONDS = 60  # a claimed alert is another replica's again after this (a crashed sender)
+POST_TIMEOUT_SECONDS = 10
+
+
+class AlertService:
+    def __init__(self, engine: AsyncEngine, clock: Clock, webhook_url: str | None) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.webhook_url = webhook_url
+        self._exhausted_seen: set[int] = set()  # periods this process recorded already
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- recording -------------------------------------------------------------------------
+
+    async def record_soft_crossings(self) -> int:
+        """Record an alert for every open period at or past its budget's soft budget that has
+        none yet; returns how many this call recorded."""
+        if self.webhook_url is None:
+            return 0
+        already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == "soft_budget"))
+        query = (
+            select(
+                P.c.id,
+                P.c.budget_id,
+                P.c.period_start,
+                P.c.period_end,
+                P.c.spend,
+                P.c.max_budget,
+                B.c.soft_budget,
+                K.c.id.label("key_id"),
+                K.c.alias,
+                K.c.key_prefix,
+            )
+            .join(B, B.c.id == P.c.budget_id)
+            .join(K, K.c.id == B.c.key_id)
+            .where(
+                P.c.closed_at.is_(None),
+                B.c.soft_budget.is_not(None),
+                P.c.spend >= B.c.soft_budget,
+                P.c.spend > 0,
+                ~already,
+            )
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            await conn.rollback()
+        recorded = 0
+        for r in rows:
+            recorded += await self._record(
+                "soft_budget",
+                r.budget_id,
+                r.id,
+                {
+                    "key_id": r.key_id,
+                    "alias": r.alias,
+                    "key_prefix": r.key_prefix,
+                    "spend": dollars(r.spend),
+                    "soft_budget": dollars(r.soft_budget),
+                    "max_budget": dollars(r.max_budget),
+                    "period_start": iso(r.period_start),
+                    "period_end": iso(r.period_end) if r.period_end else None,
+                },
+            )
+        return recorded
+
+    def exhausted_soon(self, key: KeyContext, state: PeriodState) -> None:
+        """A period refused a request: record (and send) its exhaustion alert in the background,
+        once per period per process (the database keeps it once across processes)."""
+        if self.webhook_url is None or state.period_id in self._exhausted_seen:
+            return
+        self._exhausted_seen.add(state.period_id)
+        payload = {
+            "key_id": key.id,
+            "alias": key.alias,
+            "key_prefix": key.key_prefix,
+            "spend": dollars(state.spend),
+            "reserved": dollars(state.reserved),
+            "max_budget": dollars(state.max_budget),
+            "period_start": iso(state.period_start),
+            "period_end": iso(state.period_end) if state.period_end else None,
+        }
+        task = asyncio.ensure_future(self._exhausted(state, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _exhausted(self, state: PeriodState, payload: dict[str, Any]) -> None:
+        try:
+            if await self._record("exhausted", state.budget_id, state.period_id, payload):
+                await self.deliver_due()
+        except Exception as exc:  # the ledger is down: the next refusal records it
+            self._exhausted_seen.discard(state.period_id)
+            log.warning("recording a budget alert failed: %s", type(exc).__name__)
+
+    async def _record(
+        self, kind: str, budget_id: str, period_id: int, details: dict[str, Any]
+    ) -> int:
+        now = self.clock.now()
+        alert_id = new_id("alert")
+        values = {
+            "id": alert_id,
+            "budget_id": budget_id,
+            "period_id": period_id,
+            "kind": kind,
+            "payload": {
+                "id": alert_id,
+                "type": EVENT_TYPES[kind],
+                "budget_id": budget_id,
+                "created_at": iso(now),
+                **details,
+            },
+            "created_at": now,
+            "attempts": 0,
+            "next_attempt_at": now,
+        }
+        insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        statement = (
+            insert(A).values(**values).on_conflict_do_nothing(index_elements=["period_id", "kind"])
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(statement)).rowcount
+
+    # -- delivery --------------------------------------------------------------------------
+
+    async def deliver_due(self) -> int:
+        """POST the alerts that are due; returns how many were delivered."""
+        if self.webhook_url is None:
+            return 0
+        now = self.clock.now()
+        async with self.engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(A.c.id, A.c.payload, A.c.attempts)
+                    .where(A.c.delivered_at.is_(None), A.c.next_attempt_at <= now)
+                    .where(A.c.attempts < MAX_ATTEMPTS)
+                    .order_by(A.c.created_at)
+                    .limit(100)
+                )
+            ).all()
+            await conn.rollback()
+        delivered = 0
+        for alert in due:
+            if await self._claim(alert.id, alert.attempts, now):
+                delivered += await self._send(alert.id, alert.payload, alert.attempts + 1)
+        return delivered
+
+    async def _claim(self, alert_id: str, attempts: int, now: datetime) -> bool:
+        async with self.engine.begin() as conn:
+            claimed = await conn.execute(
+                update(A)
+                .where(A.c.id == alert_id, A.c.attempts == attempts, A.c.delivered_at.is_(None))
+                .values(
+                    attempts=attempts + 1,
+                    next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS),
+                )
+            )
+            return claimed.rowcount == 1
+
+    async def _send(self, alert_id: str, payload: dict[str, Any], attempt: int) -> int:
+        assert self.webhook_url is not None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_SECONDS)
+            )
+        error: str | None = None
+        try:
+            async with self._session.post(self.webhook_url, json=payload) as resp:
+                if resp.status >= 300:
+                    error = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = type(exc).__name__
+        now = self.clock.now()
+        values: dict[str, Any] = {"delivered_at": now, "last_error": None}
+        if error is not None:
+            backoff = min(2**attempt, 3600)
+            values = {"next_attempt_at": now + timedelta(seconds=backoff), "last_error": error}
+            log.warning("budget alert %s not delivered (%s), attempt %d", alert_id, error, attempt)
+        async with self.engine.begin() as conn:
+            await conn.execute(update(A).where(A.c.id == alert_id).values(**values))
+        return int(error is None)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        if self._session is not None:
+            await self._session.close()

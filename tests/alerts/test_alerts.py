@@ -1,0 +1,165 @@
+"""SPEC 8 budget alerts: a soft budget crossed, a budget exhausted; each POSTed to the webhook
+exactly once per period per budget (re-armed by the next period), with retries, off the
+request path. Both ledgers; a real HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.alerts.service import AlertService
+from app.scheduler import run_alerts
+from tests.conftest import Gateway, make_settings, running_gateway
+from tests.servers import ServerThread
+
+
+class Receiver:
+    """The webhook: records what it is sent; answers 500 to the first `fail` POSTs."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.fail = 0
+        self.server = ServerThread(Starlette(routes=[Route("/hook", self.hook, methods=["POST"])]))
+
+    async def hook(self, request: Request) -> Response:
+        if self.fail > 0:
+            self.fail -= 1
+            return Response(status_code=500)
+        self.events.append(await request.json())
+        return Response(status_code=204)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == f"budget.{kind}"]
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.server.start()
+    yield r
+    r.server.stop()
+
+
+@pytest.fixture
+async def gw(
+    database_url: str, mock_upstream: ServerThread, clock: Any, receiver: Receiver
+) -> AsyncIterator[Gateway]:
+    receiver.events.clear()
+    receiver.fail = 0
+    settings = make_settings(
+        database_url, mock_upstream.url, alert_webhook_url=f"{receiver.server.url}/hook"
+    )
+    async with running_gateway(settings, clock) as gateway:
+        yield gateway
+
+
+def alerts(gw: Gateway) -> AlertService:
+    return gw.app.state.alerts  # type: ignore[no-any-return]
+
+
+async def until(condition: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_soft_budget_alerts_once_per_period_and_again_next_period(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    key = await gw.create_key(alias="team-a", max_budget=1, soft_budget=0.015, budget_duration="1d")
+    assert (await gw.chat(key["key"])).status_code == 200  # $0.01: under the soft budget
+    assert await run_alerts(alerts(gw)) == (0, 0)
+    for _ in range(3):  # $0.02, 0.03, 0.04: crossed once
+        assert (await gw.chat(key["key"])).status_code == 200
+        await run_alerts(alerts(gw))
+    assert await run_alerts(alerts(gw)) == (0, 0)
+    (event,) = receiver.of("soft_budget_crossed")
+    assert event["key_id"] == key["id"] and event["alias"] == "team-a"
+    assert event["soft_budget"] == 0.015 and event["max_budget"] == 1.0
+    assert event["spend"] == 0.02 and event["id"].startswith("alert_")
+    assert event["period_end"] == key["reset_at"]
+
+    gw.clock.advance(24 * 3600)  # the next period: re-armed
+    assert (await gw.chat(key["key"])).status_code == 200
+    assert (await gw.chat(key["key"])).status_code == 200
+    assert await run_alerts(alerts(gw)) == (1, 1)
+    first, second = receiver.of("soft_budget_crossed")
+    assert second["period_start"] == first["period_end"]
+
+
+async def test_soft_budget_zero_alerts_on_the_first_spend(gw: Gateway, receiver: Receiver) -> None:
+    key = await gw.create_key(max_budget=1, soft_budget=0)
+    assert await run_alerts(alerts(gw)) == (0, 0)  # nothing spent yet
+    assert (await gw.chat(key["key"])).status_code == 200
+    assert await run_alerts(alerts(gw)) == (1, 1)
+    assert [e["spend"] for e in receiver.of("soft_budget_crossed")] == [0.01]
+
+
+async def test_exhausted_alerts_once_from_the_refusals_without_waiting_for_them(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    key = await gw.create_key(alias="small", max_budget=0.015)
+    assert (await gw.chat(key["key"])).status_code == 200
+    refused = await asyncio.gather(*(gw.chat(key["key"]) for _ in range(5)))
+    assert [r.status_code for r in refused] == [429] * 5
+    await until(lambda: receiver.of("exhausted"))
+    assert await run_alerts(alerts(gw)) == (0, 0)
+    assert (await gw.chat(key["key"])).status_code == 429
+    await asyncio.sleep(0.2)
+    (event,) = receiver.of("exhausted")
+    assert (event["key_id"], event["spend"], event["max_budget"]) == (key["id"], 0.01, 0.015)
+    assert event["period_end"] is None  # a lifetime budget
+
+
+async def test_a_failing_webhook_is_retried_until_it_takes_the_alert(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    key = await gw.create_key(max_budget=1, soft_budget=0.005, budget_duration="1mo")
+    receiver.fail = 2
+    assert (await gw.chat(key["key"])).status_code == 200
+    assert await run_alerts(alerts(gw)) == (1, 0)  # recorded; the POST got a 500
+    assert await run_alerts(alerts(gw)) == (0, 0)  # not due yet (backoff)
+    gw.clock.advance(120)
+    assert await run_alerts(alerts(gw)) == (0, 0)  # the second 500
+    gw.clock.advance(120)
+    assert await run_alerts(alerts(gw)) == (0, 1)
+    gw.clock.advance(3600)
+    assert await run_alerts(alerts(gw)) == (0, 0)  # delivered: never again
+    assert len(receiver.of("soft_budget_crossed")) == 1
+
+
+async def test_replicas_racing_record_each_alert_once(gw: Gateway, receiver: Receiver) -> None:
+    """Several processes' passes at once (separate services on one database): one alert."""
+    keys = [await gw.create_key(max_budget=1, soft_budget=0.005) for _ in range(3)]
+    for key in keys:
+        assert (await gw.chat(key["key"])).status_code == 200
+    replicas = [AlertService(gw.app.state.engine, gw.clock, alerts(gw).webhook_url) for _ in "abcd"]
+    try:
+        results = await asyncio.gather(*(run_alerts(r) for r in replicas))
+    finally:
+        for r in replicas:
+            await r.close()
+    assert sum(recorded for recorded, _ in results) == 3
+    assert sum(sent for _, sent in results) == 3
+    assert sorted(e["key_id"] for e in receiver.of("soft_budget_crossed")) == sorted(
+        k["id"] for k in keys
+    )
+
+
+async def test_without_a_webhook_nothing_is_recorded(
+    database_url: str, mock_upstream: ServerThread, clock: Any
+) -> None:
+    async with running_gateway(make_settings(database_url, mock_upstream.url), clock) as gw:
+        key = await gw.create_key(max_budget=0.005, soft_budget=0)
+        assert (await gw.chat(key["key"], max_tokens=1)).status_code == 200
+        assert (await gw.chat(key["key"])).status_code == 429
+        assert await run_alerts(alerts(gw)) == (0, 0)
