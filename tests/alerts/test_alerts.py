@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.alerts.service import AlertService
-from app.scheduler import run_alerts
+from app.scheduler import _safe_run, run_alerts
 from tests.conftest import Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -163,3 +163,11 @@ async def test_without_a_webhook_nothing_is_recorded(
         assert (await gw.chat(key["key"], max_tokens=1)).status_code == 200
         assert (await gw.chat(key["key"])).status_code == 429
         assert await run_alerts(alerts(gw)) == (0, 0)
+
+
+async def test_the_scheduler_pass_records_and_sends(gw: Gateway, receiver: Receiver) -> None:
+    """The job every replica runs each BUDGETGATE_RESET_INTERVAL_SECONDS includes the alerts."""
+    key = await gw.create_key(max_budget=1, soft_budget=0)
+    assert (await gw.chat(key["key"])).status_code == 200
+    await _safe_run(gw.app.state.budgets, alerts(gw))
+    assert [e["key_id"] for e in receiver.of("soft_budget_crossed")] == [key["id"]]
