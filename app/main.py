@@ -103,8 +103,9 @@ def create_app(
         )
         # What startup built lives as long as the process: out of the collector's sight. Under
         # load a full collection walked all of it (modules, schemas, prices): ~0.12 s every few
-        # seconds, ~4 % of the CPU, and a pause for every request in flight.
-        gc.collect()
+        # seconds, ~4 % of the CPU, and a pause for every request in flight. (No gc.collect()
+        # first: startup leaves little garbage, and a full pass costs ~0.2 s in a big heap such
+        # as the test suite's, which starts hundreds of gateways.)
         gc.freeze()
         try:
             yield

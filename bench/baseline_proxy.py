@@ -60,8 +60,7 @@ def create_app(upstream_url: str, max_connections: int = 512) -> Starlette:
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        gc.collect()  # as the gateway does after its startup (app/main.py)
-        gc.freeze()
+        gc.freeze()  # as the gateway does after its startup (app/main.py)
         try:
             yield
         finally:
