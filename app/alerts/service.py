@@ -114,6 +114,8 @@ class AlertService:
         once per period per process (the database keeps it once across processes)."""
         if self.webhook_url is None or state.period_id in self._exhausted_seen:
             return
+        if len(self._exhausted_seen) >= 100_000:  # (bounded: the table deduplicates anyway)
+            self._exhausted_seen.clear()
         self._exhausted_seen.add(state.period_id)
         payload = {
             "key_id": key.id,
