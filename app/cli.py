@@ -207,7 +207,7 @@ def _print_key(out: Any, columns: list[str], as_json: bool) -> None:
     if as_json:
         typer.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2, default=str).decode())
     else:
-        _print_rows([row], columns, as_json)
+        _print_rows([row], columns, as_json=False)
 
 
 def _cell(value: Any) -> str:

@@ -47,6 +47,19 @@ CLAIM_SECONDS = 60  # a claimed alert is another replica's again after this (a c
 POST_TIMEOUT_SECONDS = 10
 
 
+def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState) -> dict[str, Any]:
+    """What both events tell about the key and the period."""
+    return {
+        "key_id": key_id,
+        "alias": alias,
+        "key_prefix": key_prefix,
+        "spend": dollars(state.spend),
+        "max_budget": dollars(state.max_budget),
+        "period_start": iso(state.period_start),
+        "period_end": iso(state.period_end) if state.period_end else None,
+    }
+
+
 class AlertService:
     def __init__(self, engine: AsyncEngine, clock: Clock, webhook_url: str | None) -> None:
         self.engine = engine
@@ -92,21 +105,12 @@ class AlertService:
             await conn.rollback()
         recorded = 0
         for r in rows:
-            recorded += await self._record(
-                "soft_budget",
-                r.budget_id,
-                r.id,
-                {
-                    "key_id": r.key_id,
-                    "alias": r.alias,
-                    "key_prefix": r.key_prefix,
-                    "spend": dollars(r.spend),
-                    "soft_budget": dollars(r.soft_budget),
-                    "max_budget": dollars(r.max_budget),
-                    "period_start": iso(r.period_start),
-                    "period_end": iso(r.period_end) if r.period_end else None,
-                },
+            state = PeriodState(
+                r.budget_id, r.id, r.period_start, r.period_end, r.max_budget, r.spend, 0
             )
+            details = _details(r.key_id, r.alias, r.key_prefix, state)
+            details["soft_budget"] = dollars(r.soft_budget)
+            recorded += await self._record("soft_budget", state, details)
         return recorded
 
     def exhausted_soon(self, key: KeyContext, state: PeriodState) -> None:
@@ -117,42 +121,32 @@ class AlertService:
         if len(self._exhausted_seen) >= 100_000:  # (bounded: the table deduplicates anyway)
             self._exhausted_seen.clear()
         self._exhausted_seen.add(state.period_id)
-        payload = {
-            "key_id": key.id,
-            "alias": key.alias,
-            "key_prefix": key.key_prefix,
-            "spend": dollars(state.spend),
-            "reserved": dollars(state.reserved),
-            "max_budget": dollars(state.max_budget),
-            "period_start": iso(state.period_start),
-            "period_end": iso(state.period_end) if state.period_end else None,
-        }
-        task = asyncio.ensure_future(self._exhausted(state, payload))
+        details = _details(key.id, key.alias, key.key_prefix, state)
+        details["reserved"] = dollars(state.reserved)
+        task = asyncio.ensure_future(self._exhausted(state, details))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _exhausted(self, state: PeriodState, payload: dict[str, Any]) -> None:
+    async def _exhausted(self, state: PeriodState, details: dict[str, Any]) -> None:
         try:
-            if await self._record("exhausted", state.budget_id, state.period_id, payload):
+            if await self._record("exhausted", state, details):
                 await self.deliver_due()
         except Exception as exc:  # the ledger is down: the next refusal records it
             self._exhausted_seen.discard(state.period_id)
             log.warning("recording a budget alert failed: %s", type(exc).__name__)
 
-    async def _record(
-        self, kind: str, budget_id: str, period_id: int, details: dict[str, Any]
-    ) -> int:
+    async def _record(self, kind: str, state: PeriodState, details: dict[str, Any]) -> int:
         now = self.clock.now()
         alert_id = new_id("alert")
         values = {
             "id": alert_id,
-            "budget_id": budget_id,
-            "period_id": period_id,
+            "budget_id": state.budget_id,
+            "period_id": state.period_id,
             "kind": kind,
             "payload": {
                 "id": alert_id,
                 "type": EVENT_TYPES[kind],
-                "budget_id": budget_id,
+                "budget_id": state.budget_id,
                 "created_at": iso(now),
                 **details,
             },

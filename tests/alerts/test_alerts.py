@@ -5,6 +5,7 @@ request path. Both ledgers; a real HTTP receiver."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,14 +22,18 @@ from tests.servers import ServerThread
 
 
 class Receiver:
-    """The webhook: records what it is sent; answers 500 to the first `fail` POSTs."""
+    """The webhook: records what it is sent; answers 500 to the first `fail` POSTs; holds every
+    POST while `gate` is closed."""
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
         self.fail = 0
+        self.gate = threading.Event()
+        self.gate.set()
         self.server = ServerThread(Starlette(routes=[Route("/hook", self.hook, methods=["POST"])]))
 
     async def hook(self, request: Request) -> Response:
+        await asyncio.to_thread(self.gate.wait, 10)
         if self.fail > 0:
             self.fail -= 1
             return Response(status_code=500)
@@ -53,6 +58,7 @@ async def gw(
 ) -> AsyncIterator[Gateway]:
     receiver.events.clear()
     receiver.fail = 0
+    receiver.gate.set()
     settings = make_settings(
         database_url, mock_upstream.url, alert_webhook_url=f"{receiver.server.url}/hook"
     )
@@ -109,8 +115,11 @@ async def test_exhausted_alerts_once_from_the_refusals_without_waiting_for_them(
 ) -> None:
     key = await gw.create_key(alias="small", max_budget=0.015)
     assert (await gw.chat(key["key"])).status_code == 200
+    receiver.gate.clear()  # the webhook holds every POST: a request waiting for it would hang
     refused = await asyncio.gather(*(gw.chat(key["key"]) for _ in range(5)))
     assert [r.status_code for r in refused] == [429] * 5
+    assert receiver.events == []  # answered while the alert was still on its way
+    receiver.gate.set()
     await until(lambda: receiver.of("exhausted"))
     assert await run_alerts(alerts(gw)) == (0, 0)
     assert (await gw.chat(key["key"])).status_code == 429
