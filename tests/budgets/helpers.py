@@ -30,6 +30,29 @@ class Flight:
     admission: Admission
 
 
+def admit_request(
+    gw: Gateway,
+    plaintext_key: str,
+    amount: int,
+    request_id: str | None = None,
+    model: str | None = "bg-test",
+    endpoint: str = "/chat/completions",
+    stream: bool = False,
+) -> AdmitRequest:
+    """What the request path asks the hot ledger for, starting now."""
+    started = gw.clock.now()
+    return AdmitRequest(
+        key_hash=hash_key(plaintext_key),
+        request_id=request_id or f"req_{uuid.uuid4().hex}",
+        model=model,
+        endpoint=endpoint,
+        stream=stream,
+        amount=amount,
+        started_at=started,
+        expires_at=started + timedelta(seconds=gw.settings.reservation_ttl_seconds),
+    )
+
+
 async def admit(
     gw: Gateway,
     plaintext_key: str,
@@ -45,17 +68,8 @@ async def admit(
     (app.proxy.service.Gateway._admit): roll the periods it reports expired, then try again, at
     most 5 times. `reverse_rolls` hands roll_periods the expired periods in the opposite order
     (the roll must impose its own lock order)."""
-    started = gw.clock.now()
-    req = AdmitRequest(
-        key_hash=hash_key(plaintext_key),
-        request_id=request_id or f"req_{uuid.uuid4().hex}",
-        model=model,
-        endpoint=endpoint,
-        stream=stream,
-        amount=amount,
-        started_at=started,
-        expires_at=started + timedelta(seconds=gw.settings.reservation_ttl_seconds),
-    )
+    req = admit_request(gw, plaintext_key, amount, request_id, model, endpoint, stream)
+    started = req.started_at
     for _ in range(5):
         result = await gw.state.gateway.hot.admit(req, gw.clock.now())
         if result.expired_periods:

@@ -1,6 +1,7 @@
 """PostgreSQL group commit per key (app/budgets/hotpath.py, PostgresHotLedger): the steps of a
-key that arrive while one of its batches runs share the next batch (a transaction per kind of
-step); one step's error fails only that step; a lost connection fails its batch and nothing after it; several
+key that arrive while one of its batches runs share the next batch (a statement and a
+transaction per kind of step), decided exactly as if they had come one at a time; one step's
+error fails only that step; a lost connection fails its batch and nothing after it; several
 processes racing on one key still admit exactly what fits."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from app.budgets import hotpath
 from app.budgets.hotpath import PostgresHotLedger
 from app.budgets.repository import Outcome
 from app.ledger.repository import reconcile
-from tests.budgets.helpers import Flight, admit, settle
+from tests.budgets.helpers import Flight, admit, admit_request, settle
 from tests.conftest import Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -209,3 +210,118 @@ async def test_two_processes_race_on_shared_keys_and_admit_exactly_what_fits(
         for recorded in (steps_one, steps_two):
             assert max(len(b) for b in recorded) > 1, recorded
         assert (await reconcile(one.state.engine)).ok
+
+
+def count_admit_statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many statements each admit run of the ledger sends (one per _columns call)."""
+    calls: list[int] = []
+    real = hotpath._columns
+
+    def counting(steps: list[Any], skip: int = 0) -> list[list[Any]]:
+        if skip:  # (admits: the key hash is not a column)
+            calls.append(len(steps))
+        return real(steps, skip)
+
+    monkeypatch.setattr(hotpath, "_columns", counting)
+    return calls
+
+
+async def test_a_batch_that_does_not_all_fit_is_decided_one_step_at_a_time_in_order(
+    gw: Gateway, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some of the batch fit, some do not: the steps run again one by one, each decided on what
+    the ones before it left, exactly as if they had come one at a time."""
+    key = await gw.create_key(alias="b", max_budget=0.06)
+    batches = record_batches(gw)
+    statements = count_admit_statements(monkeypatch)
+    cents = [2, 2, 2, 1, 3, 1]
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        rest = [asyncio.ensure_future(admit(gw, key["key"], c * CENT)) for c in cents]
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted
+    # held 1: +2 = 3, +2 = 5, +2 > 6 no, +1 = 6, then the budget is reached: no, no
+    admitted = [f.admission.admitted for f in await asyncio.gather(*rest)]
+    assert admitted == [True, True, False, True, False, False]
+    assert batches == [["admit"], ["admit"] * 6]
+    assert statements == [1, 6, 1, 1, 1, 1, 1, 1]  # the batch undecided, then one by one
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["reserved"] == 0.06
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM reservations") == 4
+        rejected = "SELECT count(*) FROM ledger_entries WHERE outcome = 'rejected'"
+        assert await conn.fetchval(rejected) == 3
+    finally:
+        await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
+    gw: Gateway, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=0.03)
+    assert (await admit(gw, key["key"], 2 * CENT)).admission.admitted
+    statements = count_admit_statements(monkeypatch)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        rest = [asyncio.ensure_future(admit(gw, key["key"], 2 * CENT)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted  # the budget is reached with it
+    flights = await asyncio.gather(*rest)
+    assert not any(f.admission.admitted for f in flights)
+    assert all(f.admission.periods[0].remaining == 0 for f in flights)
+    assert statements == [1, 4]
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        rejected = "SELECT count(*) FROM ledger_entries WHERE outcome = 'rejected'"
+        assert await conn.fetchval(rejected) == 4
+        assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 3 * CENT
+    finally:
+        await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_batch_admits_each_step_for_its_own_model(gw: Gateway, postgres_url: str) -> None:
+    key = await gw.create_key(alias="b", max_budget=1, models=["bg-test"])
+    hot = gw.state.gateway.hot
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        allowed = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(2)]
+        other = admit_request(gw, key["key"], CENT, model="gpt-other")
+        refused = asyncio.ensure_future(hot.admit(other, gw.clock.now()))
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted
+    assert all(f.admission.admitted for f in await asyncio.gather(*allowed))
+    result = await refused
+    assert result.key is not None and result.admission is None
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["reserved"] == 0.03
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_settle_batch_leaves_out_a_request_settled_already(
+    gw: Gateway, postgres_url: str
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    one, two, three = [await admit(gw, key["key"], 5 * CENT) for _ in range(3)]
+    done = Outcome("ok", 2 * CENT, "usage", 1, 1, 200)
+    assert await settle(gw, two.info, done) is not None
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(settle(gw, one.info, done))
+        await until_waiting(postgres_url)
+        again = asyncio.ensure_future(settle(gw, two.info, done))
+        last = asyncio.ensure_future(settle(gw, three.info, done))
+        await asyncio.sleep(0.05)
+    assert await first is not None
+    assert await again is None
+    states = await last
+    assert states is not None and states[0].spend == 6 * CENT and states[0].reserved == 0
+    assert batches == [["settle"], ["settle"] * 2]
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["spend"] == 0.06 and got["reserved"] == 0.0
+    assert (await reconcile(gw.state.engine)).ok
