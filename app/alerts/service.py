@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import Table, and_, exists, select, update
+from sqlalchemy import Table, and_, exists, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -45,6 +45,10 @@ EVENT_TYPES = {"soft_budget": "budget.soft_budget_crossed", "exhausted": "budget
 MAX_ATTEMPTS = 12  # backoff 2 s, 4 s, ... capped at 1 h: about 5 hours of retries
 CLAIM_SECONDS = 60  # a claimed alert is another replica's again after this (a crashed sender)
 POST_TIMEOUT_SECONDS = 10
+# A soft-budget crossing in a period that closed before the scheduler's next pass is still
+# alerted if the period closed this recently (older history is not: turning alerts on must not
+# replay it).
+RECENTLY_CLOSED = timedelta(hours=1)
 
 
 def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState) -> dict[str, Any]:
@@ -72,10 +76,12 @@ class AlertService:
     # -- recording -------------------------------------------------------------------------
 
     async def record_soft_crossings(self) -> int:
-        """Record an alert for every open period at or past its budget's soft budget that has
-        none yet; returns how many this call recorded."""
+        """Record an alert for every period at or past its budget's soft budget that has none
+        yet: the open ones, and those closed within the last RECENTLY_CLOSED (a crossing in a
+        period that ended before this pass); returns how many this call recorded."""
         if self.webhook_url is None:
             return 0
+        closed_since = self.clock.now() - RECENTLY_CLOSED
         already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == "soft_budget"))
         query = (
             select(
@@ -93,7 +99,7 @@ class AlertService:
             .join(B, B.c.id == P.c.budget_id)
             .join(K, K.c.id == B.c.key_id)
             .where(
-                P.c.closed_at.is_(None),
+                or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
                 B.c.soft_budget.is_not(None),
                 P.c.spend >= B.c.soft_budget,
                 P.c.spend > 0,

@@ -678,6 +678,7 @@ class PostgresHotLedger:
     reservation, a re-run settle nothing to settle)."""
 
     MAX_BATCH = 200  # steps per transaction
+    IN_FLIGHT = int(__import__("os").environ.get("INFLIGHT", "1"))
 
     def __init__(self, dsn: str, pool_size: int) -> None:
         self.dsn = dsn
@@ -686,6 +687,7 @@ class PostgresHotLedger:
         self._lock = asyncio.Lock()
         self._queues: dict[str, list[_PgStep]] = {}  # key -> steps waiting for its next batch
         self._drains: set[asyncio.Task[None]] = set()
+        self._running: dict[str, int] = {}
         self._key_ids: dict[str, str] = {}  # key hash -> key id (batching only)
 
     async def _acquire_pool(self) -> Any:
@@ -713,11 +715,9 @@ class PostgresHotLedger:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         step = _PgStep(query, args, loop.create_future(), convert)
-        queue = self._queues.get(key)
-        if queue is not None:  # a batch of this key is running: join the next one
-            queue.append(step)
-        else:
-            self._queues[key] = [step]
+        self._queues.setdefault(key, []).append(step)
+        if self._running.get(key, 0) < self.IN_FLIGHT:
+            self._running[key] = self._running.get(key, 0) + 1
             task = loop.create_task(self._drain(key))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
@@ -725,10 +725,12 @@ class PostgresHotLedger:
 
     async def _drain(self, key: str) -> None:
         """Run the key's queued steps, a batch at a time, until none are left."""
-        queue = self._queues[key]
+        batch: list[_PgStep] = []
         try:
-            while queue:
+            while queue := self._queues.get(key):
                 batch, queue[:] = queue[: self.MAX_BATCH], queue[self.MAX_BATCH :]
+                if not queue:
+                    del self._queues[key]
                 try:
                     await self._execute([s for s in batch if not s.future.cancelled()])
                 except BaseException as exc:  # a lost connection, a cancel at shutdown, a bug
@@ -737,9 +739,11 @@ class PostgresHotLedger:
                     if not isinstance(exc, Exception):
                         raise
         finally:
-            del self._queues[key]
-            for step in queue:  # only when cancelled
-                step.future.cancel()
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+                for step in self._queues.pop(key, []):  # only when cancelled
+                    step.future.cancel()
 
     async def _execute(self, batch: list[_PgStep]) -> None:
         """Run a batch: its settles (what they free is there for the admits), then its admits,

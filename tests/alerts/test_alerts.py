@@ -102,6 +102,29 @@ async def test_soft_budget_alerts_once_per_period_and_again_next_period(
     assert second["period_start"] == first["period_end"]
 
 
+async def test_a_crossing_in_a_period_that_ended_before_the_pass_is_still_alerted(
+    gw: Gateway, receiver: Receiver
+) -> None:
+    old = await gw.create_key(max_budget=1, soft_budget=0.015, budget_duration="1d")
+    for _ in range(2):  # $0.02: crossed, and no pass before its period ends
+        assert (await gw.chat(old["key"])).status_code == 200
+    gw.clock.advance(24 * 3600)
+    assert (await gw.chat(old["key"])).status_code == 200  # rolls: the new period has $0.01
+    gw.clock.advance(2 * 3600)  # closed over an hour ago: history, not alerted
+    assert await run_alerts(alerts(gw)) == (0, 0)
+
+    key = await gw.create_key(max_budget=1, soft_budget=0.015, budget_duration="1d")
+    for _ in range(2):
+        assert (await gw.chat(key["key"])).status_code == 200
+    gw.clock.advance(24 * 3600)
+    assert (await gw.chat(key["key"])).status_code == 200
+    assert await run_alerts(alerts(gw)) == (1, 1)
+    (event,) = receiver.of("soft_budget_crossed")
+    assert event["key_id"] == key["id"] and event["spend"] == 0.02
+    assert event["period_end"] == key["reset_at"]
+    assert await run_alerts(alerts(gw)) == (0, 0)
+
+
 async def test_soft_budget_zero_alerts_on_the_first_spend(gw: Gateway, receiver: Receiver) -> None:
     key = await gw.create_key(max_budget=1, soft_budget=0)
     assert await run_alerts(alerts(gw)) == (0, 0)  # nothing spent yet
