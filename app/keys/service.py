@@ -161,7 +161,7 @@ class KeyService:
                 raise NotFound(f"no key with id '{key_id}'")
             budgets = await repo.budgets_with_open_periods(conn, [key_id])
             await conn.rollback()
-        return render_key(key, budgets)
+        return render_key(key, budgets, self.clock.now())
 
     async def list_keys(
         self, alias: str | None, cursor: str | None, limit: int
@@ -180,7 +180,8 @@ class KeyService:
         for b in budgets:
             by_key.setdefault(b.key_id, []).append(b)
         next_cursor = encode_cursor(page[-1].id) if len(keys) > limit else None
-        return [render_key(k, by_key.get(k.id, [])) for k in page], next_cursor
+        now = self.clock.now()
+        return [render_key(k, by_key.get(k.id, []), now) for k in page], next_cursor
 
     async def update(self, key_id: str, body: KeyUpdate) -> KeyOut:
         changes = body.model_dump(exclude_unset=True)
@@ -332,7 +333,10 @@ def _budget_out(b: Row[Any]) -> BudgetOut:
     )
 
 
-def render_key(key: Row[Any], budgets: list[Row[Any]]) -> KeyOut:
+def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
+    """The key object; its status is "expired" (not stored: derived) once an active key's
+    expires_at has passed."""
+    expired = key.expires_at is not None and key.expires_at <= now
     primary = next(b for b in budgets if b.kind == "primary")
     windows = [_budget_out(b) for b in budgets if b.kind != "primary"]
     p = _budget_out(primary)
@@ -340,7 +344,7 @@ def render_key(key: Row[Any], budgets: list[Row[Any]]) -> KeyOut:
         id=key.id,
         alias=key.alias,
         key_prefix=key.key_prefix,
-        status=key.status,
+        status="expired" if key.status == "active" and expired else key.status,
         mode=key.mode,
         max_budget=p.max_budget,
         budget_duration=p.budget_duration,

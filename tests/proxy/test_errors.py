@@ -140,6 +140,10 @@ async def test_revoked_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
         r, 401, type="authentication_error", code="invalid_api_key", in_message=("revoked",)
     )
     assert key["key"] not in err["message"]
+    shown = (await gateway.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert key["status"] == "active" and shown["status"] == "expired"
+    listed = (await gateway.admin("GET", "/admin/keys")).json()["data"]
+    assert [k["status"] for k in listed if k["id"] == key["id"]] == ["expired"]
     r = await gateway.client.get("/v1/models", headers=bearer(key["key"]))
     assert_openai_error(r, 401, code="invalid_api_key", in_message=("revoked",))
     r = await gateway.client.get("/v1/budget", headers=bearer(key["key"]))
@@ -162,6 +166,10 @@ async def test_expired_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
         r, 401, type="authentication_error", code="invalid_api_key", in_message=("expired",)
     )
     assert key["key"] not in err["message"]
+    shown = (await gateway.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert key["status"] == "active" and shown["status"] == "expired"
+    listed = (await gateway.admin("GET", "/admin/keys")).json()["data"]
+    assert [k["status"] for k in listed if k["id"] == key["id"]] == ["expired"]
     r = await gateway.client.get("/v1/models", headers=bearer(key["key"]))
     assert_openai_error(r, 401, code="invalid_api_key", in_message=("expired",))
     assert await upstream_requests(mock_upstream.url) == before
@@ -175,6 +183,7 @@ async def test_expired_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
     later = (gateway.clock.now() + timedelta(days=1)).isoformat()
     r = await gateway.admin("PATCH", f"/admin/keys/{past['id']}", json={"expires_at": later})
     assert r.status_code == 200, r.text
+    assert past["status"] == "expired" and r.json()["status"] == "active"
     assert (await gateway.chat(past["key"])).status_code == 200
 
 
