@@ -673,12 +673,11 @@ class PostgresHotLedger:
     Lock order: a batch only touches one key's periods, and every statement locks periods in
     ascending id order. A step's error (a deadlock all the same, a duplicate request id) rolls
     its transaction back: those steps then run again one by one, each in its own transaction,
-    so that only the failing one fails. A lost connection fails every step
-    not yet committed (their commit is unknown: a re-run admit would find its own
-    reservation, a re-run settle nothing to settle)."""
+    so that only the failing one fails. A lost connection fails every step not yet committed
+    (their commit is unknown: a re-run admit would find its own reservation, a re-run settle
+    nothing to settle)."""
 
     MAX_BATCH = 200  # steps per transaction
-    IN_FLIGHT = int(__import__("os").environ.get("INFLIGHT", "1"))
 
     def __init__(self, dsn: str, pool_size: int) -> None:
         self.dsn = dsn
@@ -687,7 +686,6 @@ class PostgresHotLedger:
         self._lock = asyncio.Lock()
         self._queues: dict[str, list[_PgStep]] = {}  # key -> steps waiting for its next batch
         self._drains: set[asyncio.Task[None]] = set()
-        self._running: dict[str, int] = {}
         self._key_ids: dict[str, str] = {}  # key hash -> key id (batching only)
 
     async def _acquire_pool(self) -> Any:
@@ -715,9 +713,11 @@ class PostgresHotLedger:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         step = _PgStep(query, args, loop.create_future(), convert)
-        self._queues.setdefault(key, []).append(step)
-        if self._running.get(key, 0) < self.IN_FLIGHT:
-            self._running[key] = self._running.get(key, 0) + 1
+        queue = self._queues.get(key)
+        if queue is not None:  # a batch of this key is running: join the next one
+            queue.append(step)
+        else:
+            self._queues[key] = [step]
             task = loop.create_task(self._drain(key))
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
@@ -725,12 +725,10 @@ class PostgresHotLedger:
 
     async def _drain(self, key: str) -> None:
         """Run the key's queued steps, a batch at a time, until none are left."""
-        batch: list[_PgStep] = []
+        queue = self._queues[key]
         try:
-            while queue := self._queues.get(key):
+            while queue:
                 batch, queue[:] = queue[: self.MAX_BATCH], queue[self.MAX_BATCH :]
-                if not queue:
-                    del self._queues[key]
                 try:
                     await self._execute([s for s in batch if not s.future.cancelled()])
                 except BaseException as exc:  # a lost connection, a cancel at shutdown, a bug
@@ -739,11 +737,9 @@ class PostgresHotLedger:
                     if not isinstance(exc, Exception):
                         raise
         finally:
-            self._running[key] -= 1
-            if not self._running[key]:
-                del self._running[key]
-                for step in self._queues.pop(key, []):  # only when cancelled
-                    step.future.cancel()
+            del self._queues[key]
+            for step in queue:  # only when cancelled
+                step.future.cancel()
 
     async def _execute(self, batch: list[_PgStep]) -> None:
         """Run a batch: its settles (what they free is there for the admits), then its admits,
