@@ -140,10 +140,6 @@ async def test_revoked_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
         r, 401, type="authentication_error", code="invalid_api_key", in_message=("revoked",)
     )
     assert key["key"] not in err["message"]
-    shown = (await gateway.admin("GET", f"/admin/keys/{key['id']}")).json()
-    assert key["status"] == "active" and shown["status"] == "expired"
-    listed = (await gateway.admin("GET", "/admin/keys")).json()["data"]
-    assert [k["status"] for k in listed if k["id"] == key["id"]] == ["expired"]
     r = await gateway.client.get("/v1/models", headers=bearer(key["key"]))
     assert_openai_error(r, 401, code="invalid_api_key", in_message=("revoked",))
     r = await gateway.client.get("/v1/budget", headers=bearer(key["key"]))
