@@ -12,13 +12,15 @@ class Reservation(Base):
     """Money held for a request in flight, one row per period it is held against.
 
     It carries what the sweeper needs to write the ledger entry of a request whose gateway
-    died (outcome `abandoned`)."""
+    died (outcome `abandoned`). No secondary indexes: a row is written and deleted by every
+    request, and looked up only by its request id; the sweeper and reconcile scan the table
+    (only requests in flight)."""
 
     __tablename__ = "reservations"
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     period_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("budget_periods.id"), primary_key=True, index=True
+        BigInteger, ForeignKey("budget_periods.id"), primary_key=True
     )
     amount: Mapped[int] = mapped_column(Nanos)
     key_id: Mapped[str] = mapped_column(String(40))
@@ -26,4 +28,4 @@ class Reservation(Base):
     endpoint: Mapped[str] = mapped_column(String(255))
     stream: Mapped[bool] = mapped_column(Boolean)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
