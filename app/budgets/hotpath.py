@@ -568,7 +568,7 @@ WITH a AS (
                                 outcome, status_code, started_at, finished_at)
     SELECT s.request_id, (SELECT id FROM k), s.model, s.endpoint, s.stream, 0, 'none',
            'rejected', 429, s.started_at, s.now
-    FROM steps s CROSS JOIN verdict v WHERE s.key_ok AND v.current AND NOT v.fits AND v.none_fit
+    FROM steps s CROSS JOIN verdict v WHERE s.key_ok AND v.current AND v.none_fit
 )
 SELECT s.request_id, k.id AS key_id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
        per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,

@@ -287,6 +287,7 @@ async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
 async def test_a_batch_admits_each_step_for_its_own_model(gw: Gateway, postgres_url: str) -> None:
     key = await gw.create_key(alias="b", max_budget=1, models=["bg-test"])
     hot = gw.state.gateway.hot
+    batches = record_batches(gw)
     async with periods_locked(postgres_url):
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
@@ -298,6 +299,7 @@ async def test_a_batch_admits_each_step_for_its_own_model(gw: Gateway, postgres_
     assert all(f.admission.admitted for f in await asyncio.gather(*allowed))
     result = await refused
     assert result.key is not None and result.admission is None
+    assert batches == [["admit"], ["admit"] * 3]  # the refused step was one of the batch
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["reserved"] == 0.03
     assert (await reconcile(gw.state.engine)).ok
