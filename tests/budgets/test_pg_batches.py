@@ -1,8 +1,8 @@
-"""PostgreSQL group commit per key (app/budgets/hotpath.py, PostgresHotLedger): the steps of a
-key that arrive while one of its batches runs share the next batch (a statement and a
-transaction per kind of step), decided exactly as if they had come one at a time; one step's
-error fails only that step; a lost connection fails its batch and nothing after it; several
-processes racing on one key still admit exactly what fits."""
+"""PostgreSQL group commit (app/budgets/hotpath.py, PostgresHotLedger): the steps that arrive
+while a batch runs share the next batch, whatever their keys (a statement and a transaction per
+kind of step), each key's decided exactly as if they had come one at a time; one step's error
+fails only that step; a lost connection fails its batch and nothing after it; several processes
+racing on one key still admit exactly what fits."""
 
 from __future__ import annotations
 
@@ -217,10 +217,10 @@ def count_admit_statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = hotpath._columns
 
-    def counting(steps: list[Any], skip: int = 0) -> list[list[Any]]:
-        if skip:  # (admits: the key hash is not a column)
+    def counting(steps: list[Any]) -> list[list[Any]]:
+        if steps[0].query is hotpath._ADMIT:
             calls.append(len(steps))
-        return real(steps, skip)
+        return real(steps)
 
     monkeypatch.setattr(hotpath, "_columns", counting)
     return calls
@@ -281,6 +281,81 @@ async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
         assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 3 * CENT
     finally:
         await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
+    gw: Gateway, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch, three keys interleaved: the key whose steps all fit (to the last cent) is
+    reserved and the key none of whose steps fits is rejected in the batch's statement; only the
+    key whose budget ends inside the batch runs again, one step at a time. Each on its own
+    periods: the other keys' steps count for nothing in a key's verdict."""
+    fills = await gw.create_key(alias="fills", max_budget=0.05)
+    spent = await gw.create_key(alias="spent", max_budget=0.03)
+    tight = await gw.create_key(alias="tight", max_budget=0.05)
+    assert (await admit(gw, spent["key"], 2 * CENT)).admission.admitted
+    batches = record_batches(gw)
+    statements = count_admit_statements(monkeypatch)
+    order = [fills, spent, tight, fills, spent, tight, tight]
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, fills["key"], CENT))
+        await until_waiting(postgres_url)
+        hot = gw.state.gateway.hot
+        rest = [
+            asyncio.ensure_future(hot.admit(admit_request(gw, k["key"], 2 * CENT), gw.clock.now()))
+            for k in order
+        ]
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted
+    results = await asyncio.gather(*rest)
+    assert [r.key.alias for r in results] == [k["alias"] for k in order]  # type: ignore[union-attr]
+    admitted = [r.admission.admitted for r in results]  # type: ignore[union-attr]
+    # fills (1 of 5 cents held): 3, 5; spent (2 of 3 held): no, no; tight (5): 2, 4, then no
+    assert admitted == [True, False, True, True, False, True, False]
+    assert batches == [["admit"], ["admit"] * 7]
+    assert statements == [1, 7, 1, 1, 1]  # tight's three steps again, one by one
+    expected = {fills["id"]: (0.05, 3), spent["id"]: (0.02, 1), tight["id"]: (0.04, 2)}
+    for key_id, (reserved, open_reservations) in expected.items():
+        got = (await gw.admin("GET", f"/admin/keys/{key_id}")).json()
+        assert got["reserved"] == reserved, got
+        conn = await asyncpg.connect(dsn(postgres_url))
+        try:
+            held = "SELECT count(*) FROM reservations WHERE key_id = $1"
+            assert await conn.fetchval(held, key_id) == open_reservations
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        rejected = "SELECT key_id, count(*) FROM ledger_entries WHERE outcome = 'rejected' "
+        counts = dict(await conn.fetch(rejected + "GROUP BY key_id"))
+        assert counts == {spent["id"]: 2, tight["id"]: 1}
+    finally:
+        await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_an_unknown_key_in_a_batch_is_unauthenticated_and_its_mates_admitted(
+    gw: Gateway, postgres_url: str
+) -> None:
+    key = await gw.create_key(alias="b", max_budget=1)
+    hot = gw.state.gateway.hot
+    batches = record_batches(gw)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await until_waiting(postgres_url)
+        unknown = asyncio.ensure_future(
+            hot.admit(admit_request(gw, "sk-bg-" + "0" * 40, CENT), gw.clock.now())
+        )
+        known = asyncio.ensure_future(admit(gw, key["key"], CENT))
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted
+    result = await unknown
+    assert result.key is None and result.admission is None
+    assert (await known).admission.admitted
+    assert batches == [["admit"], ["admit"] * 2]
+    got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
+    assert got["reserved"] == 0.02
     assert (await reconcile(gw.state.engine)).ok
 
 
