@@ -408,10 +408,14 @@ class Target:
     name: str  # baseline | sqlite | pg
     label: str
     url: str
-    key: str
+    keys: list[str]  # API keys the load generators take turns with, request by request
     proc: Proc
     env: dict[str, str] | None = None  # the gateway's env (for reconcile)
     postmaster: int | None = None  # its PostgreSQL cluster (CPU accounting)
+
+    @property
+    def key(self) -> str:
+        return self.keys[0] if self.keys else ""
 
     @property
     def gateway(self) -> bool:
@@ -486,15 +490,18 @@ class Bench:
         argv += ["--workers", str(self.args.workers)]
         url = f"http://127.0.0.1:{port}"
         proc = self.start(name, argv, env, url + "/healthz", group=self.args.workers > 1)
-        status, out = http(
-            "POST",
-            url + "/admin/keys",
-            {"alias": f"bench-{name}", "max_budget": MAX_BUDGET},
-            {"authorization": f"Bearer {ADMIN_KEY}"},
-        )
-        if status != 201:
-            raise RuntimeError(f"{name}: creating the bench key failed: {status} {out[:500]!r}")
-        return Target(name, label, url, json.loads(out)["key"], proc, env)
+        keys = []
+        for i in range(self.args.keys):
+            status, out = http(
+                "POST",
+                url + "/admin/keys",
+                {"alias": f"bench-{name}-{i}", "max_budget": MAX_BUDGET},
+                {"authorization": f"Bearer {ADMIN_KEY}"},
+            )
+            if status != 201:
+                raise RuntimeError(f"{name}: creating a bench key failed: {status} {out[:500]!r}")
+            keys.append(json.loads(out)["key"])
+        return Target(name, label, url, keys, proc, env)
 
     def setup(self) -> None:
         self.write_inputs()
@@ -557,7 +564,7 @@ class Bench:
             say(f"bench: no LiteLLM row: {self.litellm_note}")
             return
         say(f"bench: LiteLLM ready in {time.monotonic() - started:.1f}s")
-        self.targets.append(Target("litellm", "litellm", url, LITELLM_MASTER_KEY, proc))
+        self.targets.append(Target("litellm", "litellm", url, [LITELLM_MASTER_KEY], proc))
 
     def setup_servers(self) -> str:
         """Mock upstream, baseline and gateways; returns the mock upstream's URL."""
@@ -591,7 +598,7 @@ class Bench:
             url + "/v1/models",
             group=self.args.workers > 1,
         )
-        self.targets.append(Target("baseline", "baseline", url, "", proc))
+        self.targets.append(Target("baseline", "baseline", url, [], proc))
 
         kinds = ("durable", "fast") if self.args.ledger == "both" else (self.args.ledger,)
         for kind in kinds:
@@ -669,7 +676,7 @@ class Bench:
 
     def run_wrk(self, t: Target, conns: int, duration: float) -> dict[str, Any]:
         assert self.json_body is not None
-        env = dict(os.environ, BENCH_BODY_FILE=str(self.json_body), BENCH_KEY=t.key)
+        env = dict(os.environ, BENCH_BODY_FILE=str(self.json_body), BENCH_KEY=",".join(t.keys))
         argv = [
             self.wrk, "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency",
             "--timeout", "10s", "-s", str(BENCH / "post.lua"), t.url,
@@ -686,7 +693,7 @@ class Bench:
         out = self.tmp / "stream-result.json"
         argv = [
             sys.executable, str(BENCH / "stream_client.py"),
-            "--url", t.url, "--key", t.key, "--body-file", str(self.stream_body),
+            "--url", t.url, "--key", ",".join(t.keys), "--body-file", str(self.stream_body),
             "--concurrency", str(conc), "--duration", str(duration),
             "--warmup", str(warmup), "--out", str(out),
         ]  # fmt: skip
@@ -788,7 +795,7 @@ class Bench:
                 t.env,
                 url + "/healthz",
             )
-            probe = Target(t.name, t.label, url, t.key, proc)
+            probe = Target(t.name, t.label, url, t.keys, proc)
             try:
                 for conns in (1, 32):
                     self.run_wrk(probe, conns, 1)  # warm up, then count from zero
@@ -1280,6 +1287,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke test")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL gateway")
     p.add_argument(
+        "--keys",
+        type=int,
+        default=1,
+        help="API keys per gateway, each with its own budget; the load generators take turns "
+        "with them request by request (default 1: every request on one key, its budget's row "
+        "the one all of them update)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -1376,7 +1391,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         if summary:
-            pg_note = f", ledger: {args.ledger}"
+            pg_note = f", ledger: {args.ledger}" + (
+                f", {args.keys} API keys per gateway" if args.keys > 1 else ", one API key"
+            )
             print(
                 f"budgetgate bench: {args.rounds} round(s) × {args.duration:g} s per run, "
                 f"{os.cpu_count()} CPUs, wrk 1 thread; stream runs by bench/stream_client.py; "

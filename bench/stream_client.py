@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import resource
 import sys
@@ -39,8 +40,7 @@ def _cpu() -> float:
 
 async def run(args: argparse.Namespace, body: bytes) -> dict[str, object]:
     headers = {"content-type": "application/json"}
-    if args.key:
-        headers["authorization"] = f"Bearer {args.key}"
+    keys = itertools.cycle([f"Bearer {k}" for k in args.key.split(",") if k] or [""])
     if args.delay_ms:
         headers["x-mock-delay-ms"] = str(args.delay_ms)
     url = args.url.rstrip("/") + args.path
@@ -61,7 +61,9 @@ async def run(args: argparse.Namespace, body: bytes) -> dict[str, object]:
         async def one() -> None:
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers=headers) as resp:
+                key = next(keys)
+                sent = headers | {"authorization": key} if key else headers
+                async with session.post(url, data=body, headers=sent) as resp:
                     first = await resp.content.readany()
                     t1 = time.perf_counter()
                     tail = first[-256:]
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="streaming load client (TTFB + total per request)")
     p.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--path", default="/v1/chat/completions")
-    p.add_argument("--key", default="")
+    p.add_argument("--key", default="", help="API key; several, comma-separated: in turn")
     p.add_argument("--body-file", required=True)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0)
