@@ -123,12 +123,12 @@ def _sqlite_parse(value: str | None) -> datetime | None:
 
 _SQLITE_AUTH = """
 SELECT k.id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
-       b.id, b.kind, p.id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved
+       b.id, b.kind, p.id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved,
+       k.key_hash
 FROM api_keys k
 LEFT JOIN budgets b ON b.key_id = k.id
 LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
-WHERE k.key_hash = ?
-ORDER BY p.id
+WHERE k.key_hash IN ({})
 """
 _SQLITE_RELEASE = """
 DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?))
@@ -186,18 +186,17 @@ def _sqlite_admit(
 ) -> list[AdmitResult]:
     """Admit requests in order, as if one by one: each is decided on the periods' money as the
     ones before it left it. The batch's transaction holds SQLite's write lock, so what it reads
-    stays true until its commit: each key is read once, the decisions are made here (the same
-    comparison as everywhere: PeriodState.fits), and the periods are written once."""
-    keys: dict[str, tuple[KeyContext, list[Any]] | None] = {}
+    stays true until its commit: the keys are read once, in one query, the decisions are made
+    here (the same comparison as everywhere: PeriodState.fits), and the periods are written
+    once."""
     money: dict[int, PeriodState] = {}  # period id -> its money, with this batch's reservations
+    keys = _sqlite_read_keys(conn, {req.key_hash for req, _ in steps}, money)
     held: dict[int, int] = {}  # period id -> what this batch reserved on it
     reservations: list[tuple[Any, ...]] = []
     rejections: list[tuple[Any, ...]] = []
     results: list[AdmitResult] = []
     for req, now in steps:
-        if req.key_hash not in keys:
-            keys[req.key_hash] = _sqlite_read_key(conn, req.key_hash, money)
-        found = keys[req.key_hash]
+        found = keys.get(req.key_hash)
         if found is None:
             results.append(AdmitResult(None, None, []))
             continue
@@ -242,28 +241,34 @@ def _sqlite_admit(
     return results
 
 
-def _sqlite_read_key(
-    conn: sqlite3.Connection, key_hash: str, money: dict[int, PeriodState]
-) -> tuple[KeyContext, list[Any]] | None:
-    """The key and its budgets' open periods (rows, ascending period id), their money into
-    `money`; None when there is no such key."""
-    rows = conn.execute(_SQLITE_AUTH, (key_hash,)).fetchall()
-    if not rows:
-        return None
-    first = rows[0]
-    periods = [r for r in rows if r[8] is not None]
-    key = KeyContext(
-        id=first[0],
-        alias=first[1],
-        key_prefix=first[2],
-        status=first[3],
-        models=json.loads(first[4]) if first[4] else [],
-        expires_at=_sqlite_parse(first[5]),
-        budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
-    )
-    for r in periods:
-        money[r[8]] = _sqlite_state((r[6], r[8], r[9], r[10], r[11], r[12], r[13]))
-    return key, periods
+def _sqlite_read_keys(
+    conn: sqlite3.Connection, key_hashes: set[str], money: dict[int, PeriodState]
+) -> dict[str, tuple[KeyContext, list[Any]]]:
+    """Each key there is among `key_hashes`, and its budgets' open periods (rows, ascending
+    period id), in one query; their money into `money`."""
+    sql = _SQLITE_AUTH.format(", ".join("?" * len(key_hashes)))  # (cached per count)
+    rows_of: dict[str, list[Any]] = {}
+    for row in conn.execute(sql, tuple(key_hashes)):
+        rows_of.setdefault(row[14], []).append(row)
+    keys: dict[str, tuple[KeyContext, list[Any]]] = {}
+    for key_hash, rows in rows_of.items():
+        first = rows[0]
+        periods = sorted((r for r in rows if r[8] is not None), key=lambda r: r[8])
+        keys[key_hash] = (
+            KeyContext(
+                id=first[0],
+                alias=first[1],
+                key_prefix=first[2],
+                status=first[3],
+                models=json.loads(first[4]) if first[4] else [],
+                expires_at=_sqlite_parse(first[5]),
+                budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
+            ),
+            periods,
+        )
+        for r in periods:
+            money[r[8]] = _sqlite_state((r[6], r[8], r[9], r[10], r[11], r[12], r[13]))
+    return keys
 
 
 def _sqlite_settle(

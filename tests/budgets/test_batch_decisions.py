@@ -1,7 +1,8 @@
 """Steps run together in one batch decide exactly as they would one by one (SQLite decides a
-batch's admits in Python on the key it read once, app/budgets/hotpath.py `_sqlite_admit`;
-PostgreSQL runs them as pipelined statements): order is kept, every budget of a key counts, a
-refusal reserves nothing, and a batch's settles charge each request once. On both ledgers."""
+batch's admits in Python on the keys it read in one query, app/budgets/hotpath.py
+`_sqlite_admit`; PostgreSQL in one statement over arrays, each key on its own): order is kept,
+every budget of a key counts, a refusal reserves nothing, and a batch's settles charge each
+request once. On both ledgers."""
 
 from __future__ import annotations
 
