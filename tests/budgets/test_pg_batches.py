@@ -10,6 +10,7 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -330,6 +331,42 @@ async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
         rejected = "SELECT key_id, count(*) FROM ledger_entries WHERE outcome = 'rejected' "
         counts = dict(await conn.fetch(rejected + "GROUP BY key_id"))
         assert counts == {spent["id"]: 2, tight["id"]: 1}
+    finally:
+        await conn.close()
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_key_whose_period_ended_does_not_hold_up_its_batch_mates(
+    gw: Gateway, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one batch, the key whose period has ended is told so (its caller rolls the period and
+    tries again), and nothing is written for it; the other key's step is reserved by the same
+    statement."""
+    ended = await gw.create_key(alias="ended", max_budget=1, budget_duration="1h")
+    other = await gw.create_key(alias="other", max_budget=1)
+    gw.clock.advance(timedelta(hours=2))
+    hot = gw.state.gateway.hot
+    statements = count_admit_statements(monkeypatch)
+    async with periods_locked(postgres_url):
+        first = asyncio.ensure_future(admit(gw, other["key"], CENT))
+        await until_waiting(postgres_url)
+        stale = asyncio.ensure_future(
+            hot.admit(admit_request(gw, ended["key"], CENT), gw.clock.now())
+        )
+        fresh = asyncio.ensure_future(
+            hot.admit(admit_request(gw, other["key"], CENT), gw.clock.now())
+        )
+        await asyncio.sleep(0.05)
+    assert (await first).admission.admitted
+    result = await stale
+    assert result.admission is None and len(result.expired_periods) == 1
+    fresh_result = await fresh
+    assert fresh_result.admission is not None and fresh_result.admission.admitted
+    assert statements == [1, 2]  # decided in the batch's statement, not run again
+    conn = await asyncpg.connect(dsn(postgres_url))
+    try:
+        held = "SELECT key_id, sum(amount) FROM reservations GROUP BY key_id"
+        assert dict(await conn.fetch(held)) == {other["id"]: 2 * CENT}
     finally:
         await conn.close()
     assert (await reconcile(gw.state.engine)).ok
