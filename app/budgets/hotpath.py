@@ -546,19 +546,27 @@ WITH a AS (
                     OR (p.spend + p.reserved < p.max_budget
                         AND p.spend + p.reserved + s.amount <= p.max_budget)) AS alone
     FROM steps s JOIN per p ON p.key_id = s.key_id WHERE s.key_ok GROUP BY s.n, s.key_id
+), per_key AS (
+    SELECT key_id, count(*) AS periods,
+           bool_and(period_end IS NULL OR period_end > (SELECT max(now) FROM a)) AS unexpired
+    FROM per GROUP BY key_id
+), budgets_key AS (
+    SELECT key_id, count(*) AS budgets FROM budgets WHERE key_id IN (SELECT id FROM k)
+    GROUP BY key_id
+), judged_key AS (
+    SELECT key_id, bool_and(in_turn) AS fits, NOT bool_or(alone) AS none_fit
+    FROM judged GROUP BY key_id
 ), verdict AS (
     SELECT k.id AS key_id,
         -- every budget's open period, none expired: a period closed by a concurrent roll
         -- while we waited for its lock drops out of `per` (its new one is not in our
         -- snapshot), so the count tells us to look again
-        coalesce((SELECT bool_and(p.period_end IS NULL OR p.period_end > (SELECT max(now) FROM a))
-                  FROM per p WHERE p.key_id = k.id), true)
-            AND (SELECT count(*) FROM per p WHERE p.key_id = k.id)
-                = (SELECT count(*) FROM budgets b WHERE b.key_id = k.id) AS current,
-        coalesce((SELECT bool_and(in_turn) FROM judged j WHERE j.key_id = k.id), true) AS fits,
-        coalesce((SELECT NOT bool_or(alone) FROM judged j WHERE j.key_id = k.id), false)
-            AS none_fit
-    FROM k
+        coalesce(pk.unexpired, true)
+            AND coalesce(pk.periods, 0) = coalesce(bk.budgets, 0) AS current,
+        coalesce(jk.fits, true) AS fits,
+        coalesce(jk.none_fit, false) AS none_fit
+    FROM k LEFT JOIN per_key pk ON pk.key_id = k.id LEFT JOIN budgets_key bk ON bk.key_id = k.id
+         LEFT JOIN judged_key jk ON jk.key_id = k.id
 ), held AS (
     SELECT key_id, sum(amount) AS amount FROM steps WHERE key_ok GROUP BY key_id
 ), upd AS (
