@@ -8,7 +8,7 @@ from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from app.budgets import periods
@@ -245,12 +245,21 @@ def test_default_anchor_starts_the_period_of_creation(
 
 @PROPS
 @given(instants, durations, zones)
+# A wall time that never was (Sao Paulo skipped 00:00-01:00 that night): the instant is
+# 2008-10-18 23:00 local, so its day starts on the 18th.
+@example(
+    datetime(2008, 10, 19, 0, 0, fold=1, tzinfo=SAO_PAULO),
+    Duration(1, "d"),
+    SAO_PAULO,
+)
 def test_default_anchor_is_aligned_to_the_unit(
     created: datetime, duration: Duration, tz: ZoneInfo
 ) -> None:
     anchor = default_anchor(created, duration, tz)
     local = anchor.astimezone(tz)
-    created_local = created.astimezone(tz)
+    # The instant's real wall time (via UTC: astimezone to the zone `created` already has
+    # would return it as is, even when it names a time skipped by a DST change).
+    created_local = created.astimezone(UTC).astimezone(tz)
     unit = duration.unit
     if unit in ("s", "m", "h"):
         size = {"s": timedelta(seconds=1), "m": timedelta(minutes=1), "h": timedelta(hours=1)}
