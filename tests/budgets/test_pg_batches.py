@@ -54,22 +54,28 @@ def record_batches(gw: Gateway) -> list[list[str]]:
 
 
 @asynccontextmanager
-async def periods_locked(url: str) -> AsyncIterator[asyncpg.Connection]:
-    """Another session holds every period row: the ledger's next step waits for it."""
+async def connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A session of the test's own on the ledger database."""
     conn = await asyncpg.connect(dsn(url))
     try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def periods_locked(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """Another session holds every period row: the ledger's next step waits for it."""
+    async with connected(url) as conn:
         async with conn.transaction():
             await conn.execute("SELECT id FROM budget_periods FOR UPDATE")
             yield conn
-    finally:
-        await conn.close()
 
 
 async def until_waiting(url: str) -> list[int]:
     """The pids of the sessions waiting for a lock, once there is one. (Its own connection:
     the lock holder's transaction would see one snapshot of pg_stat_activity throughout.)"""
-    conn = await asyncpg.connect(dsn(url))
-    try:
+    async with connected(url) as conn:
         for _ in range(500):
             pids = [
                 r["pid"]
@@ -80,8 +86,6 @@ async def until_waiting(url: str) -> list[int]:
             if pids:
                 return pids
             await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
     raise AssertionError("no ledger step ever waited for the lock")
 
 
@@ -99,12 +103,9 @@ async def test_steps_arriving_during_a_batch_share_the_next_transaction(
     flights = await asyncio.gather(first, *rest)
     assert all(f.admission.admitted for f in flights)
     assert batches == [["admit"], ["admit"] * 5]
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
+    async with connected(postgres_url) as conn:
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 6
         assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 6 * CENT
-    finally:
-        await conn.close()
 
 
 async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
@@ -125,13 +126,10 @@ async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
     assert isinstance(results[2], asyncpg.UniqueViolationError), results[2]
     for flight in (results[0], results[1], results[3]):
         assert isinstance(flight, Flight) and flight.admission.admitted, flight
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
+    async with connected(postgres_url) as conn:
         held = await conn.fetch("SELECT request_id FROM reservations ORDER BY request_id")
         assert [r["request_id"] for r in held] == ["req_a", "req_c", "req_first"]
         assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 3 * CENT
-    finally:
-        await conn.close()
     assert (await reconcile(gw.state.engine)).ok
 
 
@@ -249,13 +247,10 @@ async def test_a_batch_that_does_not_all_fit_is_decided_one_step_at_a_time_in_or
     assert statements == [1, 6, 1, 1, 1, 1, 1, 1]  # the batch undecided, then one by one
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["reserved"] == 0.06
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
+    async with connected(postgres_url) as conn:
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 4
         rejected = "SELECT count(*) FROM ledger_entries WHERE outcome = 'rejected'"
         assert await conn.fetchval(rejected) == 3
-    finally:
-        await conn.close()
     assert (await reconcile(gw.state.engine)).ok
 
 
@@ -275,13 +270,10 @@ async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
     assert not any(f.admission.admitted for f in flights)
     assert all(f.admission.periods[0].remaining == 0 for f in flights)
     assert statements == [1, 4]
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
+    async with connected(postgres_url) as conn:
         rejected = "SELECT count(*) FROM ledger_entries WHERE outcome = 'rejected'"
         assert await conn.fetchval(rejected) == 4
         assert await conn.fetchval("SELECT sum(reserved) FROM budget_periods") == 3 * CENT
-    finally:
-        await conn.close()
     assert (await reconcile(gw.state.engine)).ok
 
 
@@ -317,22 +309,15 @@ async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
     assert batches == [["admit"], ["admit"] * 7]
     assert statements == [1, 7, 1, 1, 1]  # tight's three steps again, one by one
     expected = {fills["id"]: (0.05, 3), spent["id"]: (0.02, 1), tight["id"]: (0.04, 2)}
-    for key_id, (reserved, open_reservations) in expected.items():
-        got = (await gw.admin("GET", f"/admin/keys/{key_id}")).json()
-        assert got["reserved"] == reserved, got
-        conn = await asyncpg.connect(dsn(postgres_url))
-        try:
+    async with connected(postgres_url) as conn:
+        for key_id, (reserved, open_reservations) in expected.items():
+            got = (await gw.admin("GET", f"/admin/keys/{key_id}")).json()
+            assert got["reserved"] == reserved, got
             held = "SELECT count(*) FROM reservations WHERE key_id = $1"
             assert await conn.fetchval(held, key_id) == open_reservations
-        finally:
-            await conn.close()
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
         rejected = "SELECT key_id, count(*) FROM ledger_entries WHERE outcome = 'rejected' "
         counts = dict(await conn.fetch(rejected + "GROUP BY key_id"))
         assert counts == {spent["id"]: 2, tight["id"]: 1}
-    finally:
-        await conn.close()
     assert (await reconcile(gw.state.engine)).ok
 
 
@@ -363,12 +348,9 @@ async def test_a_key_whose_period_ended_does_not_hold_up_its_batch_mates(
     fresh_result = await fresh
     assert fresh_result.admission is not None and fresh_result.admission.admitted
     assert statements == [1, 2]  # decided in the batch's statement, not run again
-    conn = await asyncpg.connect(dsn(postgres_url))
-    try:
+    async with connected(postgres_url) as conn:
         held = "SELECT key_id, sum(amount) FROM reservations GROUP BY key_id"
         assert dict(await conn.fetch(held)) == {other["id"]: 2 * CENT}
-    finally:
-        await conn.close()
     assert (await reconcile(gw.state.engine)).ok
 
 
