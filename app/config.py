@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.proxy.routes import parse_extra_routes
+
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     default_max_output_tokens: int = Field(4096, gt=0)
     upstream_timeout_seconds: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    body_timeout_seconds: float = Field(30.0, gt=0)
+    # Routes an operator opts in beyond the route table (SPEC 9): "POST /v1/x, GET /v1/y/{id}".
+    extra_routes: str | None = None
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
@@ -71,7 +76,22 @@ class Settings(BaseSettings):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:4000")
+        if "@" in parts.netloc:
+            # A credential in the URL would ride along with every request, whatever the key
+            # mode; the upstream credential is BUDGETGATE_UPSTREAM_API_KEY.
+            raise ValueError(
+                "must not contain user info (user:password@): set the upstream credential in "
+                "BUDGETGATE_UPSTREAM_API_KEY"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
         return v.rstrip("/")
+
+    @field_validator("extra_routes")
+    @classmethod
+    def _routes(cls, v: str | None) -> str | None:
+        parse_extra_routes(v)  # refused at start, with the entry named, not on a request
+        return v
 
     @field_validator("database_url")
     @classmethod

@@ -59,6 +59,10 @@ class NotFound(AppError):
     status, type, code = 404, "not_found_error", "not_found"
 
 
+class RequestTimeout(AppError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
 class PayloadTooLarge(AppError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 

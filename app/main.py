@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.alerts.service import AlertService
@@ -22,6 +23,7 @@ from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import create_engine
 from app.errors import AppError, PayloadTooLarge, error_response, install_error_handlers
+from app.keys.router import check_admin_key
 from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
@@ -29,7 +31,7 @@ from app.logs import configure_logging
 from app.migrate import schema_is_current, upgrade_to_head
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
-from app.proxy.service import Gateway, is_proxied, new_request_id
+from app.proxy.service import Gateway, new_request_id
 from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
 
@@ -180,7 +182,7 @@ def create_app(
         """The calling key's budgets, spend, remaining and reset times."""
         keys: KeyService = request.app.state.key_service
         gateway: Gateway = request.app.state.gateway
-        ctx = await gateway._authenticate(request)
+        ctx = await gateway.authenticate(request)
         out = await keys.get(ctx.id)
         primary = out.model_dump(
             mode="json",
@@ -208,6 +210,18 @@ def create_app(
     return BudgetGateApp(app)
 
 
+# The gateway's own routes (FastAPI); every other path is the proxy's, which forwards only what
+# its route table names (app/proxy/routes.py) and answers 404 to the rest.
+LOCAL_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc",
+     "/openapi.json", "/v1/budget"}
+)  # fmt: skip
+
+
+def is_local(path: str) -> bool:
+    return path in LOCAL_PATHS or path == "/admin" or path.startswith("/admin/")
+
+
 class BudgetGateApp:
     """The ASGI entry point. Proxied paths go straight to the Gateway: FastAPI's routing and
     middleware cost about 30% of the request path's CPU (bench/, py-spy). Everything else --
@@ -221,7 +235,7 @@ class BudgetGateApp:
         return getattr(self.api, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and is_proxied(scope["path"]):
+        if scope["type"] == "http" and not is_local(scope["path"]):
             request = Request(scope, receive)
             try:
                 response = await self.api.state.gateway.handle(request)
@@ -236,18 +250,27 @@ class BudgetGateApp:
                 )
             await response(scope, receive, send)
             return
-        if (
-            scope["type"] == "http"
-            and _declared_length(scope) > self.api.state.settings.max_body_bytes
-        ):
+        if scope["type"] == "http":
+            refusal = self._refuse_before_body(scope)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+    def _refuse_before_body(self, scope: Scope) -> AppError | None:
+        """What FastAPI would only find after reading the body: a body declared too large, and
+        an admin request without the admin key (its body is never read)."""
+        settings = self.api.state.settings
+        if _declared_length(scope) > settings.max_body_bytes:
             # FastAPI's own limit (max_body_size) also catches chunked bodies, but answers in
             # plain text; a declared length gets the OpenAI error body here.
-            limit = self.api.state.settings.max_body_bytes
-            await error_response(PayloadTooLarge(f"request body is larger than {limit} bytes"))(
-                scope, receive, send
-            )
-            return
-        await self.api(scope, receive, send)
+            return PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes")
+        if is_local(scope["path"]) and scope["path"].startswith("/admin"):
+            try:
+                check_admin_key(Headers(scope=scope), settings)
+            except AppError as exc:
+                return exc
+        return None
 
 
 def _declared_length(scope: Scope) -> int:

@@ -8,7 +8,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
+from app.config import Settings
 from app.errors import AdminDisabled, InvalidField, Unauthorized
 from app.keys.schemas import (
     ErrorResponse,
@@ -25,13 +27,20 @@ from app.proxy.headers import presented_key
 
 
 def require_admin(request: Request) -> None:
-    settings = request.app.state.settings
+    check_admin_key(request.headers, request.app.state.settings)
+
+
+def check_admin_key(headers: Headers, settings: Settings) -> None:
+    """The admin key, from the headers alone (also checked before an admin body is read)."""
     if settings.admin_key is None:
         raise AdminDisabled(
             "the admin API is disabled: set BUDGETGATE_ADMIN_KEY to a secret and send it as "
             "'Authorization: Bearer <admin key>'"
         )
-    presented = presented_key(request.headers) or ""
+    try:
+        presented = presented_key(headers) or ""
+    except Unauthorized:
+        presented = ""
     expected = settings.admin_key.get_secret_value()
     if not hmac.compare_digest(presented.encode(), expected.encode()):
         raise Unauthorized("missing or wrong admin key", code="invalid_admin_key")

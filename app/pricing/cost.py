@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import TYPE_CHECKING
 
 from app.errors import BadRequest
 from app.pricing.money import dollars_to_nanos
 from app.pricing.prices import PriceBook
+
+if TYPE_CHECKING:
+    from app.proxy.request import MeteredRequest
 
 log = logging.getLogger("budgetgate.pricing")
 
@@ -35,6 +39,10 @@ class CostCalculator:
                 code="model_not_priced",
             )
         return 0
+
+    def bound(self, metered: MeteredRequest) -> int:
+        """Upper bound of a metered request's cost (nano-dollars)."""
+        return self.estimate(metered.model, metered.input_bound, metered.output_bound)
 
     def from_header(self, value: str | None) -> int | None:
         if value is None or not self.trust_upstream_cost:

@@ -8,14 +8,15 @@ from datetime import datetime
 from starlette.datastructures import Headers
 
 from app.budgets.state import PeriodState, tightest
+from app.errors import Unauthorized
 
 # RFC 9110 hop-by-hop headers, plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
+        "proxy-connection",
         "proxy-authenticate",
-        "proxy-authorization",
         "te",
         "trailer",
         "transfer-encoding",
@@ -25,37 +26,100 @@ HOP_BY_HOP = frozenset(
         "x-request-id",
     }
 )
-CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
-_CREDENTIAL_RAW = frozenset(h.encode() for h in CREDENTIAL_HEADERS)
-# The gateway reads upstream bodies (usage), so it asks for them uncompressed.
-_REQUEST_DROP = HOP_BY_HOP | {"accept-encoding"}
-_RESPONSE_DROP = HOP_BY_HOP | {"content-encoding", "date", "server"}
+# Where a client presents its budgetgate (or, in passthrough mode, upstream) key.
+CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
+# Every header an upstream may read a credential from (LiteLLM-ROUTES.md section 4): all are
+# removed, and the gateway sets exactly one credential of its own. Compared with `_` read as
+# `-`, since servers and proxies in front of an upstream may treat them alike.
+CREDENTIAL_HEADERS = frozenset(
+    {
+        *CLIENT_KEY_HEADERS,
+        "x-litellm-api-key",
+        "x-goog-api-key",
+        "ocp-apim-subscription-key",
+        "litellm-user-api-key",
+        "proxy-authorization",
+        "cookie",
+        "cookie2",
+        "sec-websocket-protocol",
+    }
+)
+# Set by the gateway from what it saw (the client's address, scheme and host), never taken
+# from the client; and LiteLLM's header that picks a deployment apart from the priced model.
+_GATEWAY_SET = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+)
+_REQUEST_DROP = HOP_BY_HOP | _GATEWAY_SET | {"accept-encoding", "x-litellm-model"}
+# What an upstream says about its own credentials and deployments is not the client's to see.
+_RESPONSE_DROP = HOP_BY_HOP | {
+    "content-encoding",
+    "date",
+    "server",
+    "set-cookie",
+    "x-litellm-key-spend",
+    "x-litellm-key-max-budget",
+    "x-litellm-model-api-base",
+}
+_CLIENT_KEY_RAW = frozenset(h.encode() for h in CLIENT_KEY_HEADERS)
+
+
+class AmbiguousCredentials(Unauthorized):
+    code = "ambiguous_credentials"
 
 
 def presented_key(headers: Headers) -> str | None:
-    # A credential header sent twice is ambiguous: the gateway would check the first value
-    # while passthrough mode forwarded the last one. That is no key (401).
-    sent = [name for name, _ in headers.raw if name in _CREDENTIAL_RAW]
-    if len(sent) > 1 and len(sent) != len(set(sent)):
-        return None
-    auth = headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    return headers.get("api-key") or headers.get("x-api-key") or None
+    """The key the client presents in `Authorization: Bearer`, `api-key` or `x-api-key`; None
+    when there is none. Several of them (or one sent twice) with different values are a 401:
+    the gateway would budget one key while an upstream might read another."""
+    values: set[str] = set()
+    unusable = False
+    for name, raw in headers.raw:
+        if name not in _CLIENT_KEY_RAW:
+            continue
+        value = raw.decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, token = value.partition(" ")
+            # Anything but `Bearer <token>` (Basic, a bare scheme, ...) is a credential the
+            # gateway cannot budget: never a key, and beside a key it makes the request
+            # ambiguous (an upstream may read it first).
+            if scheme.lower() != "bearer" or not token.strip():
+                unusable = unusable or bool(value)
+                continue
+            value = token.strip()
+        if value:
+            values.add(value)
+    if len(values) > 1 or (values and unusable):
+        raise AmbiguousCredentials(
+            "more than one credential with different values (Authorization, api-key, "
+            "x-api-key): send the key once"
+        )
+    return values.pop() if values else None
 
 
 def upstream_headers(
-    headers: Headers, request_id: str, upstream_key: str | None, passthrough: bool
+    headers: Headers, request_id: str, credential: str | None, client: tuple[str, str, str]
 ) -> dict[str, str]:
-    """The client's headers minus hop-by-hop ones; in managed mode the client's credential is
-    replaced by the gateway's upstream credential (passthrough forwards it unchanged)."""
-    drop = _REQUEST_DROP if passthrough else _REQUEST_DROP | CREDENTIAL_HEADERS
-    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    drop = drop | {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
-    out = {k: v for k, v in headers.items() if k not in drop}
-    if not passthrough and upstream_key:
-        out["authorization"] = f"Bearer {upstream_key}"
+    """The client's headers as the upstream gets them: hop-by-hop headers and every header
+    `Connection` names dropped, every credential-bearing header removed and exactly one set
+    (`credential`: the gateway's upstream key, or the client's budgeted key in passthrough
+    mode), the forwarding headers set from what the gateway saw (`client`: address, scheme,
+    host)."""
+    # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1); what the gateway sets
+    # below is set after, so Connection cannot remove it.
+    named = {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
+    drop = _REQUEST_DROP | named
+    out = {
+        k: v
+        for k, v in headers.items()
+        if k not in drop and k.replace("_", "-") not in CREDENTIAL_HEADERS
+    }
+    if credential:
+        out["authorization"] = f"Bearer {credential}"
+    address, scheme, host = client
+    out["x-forwarded-for"] = address
+    out["x-forwarded-proto"] = scheme
+    if host:
+        out["x-forwarded-host"] = host
     out["x-request-id"] = request_id
     out["accept-encoding"] = "identity"
     return out

@@ -8,11 +8,9 @@ from typing import Any
 
 import orjson
 
+from app.config import Settings
 from app.errors import BadRequest, InvalidField
 
-METERED_PATHS = frozenset(
-    {"/chat/completions", "/completions", "/responses", "/embeddings", "/messages"}
-)
 STREAMABLE = frozenset({"/chat/completions", "/completions", "/responses", "/messages"})
 # The field each API uses for its output bound, and the ones it also accepts.
 OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -24,14 +22,9 @@ OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {
 MAX_TOKENS_LIMIT = 10_000_000
 
 
-def api_path(path: str) -> str:
-    """`/v1/chat/completions` and `/chat/completions` are the same endpoint."""
-    return path[3:] if path.startswith("/v1/") else path
-
-
 @dataclass
 class MeteredRequest:
-    endpoint: str  # api_path form
+    endpoint: str  # the metered API, e.g. "/chat/completions"
     model: str
     stream: bool
     body: bytes  # what is forwarded
@@ -56,7 +49,12 @@ def _positive_int(body: dict[str, Any], field: str) -> int | None:
     return value
 
 
-def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> MeteredRequest:
+def parse_metered(
+    endpoint: str, raw: bytes, settings: Settings, path_model: str | None = None
+) -> MeteredRequest:
+    """`endpoint`: the metered API (the route's); `path_model`: the model named by the path
+    (LiteLLM's aliases), which is the one priced."""
+    default_output_tokens = settings.default_max_output_tokens
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -64,6 +62,14 @@ def parse_metered(endpoint: str, raw: bytes, default_output_tokens: int) -> Mete
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     model = body.get("model")
+    if path_model is not None:
+        if model is not None and model != path_model:
+            raise BadRequest(
+                f"the body's model '{model}' differs from the path's model '{path_model}': "
+                "name the model once",
+                param="model",
+            )
+        model = path_model
     if not isinstance(model, str) or not model or len(model) > 255:
         raise InvalidField("model is required and must be a non-empty string", param="model")
     if "\x00" in model:  # no model has one, and the ledger (PostgreSQL text) cannot hold it

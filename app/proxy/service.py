@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
-from app.budgets.hotpath import AdmitRequest, HotLedger
+from app.budgets.hotpath import AdmitRequest, HotLedger, model_allowed
 from app.budgets.repository import (
     Admission,
     BudgetRepository,
@@ -46,6 +46,8 @@ from app.errors import (
     Forbidden,
     LedgerUnavailable,
     PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
@@ -62,39 +64,20 @@ from app.proxy.headers import (
     rfc3339,
     upstream_headers,
 )
-from app.proxy.request import METERED_PATHS, MeteredRequest, api_path, parse_metered
+from app.proxy.query import judge_query
+from app.proxy.request import MeteredRequest, parse_metered
+from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter, usage_from_body
 
 log = logging.getLogger("budgetgate.proxy")
 
+# Key hashes remembered per process as authenticated (a few MB at most).
+KNOWN_KEYS_LIMIT = 100_000
+
 # Header bytes that cannot be forwarded (see Gateway._check_sendable).
 _UNSENDABLE = re.compile(rb"[\r\n\x00]")
-# The gateway's own client route (not forwarded either).
-CLIENT_ROUTES = frozenset({"/v1/budget"})
-
-
-# Without the /v1 prefix only the OpenAI API's own paths are forwarded (as LiteLLM serves
-# them): the upstream's other routes -- LiteLLM's /key/generate, /config/update, ... -- must not
-# be reachable with the gateway's upstream credential.
-OPENAI_PATHS = frozenset(
-    {
-        "chat", "completions", "embeddings", "responses", "messages", "models", "images",
-        "audio", "files", "batches", "fine_tuning", "moderations", "assistants", "threads",
-        "vector_stores", "rerank", "uploads", "realtime", "engines", "openai",
-    }
-)  # fmt: skip
-
-
-def is_proxied(path: str) -> bool:
-    """Paths the gateway takes: everything under /v1/ but its own routes, and the OpenAI
-    API's paths without /v1. Everything else is the FastAPI app's (and 404s there)."""
-    if path.startswith("/v1/"):
-        return path not in CLIENT_ROUTES
-    return path.split("/", 2)[1] in OPENAI_PATHS
-
-
 _LEDGER_ERRORS = (
     SQLAlchemyError,
     sqlite3.Error,
@@ -130,10 +113,15 @@ class Gateway:
         self.budgets = budgets
         self.costs = costs
         self.upstream = upstream
+        self.routes = RouteTable(parse_extra_routes(settings.extra_routes))
         self.passthrough = settings.key_mode == "passthrough"
         self.upstream_key = (
             settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         )
+        # Hashes of keys that authenticated in this process: only they may make the gateway
+        # read a body before the ledger's admission (which checks the key again, atomically).
+        # A key that fails there is forgotten, so an unknown key never gets a body buffered.
+        self._known_keys: dict[str, None] = {}
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -156,55 +144,78 @@ class Gateway:
         return budget_headers(states, request_id)
 
     async def _handle(self, request: Request) -> Response:
-        path = request.scope["path"]
+        scope = request.scope
         request_id = new_request_id()
-        endpoint = api_path(path)
         started = self.clock.now()
         presented = presented_key(request.headers)
+        key_hash = hash_key(presented) if presented else ""
 
-        if not presented or (
-            request.method == "GET" and (endpoint == "/models" or endpoint.startswith("/models/"))
-        ):
-            # Free and always allowed (even for an exhausted key): no budget check, no entry.
-            key = await self._authenticate(request)
+        # Who is asking, from the headers alone: nothing is read from an unknown key's body.
+        key = None
+        if key_hash not in self._known_keys:
+            key = await self.authenticate(request)
             self._remember(request, key, request_id)
+            self._known_keys[key_hash] = None
+            if len(self._known_keys) > KNOWN_KEYS_LIMIT:
+                del self._known_keys[next(iter(self._known_keys))]
+        try:
             self._check_sendable(request)
+            found = self.routes.match(request.method, scope.get("raw_path") or b"")
+            query = judge_query(scope["query_string"])
+        except AppError:
+            if key is None:
+                self._remember(request, await self.authenticate(request), request_id)
+            raise
+        endpoint = found.endpoint
+
+        if found.route.access is Access.FREE:
+            # Always allowed (an exhausted key too): no budget check, no ledger entry.
+            key = key or await self.authenticate(request)
+            self._remember(request, key, request_id)
             info = RequestInfo(request_id, key.id, None, endpoint, False, started)
-            response = await self._forward_free(request, info, await self._read_body(request))
+            response = await self._forward_free(request, info)
             response.headers.update(await self.headers_now(key, request_id))
             return response
 
         try:
-            self._check_sendable(request)
             raw = await self._read_body(request)
-            metered, amount = self._bound(request.method, endpoint, raw)
+            metered = (
+                parse_metered(endpoint, raw, self.settings, found.model)
+                if found.route.access is Access.METERED
+                else None
+            )
+            if metered is not None:
+                query.check_model(metered.model)
+            amount = await self._bound(request, metered)
         except AppError:
-            # A bad key's 401 comes before a bad body's 4xx.
-            self._remember(request, await self._authenticate(request), request_id)
+            # The request's key is reported with its error (headers), and a bad key's 401
+            # comes before a bad body's 4xx.
+            if getattr(request.state, "budget_key", None) is None:
+                self._remember(request, await self.authenticate(request), request_id)
             raise
         model = metered.model if metered else None
         stream = bool(metered and metered.stream)
 
-        # Authenticate + admit: one step on the ledger.
-        key, admission = await self._admit(
-            AdmitRequest(
-                hash_key(presented),
-                request_id,
-                model,
-                endpoint,
-                stream,
-                amount,
-                started,
-                started + timedelta(seconds=self.settings.reservation_ttl_seconds),
+        # Admit: the key checked again and every budget reserved, in one step on the ledger.
+        try:
+            key, admission = await self._admit(
+                AdmitRequest(
+                    key_hash,
+                    request_id,
+                    model,
+                    endpoint,
+                    stream,
+                    amount,
+                    started,
+                    started + timedelta(seconds=self.settings.reservation_ttl_seconds),
+                )
             )
-        )
+        except Unauthorized:
+            self._known_keys.pop(key_hash, None)
+            raise
         self._remember(request, key, request_id)
         if admission is None:
-            raise Forbidden(
-                f"model '{model}' is not allowed for key {key.label}; "
-                f"allowed: {', '.join(key.models)}",
-                param="model",
-            )
+            raise Forbidden(_not_allowed(key, model), param="model")
         if not admission.admitted:
             raise self._budget_exceeded(key, admission, request_id)
         info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
@@ -215,11 +226,8 @@ class Gateway:
     @staticmethod
     def _check_sendable(request: Request) -> None:
         """What cannot be forwarded or recorded is the client's error, found before admission:
-        NUL in the path (PostgreSQL text cannot hold it, for the ledger's endpoint), CR, LF or
-        NUL in a header (aiohttp refuses to send it; HTTP/1.1 servers never pass one on, but
-        other ASGI servers or callers might)."""
-        if "\x00" in request.scope["path"]:
-            raise BadRequest("the request path must not contain NUL characters")
+        CR, LF or NUL in a header (aiohttp refuses to send it; HTTP/1.1 servers never pass one
+        on, but other ASGI servers or callers might)."""
         for name, value in request.headers.raw:
             if _UNSENDABLE.search(name) or _UNSENDABLE.search(value):
                 raise BadRequest("request headers must not contain CR, LF or NUL characters")
@@ -228,14 +236,19 @@ class Gateway:
     def _remember(request: Request, key: KeyContext, request_id: str) -> None:
         request.state.budget_key, request.state.budget_request_id = key, request_id
 
-    def _bound(self, method: str, endpoint: str, raw: bytes) -> tuple[MeteredRequest | None, int]:
-        """The metered request and the upper bound of its cost (0 for other paths)."""
-        if method != "POST" or endpoint not in METERED_PATHS:
-            return None, 0
-        metered = parse_metered(endpoint, raw, self.settings.default_max_output_tokens)
-        return metered, self.costs.estimate(
-            metered.model, metered.input_bound, metered.output_bound
-        )
+    async def _bound(self, request: Request, metered: MeteredRequest | None) -> int:
+        """The upper bound of the request's cost (0 for an operator's extra route). A model the
+        key may not use is a 403 before its price is looked at: the 400 for an unpriced model
+        would tell the client what the gateway can price."""
+        if metered is None:
+            return 0
+        try:
+            return self.costs.bound(metered)
+        except AppError:
+            key = await self.authenticate(request)
+            if not model_allowed(key.models, metered.model):
+                raise Forbidden(_not_allowed(key, metered.model), param="model") from None
+            raise
 
     async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
         """The key and its admission; None when the key may not use the requested model."""
@@ -252,7 +265,9 @@ class Gateway:
         except _LEDGER_ERRORS as exc:
             raise self._ledger_down(exc) from None
 
-    async def _authenticate(self, request: Request) -> KeyContext:
+    async def authenticate(self, request: Request) -> KeyContext:
+        """The request's key, from its headers: 401 when missing, ambiguous, unknown, revoked
+        or expired."""
         try:
             return await self.keys.authenticate(presented_key(request.headers))
         except _LEDGER_ERRORS as exc:
@@ -265,13 +280,19 @@ class Gateway:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                chunks.append(chunk)
+            async with asyncio.timeout(self.settings.body_timeout_seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise BadRequest("client disconnected while sending the body") from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.settings.body_timeout_seconds:g} "
+                "seconds (BUDGETGATE_BODY_TIMEOUT_SECONDS)"
+            ) from None
         return b"".join(chunks)
 
     def _budget_exceeded(
@@ -293,8 +314,8 @@ class Gateway:
         headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
         return BudgetExceeded(message, headers=headers)
 
-    async def _forward_free(self, request: Request, info: RequestInfo, raw: bytes) -> Response:
-        resp = await self._send(request, info, raw)
+    async def _forward_free(self, request: Request, info: RequestInfo) -> Response:
+        resp = await self._send(request, info, b"")
         try:
             body = await resp.read()
         finally:
@@ -304,12 +325,18 @@ class Gateway:
     async def _send(
         self, request: Request, info: RequestInfo, body: bytes
     ) -> aiohttp.ClientResponse:
+        """Forwards exactly the path and query the route table judged, with one credential."""
+        scope = request.scope
+        client = scope.get("client") or ("", 0)
         headers = upstream_headers(
-            request.headers, info.request_id, self.upstream_key, self.passthrough
+            request.headers,
+            info.request_id,
+            presented_key(request.headers) if self.passthrough else self.upstream_key,
+            (str(client[0]), scope.get("scheme", "http"), request.headers.get("host", "")),
         )
-        query = request.scope["query_string"]
-        path_qs = request.scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
-        return await self.upstream.send(request.method, path_qs, headers, body)
+        query = scope["query_string"]
+        path_qs = scope["raw_path"] + (b"?" + query if query else b"")
+        return await self.upstream.send(request.method, path_qs.decode("ascii"), headers, body)
 
     async def _forward(
         self,
@@ -581,6 +608,10 @@ os.register_at_fork(after_in_child=_new_process_tag)
 def new_request_id() -> str:
     count = next(_request_counter) & 0xFF_FFFF_FFFF
     return f"req_{time.time_ns() // 1_000_000:012x}{_process_tag}{count:010x}"
+
+
+def _not_allowed(key: KeyContext, model: str | None) -> str:
+    return f"model '{model}' is not allowed for key {key.label}; allowed: {', '.join(key.models)}"
 
 
 def format_dollars_4(nanos: int) -> str:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 
 import aiohttp
+from yarl import URL
 
 from app.errors import UpstreamTimeout, UpstreamUnreachable
 
@@ -51,12 +52,13 @@ class UpstreamClient:
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
     ) -> aiohttp.ClientResponse:
         """Sends the request and returns once the answer's headers are in; the caller reads
-        (or streams) the body and must release the response."""
+        (or streams) the body and must release the response. `path_qs` is sent exactly as
+        given: not normalised, not re-encoded (the route table judged these very bytes)."""
         assert self._session is not None, "upstream client not started"
         try:
             return await self._session.request(
                 method,
-                self.base_url + path_qs,
+                URL(self.base_url + path_qs, encoded=True),
                 headers=headers,
                 data=body or None,
                 allow_redirects=False,

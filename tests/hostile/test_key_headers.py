@@ -49,13 +49,14 @@ async def assert_refused_everywhere(
     headers: Headers,
     *statuses: int,
     secret: str | None = None,
+    code: str = "invalid_api_key",
 ) -> None:
     for method, path, body in ROUTES:
         r = await send(gw, method, path, body, headers)
         err = assert_client_error(r, *(statuses or (401,)))
         if r.status_code == 401:
             assert err["type"] == "authentication_error", err
-            assert err["code"] == "invalid_api_key", err
+            assert err["code"] == code, err
         if secret is not None:
             assert secret not in r.text and secret not in str(r.headers)
         assert not any(h.startswith("x-budget-") for h in r.headers), (headers, r.headers)
@@ -130,11 +131,14 @@ async def test_malformed_authorization_headers_are_401(
     for value in malformed:
         raw = value.encode("utf-8")
         await assert_refused_everywhere(gateway, [(b"authorization", raw)], secret=k)
-    # A malformed Authorization is not rescued by a valid key in another header: the
-    # Authorization header is the credential when present.
+    # A malformed Authorization is not rescued by a valid key in another header: two
+    # credentials, one the gateway cannot budget (an upstream may read it first).
     for value in ("Basic xyz", "Bearer", "Bearer  "):
         await assert_refused_everywhere(
-            gateway, [("authorization", value), ("x-api-key", k)], secret=k
+            gateway,
+            [("authorization", value), ("x-api-key", k)],
+            secret=k,
+            code="ambiguous_credentials",
         )
     # Very long and non-ASCII keys in the other two forms.
     for name in ("api-key", "x-api-key"):
@@ -191,8 +195,8 @@ async def test_header_injection_is_refused_and_nothing_forwarded(
 async def test_duplicated_credential_headers_are_401(
     gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
-    """Two values for one credential header are ambiguous (the gateway would check one while
-    passthrough mode forwarded the other): refused, whatever the order."""
+    """Two different values for one credential header are ambiguous (SPEC 9): refused,
+    whatever the order; the same value twice is one credential."""
     a = await gateway.create_key(max_budget=10.0)
     b = await gateway.create_key(max_budget=10.0)
     before = await ledger_state(gateway, a["id"], mock_upstream.url)
@@ -202,11 +206,14 @@ async def test_duplicated_credential_headers_are_401(
             (a["key"], "sk-bg-other"),
             ("sk-bg-other", a["key"]),
             (a["key"], b["key"]),
-            (a["key"], a["key"]),
         ):
             headers = [(name, fmt.format(first)), (name, fmt.format(second))]
-            await assert_refused_everywhere(gateway, headers)
+            await assert_refused_everywhere(gateway, headers, code="ambiguous_credentials")
     assert await ledger_state(gateway, a["id"], mock_upstream.url) == before
+    for name in ("authorization", "api-key", "x-api-key"):
+        value = f"Bearer {a['key']}" if name == "authorization" else a["key"]
+        r = await send(gateway, *ROUTES[0], [(name, value), (name, value)])
+        assert r.status_code == 200, r.text
     # One header of each kind, all the same key: fine (some clients send two forms).
     r = await send(
         gateway,

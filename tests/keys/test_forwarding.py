@@ -1,10 +1,16 @@
-"""Non-metered forwarding (SPEC 3): any other path under /v1 (and without /v1) reaches the
-upstream intact, is checked against the key's budgets and leaves one ledger entry; GET
-/v1/models is free, always allowed and leaves none."""
+"""Non-metered forwarding (SPEC 3, 9): a route the operator opts in (BUDGETGATE_EXTRA_ROUTES)
+reaches the upstream intact, under /v1 and without, is checked against the key's budgets and
+leaves one ledger entry charged the upstream's reported cost; any other path is a 404 and
+never forwarded; GET /v1/models is free, always allowed and leaves none."""
 
 from __future__ import annotations
 
-from tests.conftest import UPSTREAM_KEY, Gateway
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.clock import ManualClock
+from tests.conftest import UPSTREAM_KEY, Gateway, make_settings, running_gateway
 from tests.keys.helpers import (
     assert_openai_error,
     bearer,
@@ -15,12 +21,28 @@ from tests.keys.helpers import (
 )
 from tests.servers import ServerThread
 
+EXTRA_ROUTES = ", ".join(
+    [f"{m} /v1/files/{{id}}/content" for m in ("POST", "PUT", "PATCH", "DELETE", "GET")]
+    + ["POST /v1/batches", "GET /v1/files", "DELETE /v1/files/{id}"]
+)
+
+
+@pytest.fixture
+async def extra_gateway(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> AsyncIterator[Gateway]:
+    settings = make_settings(database_url, mock_upstream.url, extra_routes=EXTRA_ROUTES)
+    async with running_gateway(settings, clock) as gw:
+        yield gw
+
+
 BODY = b'{"purpose": "batch", "note": "caf\xc3\xa9 \\u00e9", "n": [1, 2.5, null]}'
 
 
-async def test_other_paths_forwarded_intact_and_recorded(
-    gateway: Gateway, mock_upstream: ServerThread
+async def test_extra_routes_forwarded_intact_and_recorded(
+    extra_gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
+    gateway = extra_gateway
     key = await gateway.create_key(alias="fwd", max_budget=1.0, budget_duration="1mo")
     request_ids = []
     for prefix in ("/v1", ""):
@@ -71,8 +93,8 @@ async def test_other_paths_forwarded_intact_and_recorded(
 async def test_upstream_admin_routes_are_not_reachable_through_the_gateway(
     gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
-    """Outside /v1 only the OpenAI API's paths are forwarded: LiteLLM's own management routes
-    must not be reachable with the gateway's upstream credential (the master key)."""
+    """LiteLLM's own management routes must not be reachable with the gateway's upstream
+    credential (the master key)."""
     key = await gateway.create_key(max_budget=1.0)
     before = await upstream_requests(mock_upstream.url)
     for method, path in (
@@ -89,9 +111,10 @@ async def test_upstream_admin_routes_are_not_reachable_through_the_gateway(
     assert await ledger(gateway, key["id"]) == []
 
 
-async def test_upstream_reported_cost_is_charged_on_other_paths(
-    gateway: Gateway, mock_upstream: ServerThread
+async def test_upstream_reported_cost_is_charged_on_extra_routes(
+    extra_gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
+    gateway = extra_gateway
     key = await gateway.create_key(max_budget=1.0)
     for path in ("/v1/batches", "/batches"):
         r = await gateway.client.post(
@@ -107,9 +130,35 @@ async def test_upstream_reported_cost_is_charged_on_other_paths(
     assert (got["spend"], got["reserved"]) == (0.0246, 0)
 
 
-async def test_exhausted_key_blocked_on_other_paths_but_models_free(
-    gateway: Gateway, mock_upstream: ServerThread
+async def test_unlisted_paths_are_not_forwarded(
+    extra_gateway: Gateway, mock_upstream: ServerThread
 ) -> None:
+    """A path neither in the route table nor opted in is a 404, for a live key: not
+    forwarded, not recorded; a refused route's 404 says how to opt it in."""
+    key = await extra_gateway.create_key(max_budget=1.0)
+    before = await upstream_requests(mock_upstream.url)
+    for method, path in [
+        ("POST", "/v1/some/other/path?x=1"),
+        ("GET", "/v1/batches"),
+        ("POST", "/v1/files"),
+        ("POST", "/v1/audio/transcriptions"),
+        ("GET", "/v1/chat/completions"),
+    ]:
+        r = await extra_gateway.client.request(
+            method, path, content=b"{}" if method == "POST" else b"", headers=bearer(key["key"])
+        )
+        assert_openai_error(r, 404, type="not_found_error", code="route_not_found")
+        assert r.headers["x-budget-max-budget"] == "1.0"  # authenticated: budget headers too
+    r = await extra_gateway.client.post("/v1/audio/transcriptions", headers=bearer(key["key"]))
+    assert "BUDGETGATE_EXTRA_ROUTES" in r.json()["error"]["message"]
+    assert await upstream_requests(mock_upstream.url) == before
+    assert await ledger(extra_gateway, key["id"]) == []
+
+
+async def test_exhausted_key_blocked_on_every_route_but_models_free(
+    extra_gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    gateway = extra_gateway
     zero = await gateway.create_key(alias="zero", max_budget=0)
     spent = await gateway.create_key(alias="spent", max_budget=0.01, budget_duration="1d")
     assert (await gateway.chat(spent["key"], max_tokens=10)).status_code == 200
@@ -118,8 +167,7 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
     for key in (zero, spent):
         before = await upstream_requests(mock_upstream.url)
         for method, path in [
-            ("POST", "/v1/some/other/path?x=1"),
-            ("POST", "/batches"),
+            ("POST", "/batches?x=1"),
             ("GET", "/v1/files"),
             ("DELETE", "/v1/files/file-1"),
             ("GET", "/files"),
@@ -133,9 +181,8 @@ async def test_exhausted_key_blocked_on_other_paths_but_models_free(
             assert_openai_error(r, 429, type="budget_exceeded", code="budget_exceeded")
         assert await upstream_requests(mock_upstream.url) == before
         rejected = [e for e in await ledger(gateway, key["id"]) if e["outcome"] == "rejected"]
-        assert len(rejected) == 7
+        assert len(rejected) == 6
         assert {e["endpoint"] for e in rejected} == {
-            "/some/other/path",
             "/batches",
             "/files",
             "/files/file-1",

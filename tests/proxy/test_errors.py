@@ -288,16 +288,16 @@ async def test_unknown_admin_path_is_404_and_never_forwarded(
         ("PUT", "/admin/keys"),
     ]
     for method, path in calls:
-        for headers in (
-            {"authorization": f"Bearer {gateway.settings.admin_key.get_secret_value()}"},  # type: ignore[union-attr]
-            bearer(key["key"]),
-            {},
-        ):
+        admin = {"authorization": f"Bearer {gateway.settings.admin_key.get_secret_value()}"}  # type: ignore[union-attr]
+        r = await gateway.client.request(method, path, headers=admin, content=b"{}")
+        assert r.status_code in (404, 405), (method, path, r.status_code, r.text)
+        if method != "PUT":
+            assert r.status_code == 404, (method, path, r.text)
+        assert_openai_error(r, r.status_code)
+        # Without the admin key nothing under /admin is told apart (nor its body read).
+        for headers in (bearer(key["key"]), {}):
             r = await gateway.client.request(method, path, headers=headers, content=b"{}")
-            assert r.status_code in (404, 405), (method, path, r.status_code, r.text)
-            if method != "PUT":
-                assert r.status_code == 404, (method, path, r.text)
-            assert_openai_error(r, r.status_code)
+            assert_openai_error(r, 401, code="invalid_admin_key")
     assert await upstream_requests(mock_upstream.url) == before
     assert await ledger(gateway) == []
 
@@ -308,7 +308,9 @@ async def test_unknown_admin_path_is_404_and_never_forwarded(
 async def test_body_larger_than_limit_is_413_and_not_forwarded(
     custom_gateway: MakeGateway, mock_upstream: ServerThread
 ) -> None:
-    async with custom_gateway(max_body_bytes=1000) as gw:
+    async with custom_gateway(
+        max_body_bytes=1000, extra_routes="POST /v1/other/path, PUT /v1/files/{id}"
+    ) as gw:
         key = await gw.create_key(max_budget=1.0)
         before = await upstream_requests(mock_upstream.url)
         big = {"model": "bg-test", "messages": [{"role": "user", "content": "x" * 2000}]}
@@ -325,7 +327,7 @@ async def test_body_larger_than_limit_is_413_and_not_forwarded(
 
         r = await gw.client.post("/v1/other/path", content=chunks(), headers=bearer(key["key"]))
         assert_openai_error(r, 413, code="request_too_large")
-        # A non-metered path with a declared large body.
+        # An extra route with a declared large body.
         r = await gw.client.put("/v1/files/x", content=b"z" * 1001, headers=bearer(key["key"]))
         assert_openai_error(r, 413, code="request_too_large")
         assert await upstream_requests(mock_upstream.url) == before
@@ -490,7 +492,9 @@ async def test_zero_budget_lifetime_key_is_429_without_retry_after(gateway: Gate
 async def test_upstream_unreachable_is_502_and_releases_the_reservation(
     custom_gateway: MakeGateway,
 ) -> None:
-    async with custom_gateway(upstream_url=f"http://127.0.0.1:{free_port()}") as gw:
+    async with custom_gateway(
+        upstream_url=f"http://127.0.0.1:{free_port()}", extra_routes="POST /v1/files"
+    ) as gw:
         key = await gw.create_key(max_budget=1.0, budget_duration="1d")
         r = await gw.chat(key["key"], max_tokens=10)
         err = assert_openai_error(r, 502, type="upstream_error", code="upstream_unreachable")
@@ -504,7 +508,7 @@ async def test_upstream_unreachable_is_502_and_releases_the_reservation(
         assert entries[0]["outcome"] == "upstream_error"
         assert entries[0]["cost"] == 0
         assert entries[0]["request_id"] == r.headers["x-request-id"]
-        # Same on a non-metered path and on GET /v1/models.
+        # Same on an extra route and on GET /v1/models.
         r = await gw.client.post("/v1/files", content=b"abc", headers=bearer(key["key"]))
         assert_openai_error(r, 502, code="upstream_unreachable")
         r = await gw.client.get("/v1/models", headers=bearer(key["key"]))
