@@ -67,6 +67,10 @@ class PayloadTooLarge(AppError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
 
 
+class UnsupportedMediaType(AppError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
 class InvalidField(AppError):
     status, type, code = 422, "invalid_request_error", "invalid_value"
 

@@ -22,7 +22,13 @@ from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import create_engine
-from app.errors import AppError, PayloadTooLarge, error_response, install_error_handlers
+from app.errors import (
+    AppError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_response,
+    install_error_handlers,
+)
 from app.keys.router import check_admin_key
 from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
@@ -266,11 +272,27 @@ class BudgetGateApp:
             # plain text; a declared length gets the OpenAI error body here.
             return PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes")
         if is_local(scope["path"]) and scope["path"].startswith("/admin"):
+            headers = Headers(scope=scope)
             try:
-                check_admin_key(Headers(scope=scope), settings)
+                check_admin_key(headers, settings)
             except AppError as exc:
                 return exc
+            writes = scope["method"] in ("POST", "PUT", "PATCH")
+            if writes and not _json_or_none(headers.get("content-type")):
+                # A form is never read as JSON: a browser can send one cross-site without asking.
+                return UnsupportedMediaType(
+                    "admin request bodies are JSON: send 'Content-Type: application/json'"
+                )
         return None
+
+
+def _json_or_none(content_type: str | None) -> bool:
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 def _declared_length(scope: Scope) -> int:

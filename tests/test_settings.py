@@ -83,6 +83,40 @@ def test_upstream_url_must_be_http(url: str) -> None:
     assert error["loc"] == ("upstream_url",) and "http://" in error["msg"]
 
 
+@pytest.mark.parametrize(
+    "url", ["http://user:secret@127.0.0.1:4000", "https://:tok@litellm", "http://u@h:1"]
+)
+def test_upstream_url_with_user_info_is_refused(url: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(_env_file=None, upstream_url=url)  # type: ignore[call-arg]
+    (error,) = err.value.errors()
+    assert error["loc"] == ("upstream_url",) and "BUDGETGATE_UPSTREAM_API_KEY" in error["msg"]
+
+
+def test_serve_refuses_an_upstream_url_with_user_info(tmp_path: Path) -> None:
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}
+    env["BUDGETGATE_DATABASE_URL"] = f"sqlite:///{tmp_path}/ledger.db"
+    env["BUDGETGATE_UPSTREAM_URL"] = "http://admin:hunter2@127.0.0.1:4000"
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli_app, ["serve", "--port", "1"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert "user info" in result.output and "BUDGETGATE_UPSTREAM_API_KEY" in result.output
+    assert "hunter2" not in result.output
+
+
+@pytest.mark.parametrize(
+    "value", ["POST", "/v1/x", "FETCH /v1/x", "POST /v1/../key/generate", "POST /v1//x"]
+)
+def test_malformed_extra_routes_are_refused(value: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(_env_file=None, extra_routes=value)  # type: ignore[call-arg]
+    (error,) = err.value.errors()
+    assert error["loc"] == ("extra_routes",)
+
+
 def test_serve_refuses_an_unreadable_prices_file(tmp_path: Path) -> None:
     """A clean message and exit 2 (like any invalid setting), not a traceback from a worker."""
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}

@@ -12,6 +12,7 @@ from app.budgets.periods import (
     parse_duration,
     period_containing,
 )
+from app.errors import InvalidField
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,19 @@ class Schedule:
         if duration is None:
             return cls(None, timezone, None)
         parsed = parse_duration(duration)
-        anchor = explicit_anchor or default_anchor(now, parsed, tz)
-        return cls(parsed, timezone, anchor)
+        try:
+            anchor = explicit_anchor or default_anchor(now, parsed, tz)
+            schedule = cls(parsed, timezone, anchor)
+            schedule.period_at(now)
+        except OverflowError:
+            # 999999y, or an anchor in year 1 with a long duration: the period around `now`
+            # has a boundary no datetime can hold.
+            raise InvalidField(
+                f"budget_duration: with budget_duration {duration} and this anchor, the period "
+                "around now does not fit the supported dates (years 1 to 9999)",
+                param="budget_duration",
+            ) from None
+        return schedule
 
     def period_at(self, now: datetime) -> tuple[datetime, datetime | None]:
         """The scheduled period containing `now` (missed periods are skipped)."""

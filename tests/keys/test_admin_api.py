@@ -437,3 +437,47 @@ async def test_usage_by_day_is_utc_whatever_the_database_timezone(
             "2026-01-16T03:00:00Z",
             "2026-01-16T23:30:00Z",
         }
+
+
+async def test_schedules_whose_periods_overflow_the_calendar_are_422(gateway: Gateway) -> None:
+    """A period boundary beyond what a datetime holds is the caller's invalid field, never a
+    500; on creation, on an update and for an extra window alike."""
+    key = await gateway.create_key(max_budget=1, budget_duration="1mo")
+    for settings in (
+        {"budget_duration": "999999y"},
+        {"budget_duration": "99999y"},
+        {"budget_duration": "5000y", "budget_anchor": "0001-01-01T00:00:00Z"},
+    ):
+        for method, path, body in (
+            ("POST", "/admin/keys", {"max_budget": 1, **settings}),
+            ("PATCH", f"/admin/keys/{key['id']}", settings),
+            ("POST", "/admin/keys", {"max_budget": 1, "budgets": [{"max_budget": 1, **settings}]}),
+        ):
+            r = await gateway.admin(method, path, json=body)
+            assert r.status_code == 422, (method, body, r.text)
+            assert r.json()["error"]["param"] == "budget_duration", r.text
+    got = await key_object(gateway, key["id"])
+    assert got["budget_duration"] == "1mo"
+    assert len((await gateway.admin("GET", "/admin/keys")).json()["data"]) == 1
+
+
+async def test_admin_bodies_must_be_json(gateway: Gateway) -> None:
+    """`curl -d` sends a form content type: refused with 415 and a hint, never read as JSON (a
+    browser may send a form cross-site without a preflight); no content type is read as JSON."""
+    admin = {"authorization": f"Bearer {gateway.settings.admin_key.get_secret_value()}"}  # type: ignore[union-attr]
+    body = b'{"max_budget": 1}'
+    for content_type in (
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+    ):
+        r = await gateway.client.post(
+            "/admin/keys", content=body, headers={**admin, "content-type": content_type}
+        )
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+        assert "application/json" in r.json()["error"]["message"]
+    assert (await gateway.admin("GET", "/admin/keys")).json()["data"] == []
+    for headers in ({}, {"content-type": "application/json; charset=utf-8"}):
+        r = await gateway.client.post("/admin/keys", content=body, headers={**admin, **headers})
+        assert r.status_code == 201, r.text
