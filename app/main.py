@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.alerts.service import AlertService
+from app.body import read_body, replay, too_large
 from app.budgets.hotpath import create_hot_ledger
 from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
@@ -24,7 +25,6 @@ from app.config import Settings, get_settings
 from app.db import create_engine
 from app.errors import (
     AppError,
-    PayloadTooLarge,
     UnsupportedMediaType,
     error_response,
     install_error_handlers,
@@ -257,20 +257,31 @@ class BudgetGateApp:
             await response(scope, receive, send)
             return
         if scope["type"] == "http":
-            refusal = self._refuse_before_body(scope)
-            if refusal is not None:
-                await error_response(refusal)(scope, receive, send)
+            try:
+                receive = await self._checked_body(scope, receive)
+            except AppError as exc:
+                await error_response(exc)(scope, receive, send)
                 return
         await self.api(scope, receive, send)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> Receive:
+        """The gateway's own routes get their body read here, after the checks that need no
+        body, under the same size and time limits as proxied requests."""
+        refusal = self._refuse_before_body(scope)
+        if refusal is not None:
+            raise refusal
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive
+        settings = self.api.state.settings
+        body = await read_body(receive, settings.max_body_bytes, settings.body_timeout_seconds)
+        return replay(body, receive)
 
     def _refuse_before_body(self, scope: Scope) -> AppError | None:
         """What FastAPI would only find after reading the body: a body declared too large, and
         an admin request without the admin key (its body is never read)."""
         settings = self.api.state.settings
         if _declared_length(scope) > settings.max_body_bytes:
-            # FastAPI's own limit (max_body_size) also catches chunked bodies, but answers in
-            # plain text; a declared length gets the OpenAI error body here.
-            return PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes")
+            return too_large(settings.max_body_bytes)
         if is_local(scope["path"]) and scope["path"].startswith("/admin"):
             headers = Headers(scope=scope)
             try:

@@ -24,10 +24,11 @@ import aiohttp
 import asyncpg
 import orjson
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
+from app.body import read_body, too_large
 from app.budgets.hotpath import AdmitRequest, HotLedger, model_allowed
 from app.budgets.repository import (
     Admission,
@@ -45,8 +46,6 @@ from app.errors import (
     BudgetExceeded,
     Forbidden,
     LedgerUnavailable,
-    PayloadTooLarge,
-    RequestTimeout,
     Unauthorized,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -277,23 +276,8 @@ class Gateway:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks, size = [], 0
-        try:
-            async with asyncio.timeout(self.settings.body_timeout_seconds):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-                    chunks.append(chunk)
-        except ClientDisconnect:
-            raise BadRequest("client disconnected while sending the body") from None
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body did not arrive within {self.settings.body_timeout_seconds:g} "
-                "seconds (BUDGETGATE_BODY_TIMEOUT_SECONDS)"
-            ) from None
-        return b"".join(chunks)
+            raise too_large(limit)
+        return await read_body(request.receive, limit, self.settings.body_timeout_seconds)
 
     def _budget_exceeded(
         self, key: KeyContext, admission: Admission, request_id: str

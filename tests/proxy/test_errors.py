@@ -4,6 +4,7 @@ routes, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
@@ -665,3 +666,51 @@ async def test_unpriced_model_free_is_forwarded_and_charged_zero(
         # A priced model on the same gateway is still charged.
         assert (await gw.chat(key["key"], model="bg-test", max_tokens=10)).status_code == 200
         assert (await key_object(gw, key["id"]))["spend"] == 0.01
+
+
+# -- bodies of the gateway's own routes ------------------------------------------------------
+
+
+async def test_admin_bodies_obey_the_same_size_and_time_limits(
+    custom_gateway: MakeGateway,
+) -> None:
+    """The admin API's bodies are read by the same reader as proxied ones: a chunked body over
+    the limit is a 413 in the OpenAI format, a body that trickles is a 408, nothing written."""
+    async with custom_gateway(max_body_bytes=1000, body_timeout_seconds=0.3) as gw:
+        admin = {"authorization": f"Bearer {gw.settings.admin_key.get_secret_value()}"}  # type: ignore[union-attr]
+
+        async def chunked():  # noqa: ANN202
+            yield b'{"alias": "'
+            for _ in range(5):
+                yield b"y" * 400
+            yield b'"}'
+
+        r = await gw.client.post("/admin/keys", content=chunked(), headers=admin)
+        assert_openai_error(r, 413, code="request_too_large")
+
+        async def trickle():  # noqa: ANN202
+            yield b'{"max_budget": '
+            await asyncio.sleep(1)
+            yield b"1}"
+
+        r = await gw.client.post("/admin/keys", content=trickle(), headers=admin)
+        assert_openai_error(r, 408, code="request_timeout", in_message=("0.3 seconds",))
+        assert (await gw.admin("GET", "/admin/keys")).json()["data"] == []
+        r = await gw.client.post("/admin/keys", json={"max_budget": 1}, headers=admin)
+        assert r.status_code == 201, r.text
+
+
+async def test_a_model_the_key_may_not_use_is_403_before_its_price_is_looked_at(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    """Authorization before judgement: an unpriced model outside the key's allow-list is a 403,
+    not the 400 that would tell the client which models the gateway can price."""
+    key = await gateway.create_key(max_budget=1.0, models=["bg-test"])
+    before = await upstream_requests(mock_upstream.url)
+    for model in ("unpriced-model", "bg-priced"):
+        r = await gateway.chat(key["key"], model=model)
+        assert_openai_error(r, 403, code="model_not_allowed", in_message=(model,))
+    open_key = await gateway.create_key(max_budget=1.0)
+    r = await gateway.chat(open_key["key"], model="unpriced-model")
+    assert_openai_error(r, 400, code="model_not_priced")
+    assert await upstream_requests(mock_upstream.url) == before

@@ -1,0 +1,59 @@
+"""Reading a request body: whole, within a size limit and a time limit, or not at all.
+
+One reader for every route, the proxy's and the admin API's, so that a body that is too large
+(413) or too slow (408) gets the same answer everywhere, and a client trickling bytes cannot
+hold a connection and a buffer forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.types import Message, Receive
+
+from app.errors import BadRequest, PayloadTooLarge, RequestTimeout
+
+
+class ClientLeft(BadRequest):
+    """The client disconnected before its body arrived (nobody reads this answer)."""
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body is larger than {limit} bytes")
+
+
+async def read_body(receive: Receive, limit: int, seconds: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientLeft("client disconnected while sending the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {seconds:g} seconds "
+            "(BUDGETGATE_BODY_TIMEOUT_SECONDS)"
+        ) from None
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands over a body already read, then waits as the server's does."""
+    pending = True
+
+    async def receive_again() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
