@@ -14,6 +14,7 @@ from app.errors import Unauthorized
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-connection",
         "proxy-authenticate",
