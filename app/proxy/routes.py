@@ -95,10 +95,10 @@ ROUTES: tuple[Route, ...] = (
 # -- the path as sent -------------------------------------------------------------------------
 
 # Percent-encodings that change what a path means once an upstream decodes it: `.` (dot
-# segments), `/` and `\` (segment boundaries), `?` and `#` (the end of the path), NUL, and
-# any other control character.
+# segments), `/` and `\` (segment boundaries), `?` and `#` (the end of the path), NUL and any
+# other control character, and `%` itself (decoded twice, `%252e` is a dot).
 _ESCAPE = re.compile(rb"%(?P<hex>[0-9A-Fa-f]{2})")
-_FORBIDDEN_DECODED = frozenset(b"./\\?#") | frozenset(range(0x20)) | {0x7F}
+_FORBIDDEN_DECODED = frozenset(b"./\\?#%") | frozenset(range(0x20)) | {0x7F}
 # What may stand in a request target's path at all (RFC 3986 pchar and "/", plus "%").
 _PATH_CHARS = re.compile(rb"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
 
