@@ -37,7 +37,8 @@ from app.logs import configure_logging
 from app.migrate import schema_is_current, upgrade_to_head
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
-from app.proxy.service import Gateway, new_request_id
+from app.proxy.request_ids import new_request_id
+from app.proxy.service import Gateway
 from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
-import os
 import re
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
@@ -65,6 +62,7 @@ from app.proxy.headers import (
 )
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered
+from app.proxy.request_ids import new_request_id
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
@@ -571,27 +569,6 @@ class Gateway:
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
         return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
-
-
-# Request ids: "req_" + 32 hex digits: the time in milliseconds, a random number drawn once per
-# process (again in a forked child), a counter. Time first, so that the ledger's indexes on
-# request ids grow at their end: random ids dirtied a random index page per request in every
-# commit (measured: ~30 % of the SQLite ledger's CPU per request, on a 30k-entry ledger).
-_process_tag = os.urandom(5).hex()
-_request_counter = itertools.count()
-
-
-def _new_process_tag() -> None:
-    global _process_tag
-    _process_tag = os.urandom(5).hex()
-
-
-os.register_at_fork(after_in_child=_new_process_tag)
-
-
-def new_request_id() -> str:
-    count = next(_request_counter) & 0xFF_FFFF_FFFF
-    return f"req_{time.time_ns() // 1_000_000:012x}{_process_tag}{count:010x}"
 
 
 def _not_allowed(key: KeyContext, model: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Request ids (app/proxy/service.py new_request_id): unique, time-ordered, and distinct in a
+"""Request ids (app/proxy/request_ids.py): unique, time-ordered, and distinct in a
 forked worker, whose counter starts where its parent's was."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from app.proxy.service import new_request_id
+from app.proxy.request_ids import new_request_id
 
 ID = re.compile(r"^req_[0-9a-f]{32}$")
 
