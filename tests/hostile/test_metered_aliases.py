@@ -1,0 +1,239 @@
+"""Every metered route and every LiteLLM alias of one is metered (issue 12, "What it must show"
+2; SPEC 3, 9): a spent key gets 429 on each and nothing is forwarded; an admitted request holds
+a reservation above 0 while it is upstream; for the aliases the model is the path's (a body or
+query model that differs is a 400). Both key modes, SQLite and PostgreSQL.
+
+The 429 of a key with max_budget 0 is itself the proof that the reservation is above 0: a
+request reserving 0 fits a budget of 0 (spend + reserved + 0 <= 0) and would be forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from app.clock import ManualClock
+from app.proxy.routes import ROUTES, Access
+from tests.conftest import Gateway, make_settings, running_gateway
+from tests.hostile.helpers import assert_reconciled
+from tests.hostile.raw import RecordingUpstream
+from tests.hostile.test_forwarding_surface import expected_credential, key_body
+from tests.keys.helpers import assert_openai_error
+
+MODEL = "bg-priced"  # both sides priced: every endpoint's bound is above 0
+
+BODIES: dict[str, dict[str, Any]] = {
+    "/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+    "/completions": {"prompt": "hi", "max_tokens": 5},
+    "/responses": {"input": "hi", "max_output_tokens": 5},
+    "/embeddings": {"input": "hi"},
+    "/messages": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+    "/images/generations": {"prompt": "a cat", "n": 1},
+    "/audio/speech": {"input": "hello", "voice": "alloy"},
+}
+
+# Written out (not derived), so that a route dropped from the table fails here; the test below
+# also checks that every metered route of the table is in this list.
+METERED_PATHS: list[tuple[str, str]] = [  # (path, metered API)
+    ("/v1/chat/completions", "/chat/completions"),
+    ("/chat/completions", "/chat/completions"),
+    ("/v1/completions", "/completions"),
+    ("/completions", "/completions"),
+    ("/v1/responses", "/responses"),
+    ("/responses", "/responses"),
+    ("/v1/embeddings", "/embeddings"),
+    ("/embeddings", "/embeddings"),
+    ("/v1/messages", "/messages"),
+    ("/messages", "/messages"),
+    ("/v1/images/generations", "/images/generations"),
+    ("/images/generations", "/images/generations"),
+    ("/v1/audio/speech", "/audio/speech"),
+    ("/audio/speech", "/audio/speech"),
+    (f"/engines/{MODEL}/chat/completions", "/chat/completions"),
+    (f"/engines/{MODEL}/completions", "/completions"),
+    (f"/engines/{MODEL}/embeddings", "/embeddings"),
+    (f"/openai/deployments/{MODEL}/chat/completions", "/chat/completions"),
+    (f"/openai/deployments/{MODEL}/completions", "/completions"),
+    (f"/openai/deployments/{MODEL}/embeddings", "/embeddings"),
+    (f"/openai/deployments/{MODEL}/images/generations", "/images/generations"),
+    ("/openai/v1/responses", "/responses"),
+]
+ALIASES = [(p, api) for p, api in METERED_PATHS if "/engines/" in p or "/deployments/" in p]
+
+
+def is_alias(path: str) -> bool:
+    return MODEL in path
+
+
+def body_for(path: str, api: str, **extra: Any) -> bytes:
+    body = dict(BODIES[api])
+    if not is_alias(path):
+        body["model"] = MODEL
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+def headers(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}", "content-type": "application/json"}
+
+
+@pytest.fixture(params=["managed", "passthrough"])
+def key_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def recorder() -> Iterator[RecordingUpstream]:
+    rec = RecordingUpstream().start()
+    yield rec
+    rec.stop()
+
+
+def test_every_metered_route_of_the_table_is_covered() -> None:
+    table = set()
+    for route in ROUTES:
+        if route.access is not Access.METERED:
+            continue
+        path = route.template.replace("{model}", MODEL)
+        table.add((path, route.api))
+        if route.versioned:
+            table.add(("/v1" + path, route.api))
+    assert table == set(METERED_PATHS)
+
+
+async def test_a_spent_key_gets_429_on_every_metered_route_and_alias(
+    database_url: str, recorder: RecordingUpstream, key_mode: str, clock: ManualClock
+) -> None:
+    settings = make_settings(database_url, recorder.url, key_mode=key_mode)
+    async with running_gateway(settings, clock) as gw:
+        created = await gw.create_key(**key_body(key_mode, max_budget=0.0))
+        for path, api in METERED_PATHS:
+            r = await gw.client.post(
+                path, content=body_for(path, api), headers=headers(created["key"])
+            )
+            assert_openai_error(r, 429)
+            assert r.headers["x-budget-max-budget"] == "0.0", r.headers
+            assert recorder.records == [], (path, recorder.records[0].head_text())
+        # Also with a budget used up by real spend (not only max_budget 0).
+        spent = await _spend_all(gw, recorder, key_mode)
+        for path, api in METERED_PATHS:
+            r = await gw.client.post(path, content=body_for(path, api), headers=headers(spent))
+            assert_openai_error(r, 429)
+        assert recorder.records == []
+        await assert_reconciled(gw)
+
+
+async def _spend_all(gw: Gateway, recorder: RecordingUpstream, key_mode: str) -> str:
+    """A key whose one request spent (overran) its small budget; the recorder cleared."""
+    body = key_body(key_mode, max_budget=0.000001)
+    if key_mode == "passthrough":
+        body["key"] = "sk-litellm-client-key-spent-7e1d2c"
+    # bg-priced: 3 prompt + 2 completion tokens answered = $0.0023 > $0.000001, but a request
+    # with max_tokens 1 and a short body reserves more than the budget: admit first with a
+    # roomy budget, then shrink it.
+    created = await gw.create_key(**{**body, "max_budget": 1.0})
+    r = await gw.client.post(
+        "/v1/chat/completions",
+        content=body_for("/v1/chat/completions", "/chat/completions"),
+        headers=headers(created["key"]),
+    )
+    assert r.status_code == 200, r.text
+    spent = (await gw.admin("GET", f"/admin/keys/{created['id']}")).json()["spend"]
+    assert spent > 0
+    r = await gw.admin("PATCH", f"/admin/keys/{created['id']}", json={"max_budget": spent})
+    assert r.status_code == 200, r.text
+    recorder.clear()
+    return str(created["key"])
+
+
+async def test_an_admitted_request_on_every_route_holds_a_reservation_above_zero(
+    database_url: str, recorder: RecordingUpstream, key_mode: str, clock: ManualClock
+) -> None:
+    settings = make_settings(database_url, recorder.url, key_mode=key_mode)
+    async with running_gateway(settings, clock) as gw:
+        created = await gw.create_key(**key_body(key_mode))
+        key = created["key"]
+        for n, (path, api) in enumerate(METERED_PATHS, start=1):
+            recorder.hold()
+            task = asyncio.create_task(
+                gw.client.post(path, content=body_for(path, api), headers=headers(key))
+            )
+            try:
+                await recorder.wait_for(n)
+                during = (await gw.admin("GET", f"/admin/keys/{created['id']}")).json()
+                assert during["reserved"] > 0, (path, during)
+            finally:
+                recorder.release()
+            r = await task
+            assert r.status_code == 200, (path, r.text)
+            assert float(r.headers["x-budget-spend"]) > 0
+            seen = recorder.records[-1]
+            assert seen.target == path.encode()
+            assert seen.credentials() == [("authorization", expected_credential(key_mode, key))]
+        after = (await gw.admin("GET", f"/admin/keys/{created['id']}")).json()
+        assert after["reserved"] == 0
+        entries = (await gw.admin("GET", "/admin/ledger", params={"limit": 1000})).json()["data"]
+        assert len(entries) == len(METERED_PATHS)
+        assert {e["model"] for e in entries} == {MODEL}
+        assert sorted(e["endpoint"] for e in entries) == sorted(api for _, api in METERED_PATHS)
+        assert all(e["cost"] > 0 for e in entries), entries
+        await assert_reconciled(gw)
+
+
+async def test_aliases_price_the_path_model_and_refuse_another_in_body_or_query(
+    database_url: str, recorder: RecordingUpstream, clock: ManualClock
+) -> None:
+    async with running_gateway(make_settings(database_url, recorder.url), clock) as gw:
+        key = (await gw.create_key(max_budget=10.0))["key"]
+        for path, api in ALIASES:
+            # A cheaper model in the body (bg-test: input free) than the one in the path.
+            r = await gw.client.post(
+                path, content=body_for(path, api, model="bg-test"), headers=headers(key)
+            )
+            assert_openai_error(r, 400, param="model")
+            # The same via LiteLLM's ?model= override.
+            r = await gw.client.post(
+                path + "?model=bg-test", content=body_for(path, api), headers=headers(key)
+            )
+            assert_openai_error(r, 400, code="invalid_query", param="model")
+            # And on the plain route: the body's model priced, another served via ?model=.
+            r = await gw.client.post(
+                "/v1/chat/completions?model=bg-priced&model=bg-test",
+                content=json.dumps({**BODIES["/chat/completions"], "model": "bg-priced"}),
+                headers=headers(key),
+            )
+            assert_openai_error(r, 400, code="invalid_query", param="model")
+        assert recorder.records == []
+        # The same body model as the path's is fine.
+        path, api = ALIASES[0]
+        r = await gw.client.post(
+            path, content=body_for(path, api, model=MODEL), headers=headers(key)
+        )
+        assert r.status_code == 200, r.text
+        assert len(recorder.records) == 1
+
+
+async def test_a_spent_key_cannot_use_an_alias_with_an_encoded_model(
+    sqlite_url: str, recorder: RecordingUpstream, clock: ManualClock
+) -> None:
+    """`/engines/bg%2Dpriced/...` is the model bg-priced to LiteLLM (uvicorn decodes it): it is
+    priced as bg-priced, not treated as an unknown (free) model."""
+    settings = make_settings(sqlite_url, recorder.url, unpriced_model="free")
+    async with running_gateway(settings, clock) as gw:
+        key = (await gw.create_key(max_budget=0.0))["key"]
+        for path in (
+            "/engines/bg%2Dpriced/chat/completions",
+            "/openai/deployments/bg%2dpriced/chat/completions",
+            "/engines/%62%67%2d%70%72%69%63%65%64/chat/completions",
+        ):
+            r = await gw.client.post(
+                path,
+                content=json.dumps(BODIES["/chat/completions"]),
+                headers=headers(key),
+            )
+            assert_openai_error(r, 429)
+        assert recorder.records == []
