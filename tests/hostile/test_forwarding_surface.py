@@ -111,7 +111,8 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     (P, b"/v1/chat/completions%zz", 400, IP),
     (P, b"/v1/chat/completions%%32%65", 400, IP),
     (P, b"/v1/%u002e%u002e/key/generate", 400, IP),
-    (P, b"/v1/%252e%252e/key/generate", 404, NF),  # literal "%2e%2e" after one decoding
+    (P, b"/v1/%252e%252e/key/generate", 400, IP),  # a dot once decoded twice
+    (P, b"/engines/bg%252Dpriced/chat/completions", 400, IP),
     (P, b"/v1/%c0%ae%c0%ae/key/generate", 404, NF),  # overlong UTF-8 dots
     (P, b"/v1/chat/c%6Fmpletions", 404, NF),  # an encoded letter in a literal segment
     (P, b"/%76%31/chat/completions", 404, NF),

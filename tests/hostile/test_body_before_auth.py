@@ -1,0 +1,133 @@
+"""Bodies the gateway must not wait for (issue 12, "What it must show" 4, fast part; SPEC 9),
+through a real uvicorn server over raw sockets:
+
+- a bogus key with a 10 MB body announced gets its 401 while the client has sent only the
+  first kilobyte: the answer does not wait for the body (the client observes it mid-upload);
+- a body trickled at one byte every 0.4 s, with BUDGETGATE_BODY_TIMEOUT_SECONDS=1, gets 408
+  `request_timeout` (for a key seen before and one not), and nothing is forwarded, reserved or
+  recorded. Both key modes, SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.hostile.raw import RecordingUpstream, build_request, raw_http, read_response
+from tests.hostile.test_forwarding_surface import key_body, served_gateway
+
+CHAT = json.dumps(
+    {"model": "bg-priced", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+).encode()
+TEN_MB = 10 * 1024 * 1024
+
+
+@pytest.fixture(params=["managed", "passthrough"])
+def key_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def recorder() -> Iterator[RecordingUpstream]:
+    rec = RecordingUpstream().start()
+    yield rec
+    rec.stop()
+
+
+def head(target: bytes, headers: list[tuple[str, str]], length: int | None) -> bytes:
+    lines = [b"POST " + target + b" HTTP/1.1", b"host: 127.0.0.1"]
+    lines += [f"{k}: {v}".encode() for k, v in headers]
+    lines.append(
+        f"content-length: {length}".encode() if length is not None else b"transfer-encoding: chunked"
+    )
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def test_a_bogus_key_gets_401_before_its_10_mb_body_is_sent(
+    database_url: str, recorder: RecordingUpstream, key_mode: str
+) -> None:
+    async with served_gateway(database_url, recorder.url, key_mode) as gw:
+        await gw.create_key(**key_body(key_mode))
+        for target in (b"/v1/chat/completions", b"/v1/embeddings", b"/v1/files", b"/key/generate"):
+            for header in ("authorization", "api-key", "x-api-key"):
+                value = "Bearer sk-bogus-0000" if header == "authorization" else "sk-bogus-0000"
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                try:
+                    writer.write(head(target, [(header, value)], TEN_MB) + b"{" + b" " * 1023)
+                    await writer.drain()
+                    r = await asyncio.wait_for(read_response(reader), 5)
+                finally:
+                    writer.close()
+                assert r.status in (401, 404), (target, r.status, r.body)
+                if target != b"/key/generate":
+                    assert r.status == 401, (target, r.body)
+                    assert r.json()["error"]["type"] == "authentication_error"
+        assert recorder.records == []
+
+
+async def _trickle(port: int, key: str, chunked: bool) -> tuple[int, float, dict]:
+    """Sends CHAT one byte every 0.4 s; returns the status, seconds to the answer, its body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    headers = [("authorization", f"Bearer {key}"), ("content-type", "application/json")]
+    writer.write(head(b"/v1/chat/completions", headers, None if chunked else len(CHAT)))
+    await writer.drain()
+    response = asyncio.create_task(read_response(reader))
+    try:
+        for byte in CHAT:
+            if response.done():
+                break
+            data = bytes([byte])
+            writer.write(b"1\r\n" + data + b"\r\n" if chunked else data)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.wait([response], timeout=0.4)
+        r = await asyncio.wait_for(response, 10)
+    finally:
+        response.cancel()
+        writer.close()
+    return r.status, time.monotonic() - started, r.json()
+
+
+async def test_a_trickled_body_gets_408_and_nothing_is_forwarded_or_reserved(
+    database_url: str, recorder: RecordingUpstream, key_mode: str
+) -> None:
+    async with served_gateway(
+        database_url, recorder.url, key_mode, body_timeout_seconds=1
+    ) as gw:
+        created = await gw.create_key(**key_body(key_mode))
+        # The first trickle comes from a key the gateway has not seen; then one request
+        # succeeds (the key is now known, and its bodies are read before admission); then the
+        # trickles again, length-delimited and chunked.
+        status, seconds, body = await _trickle(gw.port, created["key"], chunked=False)
+        assert status == 408 and body["error"]["code"] == "request_timeout", body
+        assert 0.9 <= seconds < 4, seconds
+        assert recorder.records == []
+        assert await gw.state(created["id"]) == (0.0, 0.0, 0)
+
+        ok = await raw_http(
+            gw.port,
+            build_request(
+                "POST",
+                b"/v1/chat/completions",
+                [("authorization", f"Bearer {created['key']}")],
+                CHAT,
+            ),
+        )
+        assert ok.status == 200, ok.body
+        recorder.clear()
+        spent = await gw.state(created["id"])
+        trickles = await asyncio.gather(
+            *(_trickle(gw.port, created["key"], chunked) for chunked in (False, True))
+        )
+        for status, seconds, body in trickles:
+            assert status == 408 and body["error"]["code"] == "request_timeout", body
+            assert 0.9 <= seconds < 4, seconds
+        assert recorder.records == []
+        assert await gw.state(created["id"]) == spent  # no reservation left, no new entry
