@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -50,6 +53,10 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+# prometheus-client's multiprocess mode.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
@@ -57,9 +64,23 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="worker processes (one ledger, shared)")] = 1,
 ) -> None:
     """Run the gateway."""
+    # Every worker counts its metrics in this directory and /metrics sums them (app/metrics.py):
+    # set before any worker imports prometheus-client, this process's imports included.
+    own_metrics_dir = MULTIPROC_ENV not in os.environ
+    if own_metrics_dir:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="budgetgate-metrics-")
+    try:
+        _serve(host, port, workers)
+    finally:
+        if own_metrics_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
+
+
+def _serve(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from app.db import create_engine
+    from app.logs import configure_logging, startup_line
     from app.main import SchemaOutdated, prepare_schema
     from app.pricing import PriceBook, PricesFileError
 
@@ -85,6 +106,8 @@ def serve(
     except OSError as exc:
         typer.echo(f"budgetgate: cannot reach the ledger database: {exc}", err=True)
         raise typer.Exit(1) from None
+    configure_logging(settings)
+    startup_line(settings, host, port, workers)
     uvicorn.run(
         "app.main:create_app",
         factory=True,

@@ -48,8 +48,11 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
+    # When set, /metrics wants `Authorization: Bearer <token>`.
+    metrics_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = "json"
+    # json: one object a line (the access lines carry their fields); console: for a person.
+    log_format: Literal["json", "console", "text"] = "json"
     auto_migrate: bool = False
     # SQLite commit durability (WAL mode either way). normal: a committed transaction survives a
     # gateway crash (kill -9), and the file never corrupts, but a power loss or OS crash can roll
@@ -58,12 +61,14 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(20, gt=0)
     upstream_max_connections: int = Field(512, gt=0)
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("admin_key", "upstream_api_key", "prices_file", "alert_webhook_url")
+    @field_validator(
+        "admin_key", "upstream_api_key", "prices_file", "alert_webhook_url", "metrics_token"
+    )
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         """Blank is unset however the value arrives (environment, .env, code)."""

@@ -95,6 +95,11 @@ class UpstreamTimeout(AppError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
 
 
+def internal_error() -> AppError:
+    """What a client sees of a bug: no detail (that goes to the log)."""
+    return AppError("internal error", status=500, type="server_error", code="internal_error")
+
+
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "code": code, "param": param}})
 
@@ -166,6 +171,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return error_response(
-            AppError("internal error", status=500, type="server_error", code="internal_error")
-        )
+        return error_response(internal_error())

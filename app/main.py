@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,8 +12,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
@@ -25,6 +26,7 @@ from app.config import Settings, get_settings
 from app.db import create_engine
 from app.errors import (
     AppError,
+    Unauthorized,
     UnsupportedMediaType,
     error_response,
     install_error_handlers,
@@ -33,10 +35,13 @@ from app.keys.router import check_admin_key
 from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
+from app.ledger import repository as ledger
 from app.logs import configure_logging
+from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
+from app.proxy.asgi import ProxyApp
 from app.proxy.request_ids import new_request_id
 from app.proxy.service import Gateway
 from app.proxy.upstream import UpstreamClient
@@ -171,8 +176,19 @@ def create_app(
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        token = settings.metrics_token
+        if token is not None:
+            presented = request.headers.get("authorization", "")
+            expected = f"Bearer {token.get_secret_value()}"
+            if not hmac.compare_digest(presented.encode(), expected.encode()):
+                raise Unauthorized("missing or wrong metrics token", code="invalid_metrics_token")
+        try:
+            RESERVATIONS_OPEN.set(await ledger.count_open_reservations(request.app.state.engine))
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("metrics: ledger unreachable (%s)", type(exc).__name__)
+        body, content_type = metrics_page()
+        return Response(body, media_type=content_type)
 
     @app.get(
         "/v1/budget",
@@ -230,32 +246,20 @@ def is_local(path: str) -> bool:
 
 
 class BudgetGateApp:
-    """The ASGI entry point. Proxied paths go straight to the Gateway: FastAPI's routing and
-    middleware cost about 30% of the request path's CPU (bench/, py-spy). Everything else --
-    the admin API, health, docs, the lifespan -- is the FastAPI app (attributes such as
+    """The ASGI entry point: the gateway's own routes -- the admin API, health, docs, metrics,
+    the lifespan -- are the FastAPI app's; every other path is the proxy's (attributes such as
     `state` are the FastAPI app's)."""
 
     def __init__(self, api: FastAPI) -> None:
         self.api = api
+        self.proxy = ProxyApp(lambda: api.state.gateway)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.api, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not is_local(scope["path"]):
-            request = Request(scope, receive)
-            try:
-                response = await self.api.state.gateway.handle(request)
-            except AppError as exc:
-                response = error_response(exc)
-            except Exception as exc:
-                log.exception("unhandled error", exc_info=exc)
-                response = error_response(
-                    AppError(
-                        "internal error", status=500, type="server_error", code="internal_error"
-                    )
-                )
-            await response(scope, receive, send)
+            await self.proxy(scope, receive, send)
             return
         if scope["type"] == "http":
             try:

@@ -36,6 +36,14 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
 
 
+async def count_open_reservations(engine: AsyncEngine) -> int:
+    """Reservations held now: requests in flight on every replica."""
+    async with engine.connect() as conn:
+        count = (await conn.execute(select(func.count()).select_from(R))).scalar_one()
+        await conn.rollback()
+    return int(count)
+
+
 async def list_entries(
     engine: AsyncEngine,
     key_id: str | None,

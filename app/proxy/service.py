@@ -12,7 +12,8 @@ import functools
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -50,8 +51,10 @@ from app.errors import (
 )
 from app.keys.repository import KeyContext
 from app.keys.service import KeyService, hash_key
+from app.metrics import LEDGER_SECONDS
 from app.pricing.cost import COST_HEADER, CostCalculator
 from app.pricing.money import ceil_div
+from app.proxy.access import AccessRecord, current_access
 from app.proxy.headers import (
     budget_headers,
     presented_key,
@@ -62,7 +65,6 @@ from app.proxy.headers import (
 )
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered
-from app.proxy.request_ids import new_request_id
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
@@ -120,9 +122,9 @@ class Gateway:
         # A key that fails there is forgotten, so an unknown key never gets a body buffered.
         self._known_keys: dict[str, None] = {}
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, request: Request, record: AccessRecord) -> Response:
         try:
-            return await self._handle(request)
+            return await self._handle(request, record)
         except AppError as exc:
             # Every authenticated response, errors too, carries x-request-id and the budget
             # headers (SPEC 3); a 429 already has them.
@@ -140,9 +142,9 @@ class Gateway:
             states = []
         return budget_headers(states, request_id)
 
-    async def _handle(self, request: Request) -> Response:
+    async def _handle(self, request: Request, record: AccessRecord) -> Response:
         scope = request.scope
-        request_id = new_request_id()
+        request_id = record.request_id
         started = self.clock.now()
         presented = presented_key(request.headers)
         key_hash = hash_key(presented) if presented else ""
@@ -164,6 +166,7 @@ class Gateway:
                 self._remember(request, await self.authenticate(request), request_id)
             raise
         endpoint = found.endpoint
+        record.route = found.route.template
 
         if found.route.access is Access.FREE:
             # Always allowed (an exhausted key too): no budget check, no ledger entry.
@@ -184,6 +187,8 @@ class Gateway:
             if metered is not None:
                 query.check_model(metered.model)
             amount = await self._bound(request, metered)
+            record.model, record.reservation = metered.model if metered else None, amount
+            record.priced_model = amount > 0
         except AppError:
             # The request's key is reported with its error (headers), and a bad key's 401
             # comes before a bad body's 4xx.
@@ -194,6 +199,7 @@ class Gateway:
         stream = bool(metered and metered.stream)
 
         # Admit: the key checked again and every budget reserved, in one step on the ledger.
+        admitting = time.perf_counter()
         try:
             key, admission = await self._admit(
                 AdmitRequest(
@@ -210,6 +216,8 @@ class Gateway:
         except Unauthorized:
             self._known_keys.pop(key_hash, None)
             raise
+        finally:
+            LEDGER_SECONDS.labels("admit").observe(time.perf_counter() - admitting)
         self._remember(request, key, request_id)
         if admission is None:
             raise Forbidden(_not_allowed(key, model), param="model")
@@ -232,6 +240,9 @@ class Gateway:
     @staticmethod
     def _remember(request: Request, key: KeyContext, request_id: str) -> None:
         request.state.budget_key, request.state.budget_request_id = key, request_id
+        record = current_access.get()
+        if record is not None:
+            record.key_id, record.key_alias = key.id, key.alias
 
     async def _bound(self, request: Request, metered: MeteredRequest | None) -> int:
         """The upper bound of the request's cost (0 for an operator's extra route). A model the
@@ -282,6 +293,9 @@ class Gateway:
     ) -> BudgetExceeded:
         state = admission.periods[0]
         self.alerts.exhausted_soon(key, state)
+        record = current_access.get()
+        if record is not None:
+            record.outcome, record.rejected_by = "rejected", "key"
         used = state.spend + state.reserved
         resets = (
             f"the period resets at {rfc3339(state.period_end)}"
@@ -318,7 +332,13 @@ class Gateway:
         )
         query = scope["query_string"]
         path_qs = scope["raw_path"] + (b"?" + query if query else b"")
-        return await self.upstream.send(request.method, path_qs.decode("ascii"), headers, body)
+        record = current_access.get()
+        if record is not None:
+            record.upstream_started = time.perf_counter()
+        resp = await self.upstream.send(request.method, path_qs.decode("ascii"), headers, body)
+        if record is not None:
+            record.upstream_status = resp.status
+        return resp
 
     async def _forward(
         self,
@@ -509,7 +529,12 @@ class Gateway:
         The ledger runs it to its end whatever happens to this request (its client left, the
         server shuts down and cancels it): it is awaited shielded, and its outcome is handled
         by _settled, a callback, in either case (the shutdown drains what is still pending)."""
+        record = current_access.get()
+        if record is not None:
+            record.upstream_done()
+            record.outcome, record.cost = outcome.outcome, outcome.cost
         settling = self.hot.settle_soon(info, outcome, self.clock.now())
+        settling.add_done_callback(_observe_settle(time.perf_counter()))
         self._pending_settlements.add(settling)
         settling.add_done_callback(functools.partial(self._settled, info, outcome))
         try:
@@ -569,6 +594,13 @@ class Gateway:
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
         return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
+
+
+def _observe_settle(started: float) -> Callable[[asyncio.Future[Any]], None]:
+    def observe(_: asyncio.Future[Any]) -> None:
+        LEDGER_SECONDS.labels("settle").observe(time.perf_counter() - started)
+
+    return observe
 
 
 def _not_allowed(key: KeyContext, model: str | None) -> str:

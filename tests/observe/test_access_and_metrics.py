@@ -1,0 +1,204 @@
+"""Operating it (SPEC 12): one JSON access line per proxied request, every log line of a request
+carrying its id, nothing secret in any of them; Prometheus metrics with bounded labels, summed
+over every worker of `budgetgate serve --workers N`; an optional token on /metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.clock import ManualClock
+from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, make_settings, running_gateway
+from tests.keys.helpers import bearer
+from tests.pgcluster import PgCluster
+from tests.procs import ManagedProcess, base_env, budgetgate_bin, chat_body, free_port
+from tests.servers import ServerThread
+
+CHAT = {"model": "bg-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
+
+
+def sample(page: str, name: str, **labels: str) -> float:
+    """The value of one sample of the exposition (0 when absent)."""
+    for line in page.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_one_access_line_per_proxied_request_and_nothing_secret(
+    database_url: str,
+    mock_upstream: ServerThread,
+    clock: ManualClock,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    settings = make_settings(database_url, mock_upstream.url, log_format="json")
+    async with running_gateway(settings, clock) as gw:
+        key = await gw.create_key(alias="team-a", max_budget=0.02, budget_duration="1d")
+        k = key["key"]
+        capfd.readouterr()
+        sent = []
+        for method, path, body in [
+            ("POST", "/v1/chat/completions", CHAT),
+            ("POST", "/v1/chat/completions", {**CHAT, "stream": True}),
+            ("GET", "/v1/models", None),
+            ("POST", "/v1/files", {}),
+            ("POST", "/v1/chat/completions", {**CHAT, "max_tokens": 100_000}),  # 429
+        ]:
+            r = await gw.client.request(method, path, json=body, headers=bearer(k))
+            sent.append((r.headers["x-request-id"], r.status_code))
+        err = capfd.readouterr().err
+
+    access = [e for e in json_lines(err) if e.get("logger") == "budgetgate.access"]
+    assert [(e["request_id"], e["status"]) for e in access] == sent
+    first, streamed, models, refused, rejected = access
+    assert (first["method"], first["route"], first["model"], first["outcome"]) == (
+        "POST",
+        "/chat/completions",
+        "bg-test",
+        "ok",
+    )
+    assert first["key_id"] == key["id"] and first["key_alias"] == "team-a"
+    assert first["cost"] == 0.005 and first["reservation"] == 0.005
+    assert first["upstream_status"] == 200
+    assert first["latency_ms"] >= first["upstream_latency_ms"] > 0
+    assert (streamed["outcome"], streamed["cost"]) == ("ok", 0.005)
+    assert (models["route"], models["outcome"], models["cost"]) == ("/models", None, None)
+    assert (refused["route"], refused["upstream_status"]) == ("unmatched", None)
+    assert (rejected["outcome"], rejected["upstream_status"]) == ("rejected", None)
+    for secret in (k, UPSTREAM_KEY, ADMIN_KEY):
+        assert secret not in err
+
+
+async def test_log_lines_written_during_a_request_carry_its_id(
+    database_url: str, clock: ManualClock, capfd: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(database_url, dead, log_format="json")
+    async with running_gateway(settings, clock) as gw:
+        key = await gw.create_key(max_budget=1.0)
+        capfd.readouterr()
+        r = await gw.client.post("/v1/chat/completions", json=CHAT, headers=bearer(key["key"]))
+        assert r.status_code == 502
+        err = capfd.readouterr().err
+    warning = [e for e in json_lines(err) if e["message"].startswith("upstream unreachable")]
+    assert warning and warning[0]["request_id"] == r.headers["x-request-id"], err
+
+
+async def test_metrics_count_requests_spend_and_rejections(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    settings = make_settings(database_url, mock_upstream.url)
+    async with running_gateway(settings, clock) as gw:
+        key = await gw.create_key(max_budget=0.02, budget_duration="1d")
+        before = (await gw.client.get("/metrics")).text
+        for _ in range(3):
+            r = await gw.client.post("/v1/chat/completions", json=CHAT, headers=bearer(key["key"]))
+            assert r.status_code == 200
+        big = {**CHAT, "max_tokens": 100_000}
+        r = await gw.client.post("/v1/chat/completions", json=big, headers=bearer(key["key"]))
+        assert r.status_code == 429
+        r = await gw.client.post("/v1/../x", json={}, headers=bearer(key["key"]))
+        after = (await gw.client.get("/metrics")).text
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    ok = {"route": "/chat/completions", "model": "bg-test", "status": "200", "outcome": "ok"}
+    assert delta("budgetgate_requests_total", **ok) == 3
+    assert delta("budgetgate_requests_total", status="429", outcome="rejected") == 1
+    assert delta("budgetgate_spend_dollars_total", model="bg-test") == pytest.approx(0.015)
+    assert delta("budgetgate_rejections_total", scope="key") == 1
+    assert delta("budgetgate_ledger_seconds_count", step="admit") == 4
+    assert delta("budgetgate_ledger_seconds_count", step="settle") == 3
+    assert delta("budgetgate_upstream_seconds_count", route="/chat/completions") == 3
+    assert sample(after, "budgetgate_reservations_open") == 0
+    # Labels never carry a raw path or a key.
+    assert "/v1/../x" not in after and key["key"] not in after and key["id"] not in after
+
+
+async def test_metrics_token(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    settings = make_settings(database_url, mock_upstream.url, metrics_token="scrape-me")
+    async with running_gateway(settings, clock) as gw:
+        for headers in ({}, {"authorization": "Bearer wrong"}, bearer(ADMIN_KEY)):
+            r = await gw.client.get("/metrics", headers=headers)
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["code"] == "invalid_metrics_token"
+        r = await gw.client.get("/metrics", headers=bearer("scrape-me"))
+        assert r.status_code == 200 and "budgetgate_requests_total" in r.text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_metrics_are_summed_over_every_worker(
+    pg_cluster: PgCluster, tmp_path: Path, workers: int
+) -> None:
+    """Under `serve --workers 2` each scrape lands on either worker and must show both
+    workers' requests (and one worker's, its own); the startup line names the database
+    without its password."""
+    bin_ = budgetgate_bin()
+    mock = ManagedProcess(
+        "mock",
+        [bin_, "mock-upstream", "--port", str(port := free_port())],
+        base_env(),
+        tmp_path,
+        port,
+        health_path="/mock/stats",
+    )
+    name = f"metrics_workers_{workers}"
+    pg_cluster.psql(f"CREATE DATABASE {name} TEMPLATE bg_template")
+    url = pg_cluster.url(name).replace("@", ":hunter2pw@", 1)
+    env = base_env() | {
+        "BUDGETGATE_DATABASE_URL": url,
+        "BUDGETGATE_UPSTREAM_URL": mock.url,
+        "BUDGETGATE_ADMIN_KEY": ADMIN_KEY,
+        "BUDGETGATE_UPSTREAM_API_KEY": UPSTREAM_KEY,
+        "BUDGETGATE_PRICES_FILE": str(Path(__file__).parents[1] / "data" / "prices.yaml"),
+        "BUDGETGATE_LOG_FORMAT": "json",
+    }
+    port = free_port()
+    argv = [bin_, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    gateway = ManagedProcess("gateway", argv, env, tmp_path, port)
+    try:
+        mock.start()
+        gateway.start()
+        with httpx.Client(base_url=gateway.url, timeout=30) as client:
+            r = client.post("/admin/keys", json={"max_budget": 100}, headers=bearer(ADMIN_KEY))
+            key = r.json()["key"]
+            for _ in range(40):
+                # A fresh connection each time, so that both workers take some.
+                r = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(5),
+                               headers=bearer(key), timeout=30)  # fmt: skip
+                assert r.status_code == 200, r.text
+            for _ in range(10):
+                page = httpx.get(gateway.url + "/metrics", timeout=30).text
+                assert sample(page, "budgetgate_requests_total", status="200") == 40, page
+        lines = json_lines(gateway.stderr_path.read_text())
+        access = [e for e in lines if e.get("logger") == "budgetgate.access"]
+        assert len(access) == 40
+        starting = [e for e in lines if e.get("message") == "budgetgate starting"]
+        assert len(starting) == 1 and starting[0]["workers"] == workers
+        assert starting[0]["database"].endswith(f"/{name}")
+        assert "hunter2pw" not in gateway.stderr_path.read_text()
+    finally:
+        gateway.kill()
+        mock.kill()
