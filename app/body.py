@@ -18,6 +18,18 @@ class ClientLeft(BadRequest):
     """The client disconnected before its body arrived (nobody reads this answer)."""
 
 
+def is_json_media(content_types: list[str]) -> bool:
+    """Whether every content type given (none at all counts) is JSON's."""
+    for content_type in content_types:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if not (
+            media == "application/json"
+            or (media.startswith("application/") and media.endswith("+json"))
+        ):
+            return False
+    return True
+
+
 def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
 

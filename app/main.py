@@ -18,7 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.alerts.service import AlertService
-from app.body import read_body, replay, too_large
+from app.body import is_json_media, read_body, replay, too_large
 from app.budgets.hotpath import create_hot_ledger
 from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
@@ -294,21 +294,12 @@ class BudgetGateApp:
             except AppError as exc:
                 return exc
             writes = scope["method"] in ("POST", "PUT", "PATCH")
-            if writes and not _json_or_none(headers.get("content-type")):
+            if writes and not is_json_media(headers.getlist("content-type")):
                 # A form is never read as JSON: a browser can send one cross-site without asking.
                 return UnsupportedMediaType(
                     "admin request bodies are JSON: send 'Content-Type: application/json'"
                 )
         return None
-
-
-def _json_or_none(content_type: str | None) -> bool:
-    if content_type is None:
-        return True
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
 
 
 def _declared_length(scope: Scope) -> int:

@@ -46,11 +46,18 @@ CREDENTIAL_HEADERS = frozenset(
     }
 )
 # Set by the gateway from what it saw (the client's address, scheme and host), never taken
-# from the client; and LiteLLM's header that picks a deployment apart from the priced model.
+# from the client (nor any other x-forwarded-*); and LiteLLM's header that picks a deployment
+# apart from the priced model.
 _GATEWAY_SET = frozenset(
     {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
 )
-_REQUEST_DROP = HOP_BY_HOP | _GATEWAY_SET | {"accept-encoding", "x-litellm-model"}
+# Headers some servers and frameworks read to rewrite what the request is (its origin, URL or
+# method): none of the client's are passed on.
+_GATEWAY_SET_PREFIXES = ("x-forwarded-", "x-original-")
+_REWRITES = frozenset(
+    {"x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override"}
+)
+_REQUEST_DROP = HOP_BY_HOP | _GATEWAY_SET | _REWRITES | {"accept-encoding", "x-litellm-model"}
 # What an upstream says about its own credentials and deployments is not the client's to see.
 _RESPONSE_DROP = HOP_BY_HOP | {
     "content-encoding",
@@ -98,22 +105,35 @@ def presented_key(headers: Headers) -> str | None:
 
 
 def upstream_headers(
-    headers: Headers, request_id: str, credential: str | None, client: tuple[str, str, str]
+    headers: Headers,
+    request_id: str,
+    credential: str | None,
+    client: tuple[str, str, str],
+    json_body: bool,
 ) -> dict[str, str]:
     """The client's headers as the upstream gets them: hop-by-hop headers and every header
     `Connection` names dropped, every credential-bearing header removed and exactly one set
     (`credential`: the gateway's upstream key, or the client's budgeted key in passthrough
     mode), the forwarding headers set from what the gateway saw (`client`: address, scheme,
-    host)."""
+    host). A body the gateway read as JSON (`json_body`) goes with that content type, so that
+    the upstream reads it as the gateway did (LiteLLM reads a body as a form when its
+    content type so much as mentions one)."""
     # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1); what the gateway sets
     # below is set after, so Connection cannot remove it.
-    named = {t.strip().lower() for v in headers.getlist("connection") for t in v.split(",")}
-    drop = _REQUEST_DROP | named
+    named = {
+        t.strip().lower().replace("_", "-")
+        for v in headers.getlist("connection")
+        for t in v.split(",")
+    }
+    drop = _REQUEST_DROP | named | CREDENTIAL_HEADERS
+    # Names compared with `_` read as `-`: an intermediary may treat them alike.
     out = {
         k: v
         for k, v in headers.items()
-        if k not in drop and k.replace("_", "-") not in CREDENTIAL_HEADERS
+        if (n := k.replace("_", "-")) not in drop and not n.startswith(_GATEWAY_SET_PREFIXES)
     }
+    if json_body:
+        out["content-type"] = "application/json"
     if credential:
         out["authorization"] = f"Bearer {credential}"
     address, scheme, host = client

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
-from app.body import read_body, too_large
+from app.body import is_json_media, read_body, too_large
 from app.budgets.hotpath import AdmitRequest, HotLedger, model_allowed
 from app.budgets.repository import (
     Admission,
@@ -45,6 +45,7 @@ from app.errors import (
     Forbidden,
     LedgerUnavailable,
     Unauthorized,
+    UnsupportedMediaType,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
@@ -178,6 +179,12 @@ class Gateway:
             return response
 
         try:
+            if found.route.access is Access.METERED and not is_json_media(
+                request.headers.getlist("content-type")
+            ):
+                raise UnsupportedMediaType(
+                    f"{endpoint} takes a JSON body: send 'Content-Type: application/json'"
+                )
             raw = await self._read_body(request)
             metered = (
                 parse_metered(endpoint, raw, self.settings, found.model)
@@ -329,6 +336,7 @@ class Gateway:
             info.request_id,
             presented_key(request.headers) if self.passthrough else self.upstream_key,
             (str(client[0]), scope.get("scheme", "http"), request.headers.get("host", "")),
+            json_body=info.model is not None,
         )
         query = scope["query_string"]
         path_qs = scope["raw_path"] + (b"?" + query if query else b"")

@@ -359,12 +359,6 @@ async def test_client_forwarding_headers_are_replaced_by_the_gateways(
         assert seen.header_values("x-real-ip") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: app/proxy/headers.py _GATEWAY_SET drops only forwarded, x-forwarded-for/-host/"
-    "-proto and x-real-ip; every other client-sent x-forwarded-* (port, prefix, server, scheme, "
-    "ssl, uri) reaches the upstream unchanged (issue 12: drop client-sent x-forwarded-*)",
-)
 async def test_every_client_sent_x_forwarded_header_is_dropped(
     database_url: str, recorder: RecordingUpstream, key_mode: str, clock: ManualClock
 ) -> None:
@@ -412,14 +406,6 @@ async def test_passthrough_forwards_only_a_registered_key(
         assert recorder.records == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inconsistency (low): app/proxy/headers.py upstream_headers compares credential "
-    "headers with '_' read as '-' (x_litellm_api_key is dropped) but not the headers it drops or "
-    "sets itself: x_forwarded_for, x_real_ip, x_request_id, x_litellm_model reach the upstream, "
-    "where an intermediary treating '_' as '-' (the reason given for credentials) would read "
-    "them as the gateway's own",
-)
 async def test_underscore_variants_of_the_headers_the_gateway_sets_or_drops(
     sqlite_url: str, recorder: RecordingUpstream, clock: ManualClock
 ) -> None:
