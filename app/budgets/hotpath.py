@@ -142,8 +142,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 _SQLITE_INSERT_ENTRY = """
 INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                             completion_tokens, cost, cost_source, outcome, status_code,
-                            started_at, finished_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            started_at, finished_at, overrun)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _SQLITE_SETTLE_PERIOD = """
 UPDATE budget_periods SET reserved = reserved - ?, spend = spend + ?
@@ -214,7 +214,7 @@ def _sqlite_admit(
         if refused is not None:
             rejections.append(
                 (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
-                + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text)
+                + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text, 0)
             )
             results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
             continue
@@ -295,11 +295,14 @@ def _sqlite_settle(
             released[period_id] = released.get(period_id, 0) + amount
             charged[period_id] = charged.get(period_id, 0) + result.cost
             charges.append((req.request_id, period_id, result.cost))
+        # The same amount is held in each period: the overrun is over that reservation (SPEC
+        # 10), from what the ledger held, whatever the caller believes it reserved.
+        overrun = max(result.cost - min(amount for _, amount in mine), 0)
         entries.append(
             (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
             + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
             + (result.outcome, result.status_code, _sqlite_time(req.started_at))
-            + (_sqlite_time(now),)
+            + (_sqlite_time(now), overrun)
         )
         settled.append(sorted(period_id for period_id, _ in mine))
     states = {
@@ -601,8 +604,9 @@ ORDER BY s.n, per.id
 
 # One statement settles a batch (parameters: one array per column of the steps, in the order
 # of settle_soon's args): release the reservations, charge each of their periods once (locked
-# in ascending id order), write the entries and their charges. A request whose reservation the
-# sweeper released already is left out. Rows: each settled request's periods after the batch.
+# in ascending id order), write the entries (each with its overrun over what it held) and their
+# charges. A request whose reservation the sweeper released already is left out. Rows: each
+# settled request's periods after the batch.
 _PG_SETTLE = """
 WITH s AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
@@ -615,6 +619,9 @@ WITH s AS (
     RETURNING r.request_id, r.period_id, r.amount, s.cost
 ), sums AS (
     SELECT period_id, sum(amount) AS released, sum(cost) AS charged FROM d GROUP BY period_id
+), held AS (
+    -- what each request held (the same amount in each of its periods): its overrun's base
+    SELECT request_id, min(amount) AS amount FROM d GROUP BY request_id
 ), lk AS (
     SELECT p.id FROM budget_periods p WHERE p.id IN (SELECT period_id FROM sums)
     ORDER BY p.id FOR UPDATE OF p
@@ -627,10 +634,11 @@ WITH s AS (
 ), e AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                                 completion_tokens, cost, cost_source, outcome, status_code,
-                                started_at, finished_at)
-    SELECT request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens, cost,
-           cost_source, outcome, status_code, started_at, finished_at
-    FROM s WHERE request_id IN (SELECT request_id FROM d)
+                                started_at, finished_at, overrun)
+    SELECT s.request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens,
+           cost, cost_source, outcome, status_code, started_at, finished_at,
+           greatest(s.cost - held.amount, 0)
+    FROM s JOIN held ON held.request_id = s.request_id
 ), c AS (
     INSERT INTO ledger_charges (request_id, period_id, amount)
     SELECT request_id, period_id, cost FROM d
