@@ -63,7 +63,7 @@ class Outcome:
 
     outcome: str  # ok | upstream_error | client_disconnect | timeout
     cost: int
-    cost_source: str  # upstream | prices | estimated | free | none
+    cost_source: str  # upstream | prices | estimated | free | reservation | none
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     status_code: int | None = None
@@ -305,8 +305,10 @@ class BudgetRepository:
     # -- sweeping --------------------------------------------------------------------------
 
     async def sweep_expired_reservations(self) -> int:
-        """Release reservations whose request never settled (its gateway died), recording each
-        request once as `abandoned`. A settle racing with this deletes nothing and vice versa.
+        """Settle reservations whose request never settled (its gateway died), recording each
+        request once as `abandoned`, charged its full reservation (`cost_source=reservation`,
+        SPEC 5): the upstream may have served and billed it, and the ledger must never count
+        less than was spent. A settle racing with this deletes nothing and vice versa.
         Due: past the expiry set at admission, or older than the TTL configured now (so a
         replica restarted with a shorter TTL releases what a crashed one left sooner)."""
         now = self.clock.now()
@@ -332,11 +334,13 @@ class BudgetRepository:
                 ).all()
                 if not rows:
                     continue
+                # (the same amount is held in each of the request's periods)
+                cost = min(r.amount for r in rows)
                 for r in sorted(rows, key=lambda r: r.period_id):
                     await conn.execute(
                         update(P)
                         .where(P.c.id == r.period_id)
-                        .values(reserved=P.c.reserved - r.amount)
+                        .values(reserved=P.c.reserved - r.amount, spend=P.c.spend + cost)
                     )
                 first = rows[0]
                 req = RequestInfo(
@@ -348,7 +352,11 @@ class BudgetRepository:
                     first.started_at,
                 )
                 await self._insert_entry(
-                    conn, req, Outcome("abandoned", 0, "none"), now, [r.period_id for r in rows]
+                    conn,
+                    req,
+                    Outcome("abandoned", cost, "reservation"),
+                    now,
+                    [r.period_id for r in rows],
                 )
                 swept += 1
         return swept
