@@ -202,11 +202,20 @@ class BudgetRepository:
             await conn.execute(
                 insert(P)
                 .from_select(
-                    ["budget_id", "period_start", "period_end", "max_budget", "spend", "reserved"],
+                    [
+                        "budget_id",
+                        "period_start",
+                        "period_end",
+                        "max_budget",
+                        "peak_max_budget",
+                        "spend",
+                        "reserved",
+                    ],
                     select(
                         B.c.id,
                         literal(start, P.c.period_start.type),
                         literal(end, P.c.period_end.type),
+                        B.c.max_budget,
                         B.c.max_budget,
                         literal(0),
                         literal(0),
