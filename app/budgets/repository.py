@@ -238,16 +238,11 @@ class BudgetRepository:
         return {r.budget_id: int(r.id) for r in rows}
 
     async def close_and_reopen(
-        self,
-        conn: AsyncConnection,
-        budget_id: str,
-        reason: str,
-        new_schedule: Schedule,
-        keep_end: bool,
+        self, conn: AsyncConnection, budget_id: str, reason: str, schedule: Schedule
     ) -> None:
-        """Manual reset (`keep_end`: the new period ends at the same scheduled boundary) or a
-        schedule change (the new period starts now under `new_schedule`). Never touches the
-        budget's settings; the caller owns the transaction and has locked the budget."""
+        """Manual reset: the open period closes now and a new one opens, ending at the same
+        scheduled boundary. Never touches the budget's settings; the caller owns the
+        transaction and has locked the budget."""
         now = self.clock.now()
         row = (
             await conn.execute(
@@ -257,10 +252,24 @@ class BudgetRepository:
                 .returning(P.c.period_end)
             )
         ).first()
-        end = row.period_end if row is not None and keep_end else None
+        end = row.period_end if row is not None else None
         if end is None or end <= now:
-            end = new_schedule.current_end(now)
+            end = schedule.current_end(now)
         await self._open_period(conn, budget_id, now, end)
+
+    async def rebound_open_period(
+        self, conn: AsyncConnection, budget_id: str, new_schedule: Schedule
+    ) -> None:
+        """A schedule change (SPEC 5): the open period keeps its start, spend and reservations
+        and ends at the new schedule's next boundary after now (a lifetime one: never). Only a
+        reset or the period's end starts a period at 0: closing it here would let a change of
+        timezone, anchor or duration spend the budget again. The caller owns the transaction
+        and has locked the budget."""
+        await conn.execute(
+            update(P)
+            .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
+            .values(period_end=new_schedule.current_end(self.clock.now()))
+        )
 
     async def roll_expired_periods_of_keys(self, key_ids: list[str]) -> int:
         """Roll the keys' open periods whose end has passed, before they are shown or changed:

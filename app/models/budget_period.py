@@ -43,4 +43,4 @@ class BudgetPeriod(Base):
     spend: Mapped[int] = mapped_column(Nanos, default=0)
     reserved: Mapped[int] = mapped_column(Nanos, default=0)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    close_reason: Mapped[str | None] = mapped_column(String(32))  # expired|manual|schedule_change
+    close_reason: Mapped[str | None] = mapped_column(String(32))  # expired | manual
