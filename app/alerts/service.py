@@ -26,9 +26,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import Table, and_, exists, literal_column, or_, select, update
+from sqlalchemy import Select, Table, and_, exists, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets.state import PeriodState
@@ -75,6 +76,36 @@ def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState
     }
 
 
+def _periods_with_keys(*columns: Any) -> Select[Any]:
+    """Periods with what every alert tells about them and their key (see _period_details), and
+    `columns`."""
+    return (
+        select(
+            P.c.id,
+            P.c.budget_id,
+            P.c.period_start,
+            P.c.period_end,
+            P.c.spend,
+            P.c.max_budget,
+            K.c.id.label("key_id"),
+            K.c.alias,
+            K.c.key_prefix,
+            *columns,
+        )
+        .select_from(P)
+        .join(B, B.c.id == P.c.budget_id)
+        .join(K, K.c.id == B.c.key_id)
+    )
+
+
+def _period_details(row: Row[Any]) -> tuple[PeriodState, dict[str, Any]]:
+    """A _periods_with_keys row's period, and what an alert about it tells."""
+    state = PeriodState(
+        row.budget_id, row.id, row.period_start, row.period_end, row.max_budget, row.spend, 0
+    )
+    return state, _details(row.key_id, row.alias, row.key_prefix, state)
+
+
 class AlertService:
     def __init__(self, engine: AsyncEngine, clock: Clock, webhook_url: str | None) -> None:
         self.engine = engine
@@ -94,38 +125,16 @@ class AlertService:
             return 0
         closed_since = self.clock.now() - RECENTLY_CLOSED
         already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == "soft_budget"))
-        query = (
-            select(
-                P.c.id,
-                P.c.budget_id,
-                P.c.period_start,
-                P.c.period_end,
-                P.c.spend,
-                P.c.max_budget,
-                B.c.soft_budget,
-                K.c.id.label("key_id"),
-                K.c.alias,
-                K.c.key_prefix,
-            )
-            .join(B, B.c.id == P.c.budget_id)
-            .join(K, K.c.id == B.c.key_id)
-            .where(
-                or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
-                B.c.soft_budget.is_not(None),
-                P.c.spend >= B.c.soft_budget,
-                P.c.spend > 0,
-                ~already,
-            )
+        query = _periods_with_keys(B.c.soft_budget).where(
+            or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
+            B.c.soft_budget.is_not(None),
+            P.c.spend >= B.c.soft_budget,
+            P.c.spend > 0,
+            ~already,
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            await conn.rollback()
         recorded = 0
-        for r in rows:
-            state = PeriodState(
-                r.budget_id, r.id, r.period_start, r.period_end, r.max_budget, r.spend, 0
-            )
-            details = _details(r.key_id, r.alias, r.key_prefix, state)
+        for r in await self._read(query):
+            state, details = _period_details(r)
             details["soft_budget"] = dollars(r.soft_budget)
             recorded += await self._record("soft_budget", state, details)
         return recorded
@@ -140,36 +149,15 @@ class AlertService:
             A.c.period_id == C.c.period_id, A.c.kind == "overrun", A.c.request_id == L.c.request_id
         )
         query = (
-            select(
-                L.c.request_id,
-                L.c.cost,
-                L.c.overrun,
-                P.c.id,
-                P.c.budget_id,
-                P.c.period_start,
-                P.c.period_end,
-                P.c.spend,
-                P.c.max_budget,
-                K.c.id.label("key_id"),
-                K.c.alias,
-                K.c.key_prefix,
-            )
-            .join(C, C.c.request_id == L.c.request_id)
-            .join(P, P.c.id == C.c.period_id)
-            .join(B, B.c.id == P.c.budget_id)
-            .join(K, K.c.id == B.c.key_id)
+            _periods_with_keys(L.c.request_id, L.c.cost, L.c.overrun)
+            .join(C, C.c.period_id == P.c.id)
+            .join(L, L.c.request_id == C.c.request_id)
             # (a literal 0: the partial index's predicate, which a bound parameter would hide)
             .where(L.c.overrun > literal_column("0"), L.c.finished_at > since, ~already)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            await conn.rollback()
         recorded = 0
-        for r in rows:
-            state = PeriodState(
-                r.budget_id, r.id, r.period_start, r.period_end, r.max_budget, r.spend, 0
-            )
-            details = _details(r.key_id, r.alias, r.key_prefix, state)
+        for r in await self._read(query):
+            state, details = _period_details(r)
             details.update(
                 request_id=r.request_id,
                 reservation=dollars(r.cost - r.overrun),
@@ -178,6 +166,12 @@ class AlertService:
             )
             recorded += await self._record("overrun", state, details, r.request_id)
         return recorded
+
+    async def _read(self, query: Select[Any]) -> list[Row[Any]]:
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(query)).all())
+            await conn.rollback()
+        return rows
 
     def exhausted_soon(self, key: KeyContext, state: PeriodState) -> None:
         """A period refused a request: record (and send) its exhaustion alert in the background,

@@ -149,16 +149,22 @@ async def test_cli_reconcile_exit_code(
     ) as gw:
         key = await _traffic(gw)
         period_id = (await _period_ids(gw, key["id"]))[0]
+        over, request_id = await _overrun_key(gw)  # listed, not a problem
 
     code, out = await asyncio.to_thread(_run_cli, sqlite_url)
     assert code == 0, out
     assert "ledger is consistent" in out
     assert "PROBLEM" not in out
+    assert f"OVERRUN: request {request_id} (key {over['id']}" in out, out
+    assert "reserved $0.010000000, cost $0.050000000, overrun $0.040000000" in out, out
     code, out = await asyncio.to_thread(_run_cli, sqlite_url, "--json")
     assert code == 0, out
     report = orjson.loads(out)
     assert report["ok"] is True and report["problems"] == []
-    assert report["periods_checked"] == 3 and report["entries_checked"] == 9
+    assert report["periods_checked"] == 4 and report["entries_checked"] == 11
+    [overrun] = report["overruns"]
+    assert (overrun["request_id"], overrun["key_id"]) == (request_id, over["id"])
+    assert (overrun["reservation"], overrun["cost"], overrun["overrun"]) == (0.01, 0.05, 0.04)
 
     db_file = sqlite_url.split("///", 1)[1]
     with sqlite3.connect(db_file) as db:
@@ -236,23 +242,3 @@ async def test_a_limit_lowered_under_the_spend_is_no_broken_invariant(gateway: G
         gw, "UPDATE budget_periods SET peak_max_budget = 20000000 WHERE id = :i", i=period_id
     )
     assert [p for p in (await reconcile(gw.state.engine)).problems if "max_budget" in p]
-
-
-async def test_cli_reconcile_lists_overruns(
-    sqlite_url: str, mock_upstream: ServerThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    async with running_gateway(
-        make_settings(sqlite_url, mock_upstream.url), ManualClock(START)
-    ) as gw:
-        key, request_id = await _overrun_key(gw)
-    code, out = await asyncio.to_thread(_run_cli, sqlite_url)
-    assert code == 0, out
-    assert f"OVERRUN: request {request_id} (key {key['id']}" in out, out
-    assert "reserved $0.010000000, cost $0.050000000, overrun $0.040000000" in out, out
-    assert "ledger is consistent" in out
-    code, out = await asyncio.to_thread(_run_cli, sqlite_url, "--json")
-    assert code == 0, out
-    [overrun] = orjson.loads(out)["overruns"]
-    assert overrun["request_id"] == request_id and overrun["key_id"] == key["id"]
-    assert (overrun["reservation"], overrun["cost"], overrun["overrun"]) == (0.01, 0.05, 0.04)
