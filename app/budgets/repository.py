@@ -73,7 +73,7 @@ class Outcome:
 class Admission:
     admitted: bool
     periods: list[PeriodState]  # after the reservation; on rejection, the period that refused
-    amount: int
+    amount: int  # admitted: what is held (less than asked when shrunk to fit); else what was asked
 
 
 class ConcurrentChange(RuntimeError):
