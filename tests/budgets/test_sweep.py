@@ -145,9 +145,10 @@ async def test_manual_reset_with_a_request_in_flight(gateway: Gateway) -> None:
 
 
 async def test_sweep_racing_settles_records_each_request_once(gateway: Gateway) -> None:
-    """The sweeper and late settlements of the same expired requests at once, on a key with two
-    budgets: each request ends as exactly one entry (abandoned at its reservation, or settled at
-    its cost), both periods charged that entry's cost, nothing held."""
+    """The sweeper and late settlements of the same expired requests at once (and others after
+    it), on a key with two budgets: each request ends as exactly one entry (abandoned at its
+    reservation, or settled at its cost), both periods charged that entry's cost, nothing
+    held."""
     gw = gateway
     key = await gw.create_key(
         max_budget=10, budget_duration="1mo", budgets=[{"max_budget": 5, "budget_duration": "1d"}]
@@ -155,11 +156,13 @@ async def test_sweep_racing_settles_records_each_request_once(gateway: Gateway) 
     reqs = [await crashed_reservation(gw, key, CENTS_20) for _ in range(8)]
     gw.clock.advance(TTL)
     late = Outcome("ok", 150_000_000, "prices", prompt_tokens=3, completion_tokens=150)
+    racing, after = reqs[:4], reqs[4:]
     results = await asyncio.gather(
-        gw.state.budgets.sweep_expired_reservations(), *(settle(gw, r, late) for r in reqs)
+        gw.state.budgets.sweep_expired_reservations(), *(settle(gw, r, late) for r in racing)
     )
     swept, settled = results[0], [s for s in results[1:] if s is not None]
     assert swept + len(settled) == len(reqs)
+    assert [await settle(gw, r, late) for r in after] == [None] * len(after)  # swept already
     entries = await ledger(gw, key["id"])
     assert sorted(e["request_id"] for e in entries) == sorted(r.request_id for r in reqs)
     costs = {("abandoned", 0.2, "reservation"), ("ok", 0.15, "prices")}
