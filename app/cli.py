@@ -399,10 +399,24 @@ def usage(
 
 @app.command()
 def reconcile(as_json: JsonOpt = False) -> None:
-    """Check the ledger invariants; exit 1 with a report if any is broken."""
+    """Check the ledger invariants; exit 1 with a report if any is broken. Overruns (requests
+    charged more than they reserved) are listed; they do not fail the check."""
+    from app.keys.service import dollars, iso
     from app.ledger import repository as ledger
+    from app.pricing.money import nanos_to_dollars
 
     report = _run_with_services(lambda s: ledger.reconcile(s.engine))
+    overruns = [
+        {
+            "request_id": o.request_id,
+            "key_id": o.key_id,
+            "reservation": dollars(o.reservation),
+            "cost": dollars(o.cost),
+            "overrun": dollars(o.overrun),
+            "finished_at": iso(o.finished_at),
+        }
+        for o in report.overruns
+    ]
     if as_json:
         typer.echo(
             orjson.dumps(
@@ -411,6 +425,7 @@ def reconcile(as_json: JsonOpt = False) -> None:
                     "periods_checked": report.periods_checked,
                     "entries_checked": report.entries_checked,
                     "problems": report.problems,
+                    "overruns": overruns,
                 }
             ).decode()
         )
@@ -418,8 +433,16 @@ def reconcile(as_json: JsonOpt = False) -> None:
         typer.echo(
             f"checked {report.periods_checked} periods and {report.entries_checked} ledger entries"
         )
+        for o in report.overruns:
+            typer.echo(
+                f"OVERRUN: request {o.request_id} (key {o.key_id}, {iso(o.finished_at)}): "
+                f"reserved ${nanos_to_dollars(o.reservation)}, cost ${nanos_to_dollars(o.cost)}, "
+                f"overrun ${nanos_to_dollars(o.overrun)}"
+            )
         for problem in report.problems:
             typer.echo(f"PROBLEM: {problem}")
+        if report.overruns:
+            typer.echo(f"{len(report.overruns)} overrun(s) recorded: charged in full, alerted")
         typer.echo(
             "ledger is consistent" if report.ok else f"{len(report.problems)} problem(s) found"
         )

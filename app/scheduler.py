@@ -24,8 +24,10 @@ async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
 
 
 async def run_alerts(alerts: AlertService) -> tuple[int, int]:
-    """One pass: record soft-budget crossings, send what is due; returns (recorded, sent)."""
-    return await alerts.record_soft_crossings(), await alerts.deliver_due()
+    """One pass: record soft-budget crossings and overruns, send what is due; returns
+    (recorded, sent)."""
+    recorded = await alerts.record_soft_crossings() + await alerts.record_overruns()
+    return recorded, await alerts.deliver_due()
 
 
 async def _safe_run(budgets: BudgetRepository, alerts: AlertService) -> None:

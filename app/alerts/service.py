@@ -7,6 +7,9 @@
   background task, so the request path does not wait for it.
 * Exactly once per period per budget: `budget_alerts` has one row per (period, kind), whatever
   number of replicas notice; the next period re-arms both.
+* Overrun (SPEC 10): a request charged more than it reserved. Found by the scheduler's pass in
+  the ledger entries (settlement records the overrun, in the request's own transaction), and
+  alerted once per request per period it was charged to (the outbox row's request id).
 * Delivery: every pass POSTs the alerts that are due, one replica per alert at a time (a
   conditional claim), retrying with backoff until the webhook answers 2xx. A replica that dies
   between the POST and recording it sends that alert again: each event has an `id` for the
@@ -23,25 +26,32 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import Table, and_, exists, or_, select, update
+from sqlalchemy import Select, Table, and_, exists, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.budgets.state import PeriodState
 from app.clock import Clock
 from app.keys.repository import KeyContext, new_id
 from app.keys.service import dollars, iso
-from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod
+from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
 
 A: Table = BudgetAlert.__table__  # type: ignore[assignment]
+L: Table = LedgerEntry.__table__  # type: ignore[assignment]
+C: Table = LedgerCharge.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 K: Table = ApiKey.__table__  # type: ignore[assignment]
 
 log = logging.getLogger("budgetgate.alerts")
 
-EVENT_TYPES = {"soft_budget": "budget.soft_budget_crossed", "exhausted": "budget.exhausted"}
+EVENT_TYPES = {
+    "soft_budget": "budget.soft_budget_crossed",
+    "exhausted": "budget.exhausted",
+    "overrun": "budget.overrun",
+}
 MAX_ATTEMPTS = 12  # backoff 2 s, 4 s, ... capped at 1 h: about 5 hours of retries
 CLAIM_SECONDS = 60  # a claimed alert is another replica's again after this (a crashed sender)
 POST_TIMEOUT_SECONDS = 10
@@ -49,6 +59,8 @@ POST_TIMEOUT_SECONDS = 10
 # alerted if the period closed this recently (older history is not: turning alerts on must not
 # replay it).
 RECENTLY_CLOSED = timedelta(hours=1)
+# Likewise, overruns settled this recently are alerted, older ones are not.
+RECENT_OVERRUNS = timedelta(hours=1)
 
 
 def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState) -> dict[str, Any]:
@@ -62,6 +74,36 @@ def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState
         "period_start": iso(state.period_start),
         "period_end": iso(state.period_end) if state.period_end else None,
     }
+
+
+def _periods_with_keys(*columns: Any) -> Select[Any]:
+    """Periods with what every alert tells about them and their key (see _period_details), and
+    `columns`."""
+    return (
+        select(
+            P.c.id,
+            P.c.budget_id,
+            P.c.period_start,
+            P.c.period_end,
+            P.c.spend,
+            P.c.max_budget,
+            K.c.id.label("key_id"),
+            K.c.alias,
+            K.c.key_prefix,
+            *columns,
+        )
+        .select_from(P)
+        .join(B, B.c.id == P.c.budget_id)
+        .join(K, K.c.id == B.c.key_id)
+    )
+
+
+def _period_details(row: Row[Any]) -> tuple[PeriodState, dict[str, Any]]:
+    """A _periods_with_keys row's period, and what an alert about it tells."""
+    state = PeriodState(
+        row.budget_id, row.id, row.period_start, row.period_end, row.max_budget, row.spend, 0
+    )
+    return state, _details(row.key_id, row.alias, row.key_prefix, state)
 
 
 class AlertService:
@@ -83,41 +125,53 @@ class AlertService:
             return 0
         closed_since = self.clock.now() - RECENTLY_CLOSED
         already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == "soft_budget"))
-        query = (
-            select(
-                P.c.id,
-                P.c.budget_id,
-                P.c.period_start,
-                P.c.period_end,
-                P.c.spend,
-                P.c.max_budget,
-                B.c.soft_budget,
-                K.c.id.label("key_id"),
-                K.c.alias,
-                K.c.key_prefix,
-            )
-            .join(B, B.c.id == P.c.budget_id)
-            .join(K, K.c.id == B.c.key_id)
-            .where(
-                or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
-                B.c.soft_budget.is_not(None),
-                P.c.spend >= B.c.soft_budget,
-                P.c.spend > 0,
-                ~already,
-            )
+        query = _periods_with_keys(B.c.soft_budget).where(
+            or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
+            B.c.soft_budget.is_not(None),
+            P.c.spend >= B.c.soft_budget,
+            P.c.spend > 0,
+            ~already,
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            await conn.rollback()
         recorded = 0
-        for r in rows:
-            state = PeriodState(
-                r.budget_id, r.id, r.period_start, r.period_end, r.max_budget, r.spend, 0
-            )
-            details = _details(r.key_id, r.alias, r.key_prefix, state)
+        for r in await self._read(query):
+            state, details = _period_details(r)
             details["soft_budget"] = dollars(r.soft_budget)
             recorded += await self._record("soft_budget", state, details)
         return recorded
+
+    async def record_overruns(self) -> int:
+        """Record an alert for every overrun settled within the last RECENT_OVERRUNS that has
+        none yet, one per period the request was charged to; returns how many were recorded."""
+        if self.webhook_url is None:
+            return 0
+        since = self.clock.now() - RECENT_OVERRUNS
+        already = exists().where(
+            A.c.period_id == C.c.period_id, A.c.kind == "overrun", A.c.request_id == L.c.request_id
+        )
+        query = (
+            _periods_with_keys(L.c.request_id, L.c.cost, L.c.overrun)
+            .join(C, C.c.period_id == P.c.id)
+            .join(L, L.c.request_id == C.c.request_id)
+            # (a literal 0: the partial index's predicate, which a bound parameter would hide)
+            .where(L.c.overrun > literal_column("0"), L.c.finished_at > since, ~already)
+        )
+        recorded = 0
+        for r in await self._read(query):
+            state, details = _period_details(r)
+            details.update(
+                request_id=r.request_id,
+                reservation=dollars(r.cost - r.overrun),
+                cost=dollars(r.cost),
+                overrun=dollars(r.overrun),
+            )
+            recorded += await self._record("overrun", state, details, r.request_id)
+        return recorded
+
+    async def _read(self, query: Select[Any]) -> list[Row[Any]]:
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(query)).all())
+            await conn.rollback()
+        return rows
 
     def exhausted_soon(self, key: KeyContext, state: PeriodState) -> None:
         """A period refused a request: record (and send) its exhaustion alert in the background,
@@ -141,7 +195,9 @@ class AlertService:
             self._exhausted_seen.discard(state.period_id)
             log.warning("recording a budget alert failed: %s", type(exc).__name__)
 
-    async def _record(self, kind: str, state: PeriodState, details: dict[str, Any]) -> int:
+    async def _record(
+        self, kind: str, state: PeriodState, details: dict[str, Any], request_id: str = ""
+    ) -> int:
         now = self.clock.now()
         alert_id = new_id("alert")
         values = {
@@ -149,6 +205,7 @@ class AlertService:
             "budget_id": state.budget_id,
             "period_id": state.period_id,
             "kind": kind,
+            "request_id": request_id,
             "payload": {
                 "id": alert_id,
                 "type": EVENT_TYPES[kind],
@@ -162,7 +219,9 @@ class AlertService:
         }
         insert = pg_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
         statement = (
-            insert(A).values(**values).on_conflict_do_nothing(index_elements=["period_id", "kind"])
+            insert(A)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["period_id", "kind", "request_id"])
         )
         async with self.engine.begin() as conn:
             return (await conn.execute(statement)).rowcount

@@ -36,7 +36,7 @@ from prometheus_client import Histogram
 from sqlalchemy.engine import make_url
 
 from app.budgets.repository import Admission, Outcome, RequestInfo
-from app.budgets.state import BudgetRef, PeriodState
+from app.budgets.state import BudgetRef, PeriodState, amount_to_reserve
 from app.config import Settings
 from app.keys.repository import KeyContext
 
@@ -58,6 +58,15 @@ class AdmitRequest:
     amount: int  # nano-dollars to hold in every budget's current period
     started_at: datetime
     expires_at: datetime  # when the sweeper may release the reservation
+    # Shrink to fit: when `amount` does not fit, hold the largest amount that fits every
+    # budget if it is at least this much (Admission.amount says what was held). None: all or
+    # nothing.
+    min_amount: int | None = None
+
+    @property
+    def least(self) -> int:
+        """The least amount this request may be admitted with."""
+        return self.amount if self.min_amount is None else min(self.min_amount, self.amount)
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,8 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 _SQLITE_INSERT_ENTRY = """
 INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                             completion_tokens, cost, cost_source, outcome, status_code,
-                            started_at, finished_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            started_at, finished_at, overrun)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _SQLITE_SETTLE_PERIOD = """
 UPDATE budget_periods SET reserved = reserved - ?, spend = spend + ?
@@ -210,25 +219,26 @@ def _sqlite_admit(
             results.append(AdmitResult(key, None, expired))
             continue
         states = [money[r[8]] for r in periods]  # ascending period id
-        refused = next((st for st in states if not st.fits(req.amount)), None)
-        if refused is not None:
+        take = amount_to_reserve(states, req.amount, req.min_amount)
+        if take is None:
+            refused = next(st for st in states if not st.fits(req.least))
             rejections.append(
                 (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
-                + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text)
+                + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text, 0)
             )
             results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
             continue
         started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
         after = []
         for st in states:
-            money[st.period_id] = replace(st, reserved=st.reserved + req.amount)
+            money[st.period_id] = replace(st, reserved=st.reserved + take)
             after.append(money[st.period_id])
-            held[st.period_id] = held.get(st.period_id, 0) + req.amount
+            held[st.period_id] = held.get(st.period_id, 0) + take
             reservations.append(
-                (req.request_id, st.period_id, req.amount, key.id, req.model, req.endpoint)
+                (req.request_id, st.period_id, take, key.id, req.model, req.endpoint)
                 + (req.stream, started, expires)
             )
-        results.append(AdmitResult(key, Admission(True, after, req.amount), []))
+        results.append(AdmitResult(key, Admission(True, after, take), []))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
@@ -295,11 +305,14 @@ def _sqlite_settle(
             released[period_id] = released.get(period_id, 0) + amount
             charged[period_id] = charged.get(period_id, 0) + result.cost
             charges.append((req.request_id, period_id, result.cost))
+        # The same amount is held in each period: the overrun is over that reservation (SPEC
+        # 10), from what the ledger held, whatever the caller believes it reserved.
+        overrun = max(result.cost - min(amount for _, amount in mine), 0)
         entries.append(
             (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
             + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
             + (result.outcome, result.status_code, _sqlite_time(req.started_at))
-            + (_sqlite_time(now),)
+            + (_sqlite_time(now), overrun)
         )
         settled.append(sorted(period_id for period_id, _ in mine))
     states = {
@@ -500,11 +513,12 @@ class SqliteHotLedger:
 
 # One statement admits a batch of requests, of any keys (parameters: one array per column of the
 # steps: key hash, request id, amount, now, model, endpoint, stream, started at, reservation
-# expiry): each key, the open periods of them all locked in ascending id order, and per key the
-# verdict as if its steps came one by one, each on what the ones before it left. Exactly, in one
-# pass, in the two cases that are nearly always the case: every step of the key fits in turn
-# (all are reserved, each period written once), or none fits even alone (all are rejected;
-# nothing the batch does changes that). Otherwise nothing is written for that key and its
+# expiry, min amount): each key, the open periods of them all locked in ascending id order, and
+# per key the verdict as if its steps came one by one, each on what the ones before it left.
+# Exactly, in one pass, in the cases that are nearly always the case: every step of the key
+# fits in turn (all are reserved, each period written once), the key's only step fits shrunk
+# to its periods' room (AdmitRequest.min_amount), or none fits even alone, even shrunk (all are
+# rejected; nothing the batch does changes that). Otherwise nothing is written for that key and its
 # `decided` is false: the caller runs its steps again one at a time (a batch of one is always
 # decided). Keys do not share periods, so each key's verdict is its own. The verdict reads the
 # locked rows' latest committed values (READ COMMITTED re-reads rows it had to wait for), and
@@ -513,9 +527,10 @@ class SqliteHotLedger:
 _PG_ADMIT = """
 WITH a AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[],
-                         $6::text[], $7::boolean[], $8::timestamptz[], $9::timestamptz[])
+                         $6::text[], $7::boolean[], $8::timestamptz[], $9::timestamptz[],
+                         $10::bigint[])
         WITH ORDINALITY AS a(key_hash, request_id, amount, now, model, endpoint, stream,
-                             started_at, expires_at, n)
+                             started_at, expires_at, min_amount, n)
 ), k AS (
     SELECT id, key_hash, alias, key_prefix, status, models, expires_at FROM api_keys
     WHERE key_hash = ANY($1::text[])
@@ -537,14 +552,17 @@ WITH a AS (
                              OR k.models::jsonb ? a.model), false) AS key_ok
     ) ok
 ), judged AS (
-    -- the one comparison (PeriodState.fits): in turn, and alone
+    -- the one comparison (PeriodState.fits): in turn, and alone with the least amount the
+    -- step may hold (its min_amount when it may shrink to fit); the room of its periods
     SELECT s.n, s.key_id,
            bool_and(p.max_budget IS NULL
                     OR (p.spend + p.reserved + s.upto - s.amount < p.max_budget
                         AND p.spend + p.reserved + s.upto <= p.max_budget)) AS in_turn,
            bool_and(p.max_budget IS NULL
                     OR (p.spend + p.reserved < p.max_budget
-                        AND p.spend + p.reserved + s.amount <= p.max_budget)) AS alone
+                        AND p.spend + p.reserved + least(s.amount, s.min_amount)
+                            <= p.max_budget)) AS alone,
+           min(p.max_budget - p.spend - p.reserved) AS room
     FROM steps s JOIN per p ON p.key_id = s.key_id WHERE s.key_ok GROUP BY s.n, s.key_id
 ), per_key AS (
     SELECT key_id, count(*) AS periods,
@@ -554,7 +572,9 @@ WITH a AS (
     SELECT key_id, count(*) AS budgets FROM budgets WHERE key_id IN (SELECT id FROM k)
     GROUP BY key_id
 ), judged_key AS (
-    SELECT key_id, bool_and(in_turn) AS fits, NOT bool_or(alone) AS none_fit
+    SELECT key_id, bool_and(in_turn) AS fits, NOT bool_or(alone) AS none_fit,
+           -- the key's only step, in full or shrunk to fit
+           count(*) = 1 AND bool_and(alone) AS shrinks
     FROM judged GROUP BY key_id
 ), verdict AS (
     SELECT k.id AS key_id,
@@ -564,24 +584,30 @@ WITH a AS (
         coalesce(pk.unexpired, true)
             AND coalesce(pk.periods, 0) = coalesce(bk.budgets, 0) AS current,
         coalesce(jk.fits, true) AS fits,
-        coalesce(jk.none_fit, false) AS none_fit
+        coalesce(jk.none_fit, false) AS none_fit,
+        coalesce(jk.shrinks, false) AS shrinks
     FROM k LEFT JOIN per_key pk ON pk.key_id = k.id LEFT JOIN budgets_key bk ON bk.key_id = k.id
          LEFT JOIN judged_key jk ON jk.key_id = k.id
+), taken AS (
+    -- each admitted step and what it holds: its amount, or what its periods have room for
+    SELECT s.n, s.key_id, CASE WHEN v.fits THEN s.amount ELSE least(s.amount, j.room) END AS amount
+    FROM steps s JOIN verdict v ON v.key_id = s.key_id LEFT JOIN judged j ON j.n = s.n
+    WHERE s.key_ok AND v.current AND (v.fits OR v.shrinks)
 ), held AS (
-    SELECT key_id, sum(amount) AS amount FROM steps WHERE key_ok GROUP BY key_id
+    SELECT key_id, sum(amount) AS amount FROM taken GROUP BY key_id
 ), upd AS (
     UPDATE budget_periods p
     SET reserved = p.reserved + h.amount
-    FROM per, held h, verdict v
-    WHERE p.id = per.id AND h.key_id = per.key_id AND v.key_id = per.key_id
-          AND v.current AND v.fits
+    FROM per, held h
+    WHERE p.id = per.id AND h.key_id = per.key_id
     RETURNING p.id, p.reserved
 ), res AS (
     INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
                               started_at, expires_at)
-    SELECT s.request_id, upd.id, s.amount, s.key_id, s.model, s.endpoint, s.stream,
+    SELECT s.request_id, upd.id, t.amount, s.key_id, s.model, s.endpoint, s.stream,
            s.started_at, s.expires_at
-    FROM steps s JOIN per ON per.key_id = s.key_id JOIN upd ON upd.id = per.id WHERE s.key_ok
+    FROM taken t JOIN steps s ON s.n = t.n JOIN per ON per.key_id = s.key_id
+         JOIN upd ON upd.id = per.id
 ), rej AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
                                 outcome, status_code, started_at, finished_at)
@@ -593,16 +619,18 @@ WITH a AS (
 SELECT s.request_id, k.id AS key_id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
        per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,
        per.spend, coalesce(upd.reserved, per.reserved) AS reserved,
-       s.key_ok, v.current, v.fits, v.fits OR v.none_fit AS decided
+       s.key_ok, v.current, t.amount AS taken, v.fits OR v.shrinks OR v.none_fit AS decided
 FROM steps s JOIN k ON k.id = s.key_id JOIN verdict v ON v.key_id = s.key_id
      LEFT JOIN per ON per.key_id = s.key_id LEFT JOIN upd ON upd.id = per.id
+     LEFT JOIN taken t ON t.n = s.n
 ORDER BY s.n, per.id
 """
 
 # One statement settles a batch (parameters: one array per column of the steps, in the order
 # of settle_soon's args): release the reservations, charge each of their periods once (locked
-# in ascending id order), write the entries and their charges. A request whose reservation the
-# sweeper released already is left out. Rows: each settled request's periods after the batch.
+# in ascending id order), write the entries (each with its overrun over what it held) and their
+# charges. A request whose reservation the sweeper released already is left out. Rows: each
+# settled request's periods after the batch.
 _PG_SETTLE = """
 WITH s AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
@@ -615,6 +643,9 @@ WITH s AS (
     RETURNING r.request_id, r.period_id, r.amount, s.cost
 ), sums AS (
     SELECT period_id, sum(amount) AS released, sum(cost) AS charged FROM d GROUP BY period_id
+), held AS (
+    -- what each request held (the same amount in each of its periods): its overrun's base
+    SELECT request_id, min(amount) AS amount FROM d GROUP BY request_id
 ), lk AS (
     SELECT p.id FROM budget_periods p WHERE p.id IN (SELECT period_id FROM sums)
     ORDER BY p.id FOR UPDATE OF p
@@ -627,10 +658,11 @@ WITH s AS (
 ), e AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                                 completion_tokens, cost, cost_source, outcome, status_code,
-                                started_at, finished_at)
-    SELECT request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens, cost,
-           cost_source, outcome, status_code, started_at, finished_at
-    FROM s WHERE request_id IN (SELECT request_id FROM d)
+                                started_at, finished_at, overrun)
+    SELECT s.request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens,
+           cost, cost_source, outcome, status_code, started_at, finished_at,
+           greatest(s.cost - held.amount, 0)
+    FROM s JOIN held ON held.request_id = s.request_id
 ), c AS (
     INSERT INTO ledger_charges (request_id, period_id, amount)
     SELECT request_id, period_id, cost FROM d
@@ -834,6 +866,7 @@ class PostgresHotLedger:
                 req.stream,
                 req.started_at,
                 req.expires_at,
+                req.min_amount,
             ),
         )
         if not rows:
@@ -861,10 +894,10 @@ class PostgresHotLedger:
             ]
             return AdmitResult(key, None, expired, retry=not expired)
         states = [PeriodState.from_row(r) for r in periods]
-        if not first["fits"]:
-            refused = next(s for s in states if not s.fits(req.amount))
+        if first["taken"] is None:
+            refused = next(s for s in states if not s.fits(req.least))
             return AdmitResult(key, Admission(False, [refused], req.amount), [])
-        return AdmitResult(key, Admission(True, states, req.amount), [])
+        return AdmitResult(key, Admission(True, states, first["taken"]), [])
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime

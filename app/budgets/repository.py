@@ -63,7 +63,7 @@ class Outcome:
 
     outcome: str  # ok | upstream_error | client_disconnect | timeout
     cost: int
-    cost_source: str  # upstream | prices | estimated | free | none
+    cost_source: str  # upstream | prices | estimated | free | reservation | none
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     status_code: int | None = None
@@ -73,7 +73,7 @@ class Outcome:
 class Admission:
     admitted: bool
     periods: list[PeriodState]  # after the reservation; on rejection, the period that refused
-    amount: int
+    amount: int  # admitted: what is held (less than asked when shrunk to fit); else what was asked
 
 
 class ConcurrentChange(RuntimeError):
@@ -202,11 +202,20 @@ class BudgetRepository:
             await conn.execute(
                 insert(P)
                 .from_select(
-                    ["budget_id", "period_start", "period_end", "max_budget", "spend", "reserved"],
+                    [
+                        "budget_id",
+                        "period_start",
+                        "period_end",
+                        "max_budget",
+                        "peak_max_budget",
+                        "spend",
+                        "reserved",
+                    ],
                     select(
                         B.c.id,
                         literal(start, P.c.period_start.type),
                         literal(end, P.c.period_end.type),
+                        B.c.max_budget,
                         B.c.max_budget,
                         literal(0),
                         literal(0),
@@ -229,16 +238,11 @@ class BudgetRepository:
         return {r.budget_id: int(r.id) for r in rows}
 
     async def close_and_reopen(
-        self,
-        conn: AsyncConnection,
-        budget_id: str,
-        reason: str,
-        new_schedule: Schedule,
-        keep_end: bool,
+        self, conn: AsyncConnection, budget_id: str, reason: str, schedule: Schedule
     ) -> None:
-        """Manual reset (`keep_end`: the new period ends at the same scheduled boundary) or a
-        schedule change (the new period starts now under `new_schedule`). Never touches the
-        budget's settings; the caller owns the transaction and has locked the budget."""
+        """Manual reset: the open period closes now and a new one opens, ending at the same
+        scheduled boundary. Never touches the budget's settings; the caller owns the
+        transaction and has locked the budget."""
         now = self.clock.now()
         row = (
             await conn.execute(
@@ -248,10 +252,24 @@ class BudgetRepository:
                 .returning(P.c.period_end)
             )
         ).first()
-        end = row.period_end if row is not None and keep_end else None
+        end = row.period_end if row is not None else None
         if end is None or end <= now:
-            end = new_schedule.current_end(now)
+            end = schedule.current_end(now)
         await self._open_period(conn, budget_id, now, end)
+
+    async def rebound_open_period(
+        self, conn: AsyncConnection, budget_id: str, new_schedule: Schedule
+    ) -> None:
+        """A schedule change (SPEC 5): the open period keeps its start, spend and reservations
+        and ends at the new schedule's next boundary after now (a lifetime one: never). Only a
+        reset or the period's end starts a period at 0: closing it here would let a change of
+        timezone, anchor or duration spend the budget again. The caller owns the transaction
+        and has locked the budget."""
+        await conn.execute(
+            update(P)
+            .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
+            .values(period_end=new_schedule.current_end(self.clock.now()))
+        )
 
     async def roll_expired_periods_of_keys(self, key_ids: list[str]) -> int:
         """Roll the keys' open periods whose end has passed, before they are shown or changed:
@@ -305,8 +323,10 @@ class BudgetRepository:
     # -- sweeping --------------------------------------------------------------------------
 
     async def sweep_expired_reservations(self) -> int:
-        """Release reservations whose request never settled (its gateway died), recording each
-        request once as `abandoned`. A settle racing with this deletes nothing and vice versa.
+        """Settle reservations whose request never settled (its gateway died), recording each
+        request once as `abandoned`, charged its full reservation (`cost_source=reservation`,
+        SPEC 5): the upstream may have served and billed it, and the ledger must never count
+        less than was spent. A settle racing with this deletes nothing and vice versa.
         Due: past the expiry set at admission, or older than the TTL configured now (so a
         replica restarted with a shorter TTL releases what a crashed one left sooner)."""
         now = self.clock.now()
@@ -332,11 +352,13 @@ class BudgetRepository:
                 ).all()
                 if not rows:
                     continue
+                # (the same amount is held in each of the request's periods)
+                cost = min(r.amount for r in rows)
                 for r in sorted(rows, key=lambda r: r.period_id):
                     await conn.execute(
                         update(P)
                         .where(P.c.id == r.period_id)
-                        .values(reserved=P.c.reserved - r.amount)
+                        .values(reserved=P.c.reserved - r.amount, spend=P.c.spend + cost)
                     )
                 first = rows[0]
                 req = RequestInfo(
@@ -348,7 +370,11 @@ class BudgetRepository:
                     first.started_at,
                 )
                 await self._insert_entry(
-                    conn, req, Outcome("abandoned", 0, "none"), now, [r.period_id for r in rows]
+                    conn,
+                    req,
+                    Outcome("abandoned", cost, "reservation"),
+                    now,
+                    [r.period_id for r in rows],
                 )
                 swept += 1
         return swept

@@ -58,6 +58,19 @@ class PeriodState:
         return max(self.max_budget - self.spend - self.reserved, 0)
 
 
+def amount_to_reserve(states: list[PeriodState], amount: int, min_amount: int | None) -> int | None:
+    """What to hold in every one of `states` (a request's periods): `amount` if it fits them
+    all; else, given a `min_amount` (shrink to fit, SPEC 10), the largest amount from
+    `min_amount` up that fits them all; None if nothing may be held."""
+    if all(st.fits(amount) for st in states):
+        return amount
+    if min_amount is None:
+        return None
+    rooms = [st.max_budget - st.spend - st.reserved for st in states if st.max_budget is not None]
+    take = min([amount, *rooms])
+    return take if take >= min_amount and all(st.fits(take) for st in states) else None
+
+
 def tightest(states: list[PeriodState]) -> PeriodState | None:
     """The period with the least room left; unlimited budgets only when nothing else applies."""
     limited = [s for s in states if s.max_budget is not None]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, insert, select, update
+from sqlalchemy import Table, and_, case, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -150,10 +150,17 @@ async def update_budget(conn: AsyncConnection, budget_id: str, values: dict[str,
 async def update_open_period_limit(
     conn: AsyncConnection, budget_id: str, max_budget: int | None
 ) -> None:
+    peak: Any = None  # unlimited now: the period's spend was never held to a limit since
+    if max_budget is not None:
+        peak = case(
+            (P.c.peak_max_budget.is_(None), None),
+            (P.c.peak_max_budget >= max_budget, P.c.peak_max_budget),
+            else_=max_budget,
+        )
     await conn.execute(
         update(P)
         .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
-        .values(max_budget=max_budget)
+        .values(max_budget=max_budget, peak_max_budget=peak)
     )
 
 

@@ -149,6 +149,7 @@ async def ledger_entries(
             "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens,
             "cost": dollars(r.cost),
+            "overrun": dollars(r.overrun),
             "cost_source": r.cost_source,
             "outcome": r.outcome,
             "status_code": r.status_code,

@@ -5,15 +5,27 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from app.budgets.periods import InvalidDuration, InvalidTimezone, load_timezone, parse_duration
 
 MAX_DOLLARS = Decimal(1_000_000_000)
 
 Dollars = Field(default=None, ge=0, le=MAX_DOLLARS, allow_inf_nan=False)
+NANO_DOLLAR = Decimal("1E-9")
+
+
+def _not_below_a_nano(value: Decimal | None) -> Decimal | None:
+    """A positive amount under the ledger's unit would be stored as 0: a budget that blocks
+    every request (or alerts on the first spend), not the one asked for."""
+    if value is not None and 0 < value < NANO_DOLLAR:
+        raise ValueError("must be 0 or at least 0.000000001 (one nano-dollar, the ledger's unit)")
+    return value
+
+
+BudgetAmount = Annotated[Decimal | None, AfterValidator(_not_below_a_nano)]
 
 
 def _storable(value: Any) -> Any:
@@ -50,9 +62,9 @@ class BudgetSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_budget: Decimal | None = Dollars
+    max_budget: BudgetAmount = Dollars
     budget_duration: str | None = None
-    soft_budget: Decimal | None = Dollars
+    soft_budget: BudgetAmount = Dollars
     budget_timezone: str = "UTC"
     budget_anchor: datetime | None = None
 
@@ -113,8 +125,8 @@ class KeyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     alias: str | None = Field(default=None, max_length=255)
-    max_budget: Decimal | None = Dollars
-    soft_budget: Decimal | None = Dollars
+    max_budget: BudgetAmount = Dollars
+    soft_budget: BudgetAmount = Dollars
     budget_duration: str | None = None
     budget_timezone: str | None = None
     budget_anchor: datetime | None = None

@@ -239,11 +239,7 @@ class KeyService:
                 schedule_anchor=schedule.anchor,
             )
             if schedule != schedule_of(budget):
-                await repo.update_budget(conn, budget_id, values)
-                await self.budgets.close_and_reopen(
-                    conn, budget_id, "schedule_change", schedule, keep_end=False
-                )
-                return
+                await self.budgets.rebound_open_period(conn, budget_id, schedule)
         await repo.update_budget(conn, budget_id, values)
         if "max_budget" in values:
             await repo.update_open_period_limit(conn, budget_id, values["max_budget"])
@@ -274,9 +270,7 @@ class KeyService:
             ]
             open_ids = await self.budgets.open_period_ids(conn, [b.id for b in budgets])
             for budget in sorted(budgets, key=lambda b: open_ids.get(b.id, 0)):
-                await self.budgets.close_and_reopen(
-                    conn, budget.id, "manual", schedule_of(budget), keep_end=True
-                )
+                await self.budgets.close_and_reopen(conn, budget.id, "manual", schedule_of(budget))
         return await self.get(key_id)
 
     async def periods(self, key_id: str, limit: int) -> list[PeriodOut]:

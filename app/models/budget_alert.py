@@ -12,16 +12,19 @@ from app.models.base import Base, UTCDateTime
 class BudgetAlert(Base):
     """A budget alert (SPEC 8) and its delivery to the webhook: an outbox row.
 
-    One row per (period, kind), enforced by the database: however many replicas notice the
-    crossing, the alert exists once per period per budget; the next period re-arms it."""
+    One row per (period, kind, request id), enforced by the database: however many replicas
+    notice the crossing, a period's soft-budget and exhausted alerts (request id "") exist once
+    per period per budget, the next period re-arming them; an overrun alert exists once per
+    request per period it was charged to."""
 
     __tablename__ = "budget_alerts"
-    __table_args__ = (UniqueConstraint("period_id", "kind"),)
+    __table_args__ = (UniqueConstraint("period_id", "kind", "request_id"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     budget_id: Mapped[str] = mapped_column(String(40), ForeignKey("budgets.id"))
     period_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("budget_periods.id"))
-    kind: Mapped[str] = mapped_column(String(16))  # soft_budget | exhausted
+    kind: Mapped[str] = mapped_column(String(16))  # soft_budget | exhausted | overrun
+    request_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)  # the event, as it is POSTed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

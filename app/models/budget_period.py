@@ -37,9 +37,10 @@ class BudgetPeriod(Base):
     period_start: Mapped[datetime] = mapped_column(UTCDateTime)
     period_end: Mapped[datetime | None] = mapped_column(UTCDateTime)  # None: lifetime
     max_budget: Mapped[int | None] = mapped_column(Nanos)
+    # The highest max_budget the period admitted under (None: unlimited at some time): what
+    # `reconcile` holds its spend to, so that a limit lowered mid-period is no broken invariant.
+    peak_max_budget: Mapped[int | None] = mapped_column(Nanos)
     spend: Mapped[int] = mapped_column(Nanos, default=0)
     reserved: Mapped[int] = mapped_column(Nanos, default=0)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    close_reason: Mapped[str | None] = mapped_column(
-        String(32)
-    )  # expired | manual | schedule_change
+    close_reason: Mapped[str | None] = mapped_column(String(32))  # expired | manual

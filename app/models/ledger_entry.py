@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, Nanos, UTCDateTime
@@ -16,6 +16,13 @@ class LedgerEntry(Base):
     __table_args__ = (
         Index("ix_ledger_entries_key_finished", "key_id", "finished_at"),
         Index("ix_ledger_entries_finished", "finished_at"),
+        # The alerts pass looks for recent overruns: few, so a small partial index.
+        Index(
+            "ix_ledger_entries_overrun_finished",
+            "finished_at",
+            sqlite_where=text("overrun > 0"),
+            postgresql_where=text("overrun > 0"),
+        ),
     )
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -26,7 +33,11 @@ class LedgerEntry(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     cost: Mapped[int] = mapped_column(Nanos)
-    cost_source: Mapped[str] = mapped_column(String(16))  # upstream|prices|estimated|free|none
+    # What the cost exceeded the request's reservation by (SPEC 10); 0 when it fit.
+    overrun: Mapped[int] = mapped_column(Nanos, default=0, server_default=text("0"))
+    cost_source: Mapped[str] = mapped_column(
+        String(16)
+    )  # upstream|prices|estimated|free|reservation|none
     outcome: Mapped[str] = mapped_column(String(24))
     status_code: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)

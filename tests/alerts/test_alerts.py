@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from app.alerts.service import AlertService
 from app.scheduler import _safe_run, run_alerts
+from tests.budgets.helpers import chat_billed
 from tests.conftest import Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -150,6 +151,33 @@ async def test_exhausted_alerts_once_from_the_refusals_without_waiting_for_them(
     (event,) = receiver.of("exhausted")
     assert (event["key_id"], event["spend"], event["max_budget"]) == (key["id"], 0.01, 0.015)
     assert event["period_end"] is None  # a lifetime budget
+
+
+async def test_each_overrun_alerts_once_per_request(gw: Gateway, receiver: Receiver) -> None:
+    """Not once per period: every request charged more than it reserved is an event, telling
+    the key, the period, the request, its reservation, its cost and the excess."""
+    key = await gw.create_key(alias="over", max_budget=1, budget_duration="1mo")
+    assert (await chat_billed(gw, key, "0.01")).status_code == 200  # what it reserved: no event
+    assert await run_alerts(alerts(gw)) == (0, 0)
+    first = await chat_billed(gw, key, "0.03")
+    second = await chat_billed(gw, key, "0.015")
+    assert first.status_code == second.status_code == 200
+    assert await run_alerts(alerts(gw)) == (2, 2)
+    assert await run_alerts(alerts(gw)) == (0, 0)  # once each
+    events = sorted(receiver.of("overrun"), key=lambda e: e["cost"])
+    assert [e["request_id"] for e in events] == [
+        second.headers["x-request-id"],
+        first.headers["x-request-id"],
+    ]
+    assert [(e["reservation"], e["cost"], e["overrun"]) for e in events] == [
+        (0.01, 0.015, 0.005),
+        (0.01, 0.03, 0.02),
+    ]
+    for e in events:
+        assert (e["key_id"], e["alias"], e["key_prefix"]) == (key["id"], "over", key["key_prefix"])
+        assert (e["period_start"], e["period_end"]) == (key["period_start"], key["reset_at"])
+        assert e["max_budget"] == 1.0 and e["id"].startswith("alert_")
+    assert receiver.of("soft_budget_crossed") == receiver.of("exhausted") == []
 
 
 async def test_a_failing_webhook_is_retried_until_it_takes_the_alert(

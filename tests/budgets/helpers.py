@@ -132,6 +132,14 @@ async def spend_to_limit(gw: Gateway, key: dict[str, Any], n: int = 10, tokens: 
         assert r.status_code == 200, (i, r.text)
 
 
+async def chat_billed(gw: Gateway, key: dict[str, Any], cost: str) -> httpx.Response:
+    """A chat request reserving $0.01 (10 output tokens) that the upstream bills `cost` (dollars)
+    for, in its cost header: over the reservation, an overrun."""
+    body = {"model": "bg-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    headers = {"authorization": f"Bearer {key['key']}", "x-mock-cost": cost}
+    return await gw.client.post("/v1/chat/completions", json=body, headers=headers)
+
+
 async def assert_reconciled(gw: Gateway) -> None:
     report = await reconcile(gw.state.engine)
     assert report.ok, report.problems

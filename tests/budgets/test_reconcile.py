@@ -19,7 +19,7 @@ from app.clock import ManualClock
 from app.config import get_settings
 from app.ledger.repository import reconcile
 from app.scheduler import run_maintenance
-from tests.budgets.helpers import spend_to_limit
+from tests.budgets.helpers import chat_billed, spend_to_limit
 from tests.conftest import START, Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -149,16 +149,22 @@ async def test_cli_reconcile_exit_code(
     ) as gw:
         key = await _traffic(gw)
         period_id = (await _period_ids(gw, key["id"]))[0]
+        over, request_id = await _overrun_key(gw)  # listed, not a problem
 
     code, out = await asyncio.to_thread(_run_cli, sqlite_url)
     assert code == 0, out
     assert "ledger is consistent" in out
     assert "PROBLEM" not in out
+    assert f"OVERRUN: request {request_id} (key {over['id']}" in out, out
+    assert "reserved $0.010000000, cost $0.050000000, overrun $0.040000000" in out, out
     code, out = await asyncio.to_thread(_run_cli, sqlite_url, "--json")
     assert code == 0, out
     report = orjson.loads(out)
     assert report["ok"] is True and report["problems"] == []
-    assert report["periods_checked"] == 3 and report["entries_checked"] == 9
+    assert report["periods_checked"] == 4 and report["entries_checked"] == 11
+    [overrun] = report["overruns"]
+    assert (overrun["request_id"], overrun["key_id"]) == (request_id, over["id"])
+    assert (overrun["reservation"], overrun["cost"], overrun["overrun"]) == (0.01, 0.05, 0.04)
 
     db_file = sqlite_url.split("///", 1)[1]
     with sqlite3.connect(db_file) as db:
@@ -173,3 +179,66 @@ async def test_cli_reconcile_exit_code(
     report = orjson.loads(out)
     assert report["ok"] is False
     assert len(report["problems"]) == 1 and f"period {period_id}" in report["problems"][0]
+
+
+# -- spend against the limit (SPEC 6, 10) ------------------------------------------------------
+
+
+async def _overrun_key(gw: Gateway) -> tuple[dict, str]:
+    """A key whose period went over its $0.03 limit through one recorded overrun: $0.01
+    reserved, $0.05 billed. Returns the key and the overrun's request id."""
+    key = await gw.create_key(alias="over", max_budget=0.03, budget_duration="1mo")
+    assert (await gw.chat(key["key"], max_tokens=10)).status_code == 200  # $0.01, no overrun
+    r = await chat_billed(gw, key, "0.05")
+    assert r.status_code == 200, r.text
+    return key, r.headers["x-request-id"]
+
+
+async def test_a_period_over_its_limit_is_explained_by_its_overruns_or_broken(
+    gateway: Gateway,
+) -> None:
+    gw = gateway
+    key, request_id = await _overrun_key(gw)
+    (period_id,) = await _period_ids(gw, key["id"])
+    report = await reconcile(gw.state.engine)
+    assert report.ok, report.problems  # $0.06 spent = $0.03 + the $0.04 overrun, less
+    [overrun] = report.overruns
+    assert (overrun.request_id, overrun.key_id) == (request_id, key["id"])
+    assert (overrun.reservation, overrun.cost, overrun.overrun) == (10**7, 5 * 10**7, 4 * 10**7)
+
+    # The same spend without the overrun recorded: broken, naming the period.
+    await _execute(gw, "UPDATE ledger_entries SET overrun = 0 WHERE request_id = :r", r=request_id)
+    report = await reconcile(gw.state.engine)
+    assert report.overruns == []
+    assert len(report.problems) == 1, report.problems
+    assert f"period {period_id}" in report.problems[0], report.problems
+    assert "max_budget" in report.problems[0], report.problems
+
+    # An overrun smaller than the excess does not explain it either ($0.06 > $0.03 + $0.02).
+    await _execute(
+        gw, "UPDATE ledger_entries SET overrun = 20000000 WHERE request_id = :r", r=request_id
+    )
+    assert len((await reconcile(gw.state.engine)).problems) == 1
+    await _execute(
+        gw, "UPDATE ledger_entries SET overrun = 30000000 WHERE request_id = :r", r=request_id
+    )
+    assert (await reconcile(gw.state.engine)).ok
+
+
+async def test_a_limit_lowered_under_the_spend_is_no_broken_invariant(gateway: Gateway) -> None:
+    """Freezing a key (max_budget 0) after it spent: the period was held to its higher limit
+    while it admitted; a later, higher limit does not lower that."""
+    gw = gateway
+    key = await gw.create_key(max_budget=1, budget_duration="1mo")
+    await spend_to_limit(gw, key, n=3, tokens=100)  # $0.03
+    for limit in (0, 0.5):
+        r = await gw.admin("PATCH", f"/admin/keys/{key['id']}", json={"max_budget": limit})
+        assert r.status_code == 200, r.text
+    report = await reconcile(gw.state.engine)
+    assert report.ok, report.problems
+    # It is the limit it admitted under that counts: forced over it, the period is reported.
+    (period_id,) = await _period_ids(gw, key["id"])
+    await _execute(
+        gw, "UPDATE budget_periods SET peak_max_budget = 20000000 WHERE id = :i", i=period_id
+    )
+    assert [p for p in (await reconcile(gw.state.engine)).problems if "max_budget" in p]

@@ -9,14 +9,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from app.budgets.repository import Outcome
 from app.scheduler import run_maintenance
 from tests.budgets.helpers import (
+    admit,
     assert_budget_exceeded,
     assert_reconciled,
     get_key,
     ledger,
     money,
     periods,
+    settle,
     spend_to_limit,
     when,
 )
@@ -243,45 +246,43 @@ async def test_zero_budget_blocks_every_request(gateway: Gateway) -> None:
     await assert_reconciled(gw)
 
 
-async def test_duration_change_opens_a_new_period_without_carried_spend(gateway: Gateway) -> None:
-    """PEER-FAILURES #34270: a key over the new cap must not be blocked for a whole window."""
+async def test_duration_change_rebounds_the_period_and_keeps_its_spend(gateway: Gateway) -> None:
+    """SPEC 5: the open period keeps its spend and ends at the new schedule's next boundary;
+    a key over the new cap is blocked until then, not for a whole new window (PEER-FAILURES
+    #34270), and changing the schedule spends nothing again."""
     gw = gateway
     key = await gw.create_key(alias="rescheduled", max_budget=1.0, budget_duration="1mo")
     await spend_to_limit(gw, key)
     assert (await gw.chat(key["key"], max_tokens=1)).status_code == 429
 
-    changed_at = gw.clock.now()
     r = await gw.admin("PATCH", f"/admin/keys/{key['id']}", json={"budget_duration": "1d"})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["budget_duration"] == "1d"
     assert out["max_budget"] == 1.0
-    assert out["spend"] == 0.0
-    assert when(out["period_start"]) == changed_at
+    assert out["spend"] == 1.0
+    assert out["period_start"] == key["period_start"]
     assert out["reset_at"] == "2026-01-16T00:00:00Z"  # the new schedule: daily, at midnight
 
-    r = await gw.chat(key["key"], max_tokens=100)
-    assert r.status_code == 200, r.text
+    r = await gw.chat(key["key"], max_tokens=1)
+    assert r.status_code == 429, r.text
     assert r.headers["x-budget-reset-at"] == "2026-01-16T00:00:00Z"
-
     history = await periods(gw, key["id"])
-    assert [(p["close_reason"], p["spend"]) for p in history] == [
-        ("schedule_change", 1.0),
-        (None, 0.1),
-    ]
-    assert when(history[0]["closed_at"]) == changed_at
+    assert [(p["close_reason"], p["spend"]) for p in history] == [(None, 1.0)]
 
-    # The new schedule rolls daily from here.
+    # The new schedule rolls daily from its boundary.
     gw.clock.set(utc(2026, 1, 16, 0, 0, 1))
     assert await run_maintenance(gw.state.budgets) == (1, 0)
     state = await get_key(gw, key["id"])
     assert state["period_start"] == "2026-01-16T00:00:00Z"
     assert state["reset_at"] == "2026-01-17T00:00:00Z"
     assert state["spend"] == 0.0
+    history = await periods(gw, key["id"])
+    assert [(p["close_reason"], p["spend"]) for p in history] == [("expired", 1.0), (None, 0.0)]
     await assert_reconciled(gw)
 
 
-async def test_timezone_change_is_a_schedule_change(gateway: Gateway) -> None:
+async def test_timezone_change_rebounds_the_period_and_keeps_its_spend(gateway: Gateway) -> None:
     gw = gateway
     key = await gw.create_key(alias="tz", max_budget=1.0, budget_duration="1d")
     await spend_to_limit(gw, key, n=2)
@@ -291,10 +292,34 @@ async def test_timezone_change_is_a_schedule_change(gateway: Gateway) -> None:
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["budget_timezone"] == "America/New_York"
-    assert out["spend"] == 0.0
+    assert out["spend"] == 0.2
+    assert out["period_start"] == key["period_start"]
     assert out["reset_at"] == "2026-01-16T05:00:00Z"  # New York midnight (EST, UTC-5)
     history = await periods(gw, key["id"])
-    assert [p["close_reason"] for p in history] == ["schedule_change", None]
+    assert [(p["close_reason"], p["spend"]) for p in history] == [(None, 0.2)]
+    await assert_reconciled(gw)
+
+
+async def test_anchor_change_rebounds_the_period_and_keeps_its_spend(gateway: Gateway) -> None:
+    """A boundary earlier or later than the old one, the spend and reservations stay: a request
+    in flight settles into the same period."""
+    gw = gateway
+    key = await gw.create_key(alias="anchor", max_budget=1.0, budget_duration="1mo")
+    await spend_to_limit(gw, key, n=3)
+    flight = await admit(gw, key["key"], 100_000_000)
+    for anchor, reset_at in [
+        ("2025-06-20T06:00:00Z", "2026-01-20T06:00:00Z"),  # sooner than Feb 1
+        ("2026-01-10T00:00:00Z", "2026-02-10T00:00:00Z"),  # later
+    ]:
+        r = await gw.admin("PATCH", f"/admin/keys/{key['id']}", json={"budget_anchor": anchor})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert (out["spend"], out["reserved"], out["reset_at"]) == (0.3, 0.1, reset_at)
+        assert out["period_start"] == key["period_start"]
+    await settle(gw, flight.info, Outcome("ok", 50_000_000, "prices", 1, 50, 200))
+    state = await get_key(gw, key["id"])
+    assert (state["spend"], state["reserved"]) == (0.35, 0.0)
+    assert len(await periods(gw, key["id"])) == 1
     await assert_reconciled(gw)
 
 

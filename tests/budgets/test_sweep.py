@@ -1,10 +1,12 @@
-"""Reservations that never settle (a crashed replica) are released by the sweeper after
-BUDGETGATE_RESERVATION_TTL_SECONDS and recorded once as `abandoned` (SPEC 5, 6); a request
-admitted in one period is charged to that period."""
+"""Reservations that never settle (a crashed replica) are settled by the sweeper after
+BUDGETGATE_RESERVATION_TTL_SECONDS, recorded once as `abandoned` and charged their full
+reservation (SPEC 5, 6); a request admitted in one period is charged to that period."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from app.budgets.repository import Outcome, RequestInfo
 from app.scheduler import run_maintenance
@@ -47,18 +49,19 @@ async def test_abandoned_reservation_is_swept_once(gateway: Gateway) -> None:
     assert await run_maintenance(gw.state.budgets) == (0, 0)  # once only
     state = await get_key(gw, key["id"])
     assert state["reserved"] == 0.0
-    assert state["spend"] == 0.8
-    assert state["remaining"] == 0.2
+    assert state["spend"] == 1.0  # the upstream may have billed it: charged its reservation
+    assert state["remaining"] == 0.0
 
     entries = [e for e in await ledger(gw, key["id"]) if e["request_id"] == req.request_id]
     assert len(entries) == 1
     assert entries[0]["outcome"] == "abandoned"
-    assert entries[0]["cost"] == 0.0
+    assert (entries[0]["cost"], entries[0]["cost_source"]) == (0.2, "reservation")
+    assert entries[0]["overrun"] == 0.0
     assert entries[0]["stream"] is True and entries[0]["model"] == "bg-test"
 
-    # The released room is usable again.
-    r = await gw.chat(key["key"], max_tokens=200)
-    assert r.status_code == 200, r.text
+    # The room is spent, not released.
+    r = await gw.chat(key["key"], max_tokens=1)
+    assert r.status_code == 429, r.text
 
     # The crashed replica comes back and tries to settle: nothing to settle, nothing written.
     before = await ledger(gw, key["id"])
@@ -101,8 +104,8 @@ async def test_abandoned_reservation_across_a_reset(gateway: Gateway) -> None:
     state = await get_key(gw, key["id"])
     assert state["reserved"] == 0.0 and state["remaining"] == 1.0
     jan, feb = await periods(gw, key["id"])
-    assert jan["close_reason"] == "expired" and jan["reserved"] == 0.0 and jan["spend"] == 0.0
-    assert feb["closed_at"] is None and feb["reserved"] == 0.0
+    assert jan["close_reason"] == "expired" and jan["reserved"] == 0.0 and jan["spend"] == 0.2
+    assert feb["closed_at"] is None and feb["reserved"] == 0.0 and feb["spend"] == 0.0
     await assert_reconciled(gw)
 
 
@@ -138,4 +141,33 @@ async def test_manual_reset_with_a_request_in_flight(gateway: Gateway) -> None:
     old, new = await periods(gw, key["id"])
     assert old["close_reason"] == "manual" and old["spend"] == 0.2 and old["reserved"] == 0.0
     assert new["spend"] == 0.0
+    await assert_reconciled(gw)
+
+
+async def test_sweep_racing_settles_records_each_request_once(gateway: Gateway) -> None:
+    """The sweeper and late settlements of the same expired requests at once (and others after
+    it), on a key with two budgets: each request ends as exactly one entry (abandoned at its
+    reservation, or settled at its cost), both periods charged that entry's cost, nothing
+    held."""
+    gw = gateway
+    key = await gw.create_key(
+        max_budget=10, budget_duration="1mo", budgets=[{"max_budget": 5, "budget_duration": "1d"}]
+    )
+    reqs = [await crashed_reservation(gw, key, CENTS_20) for _ in range(8)]
+    gw.clock.advance(TTL)
+    late = Outcome("ok", 150_000_000, "prices", prompt_tokens=3, completion_tokens=150)
+    racing, after = reqs[:4], reqs[4:]
+    results = await asyncio.gather(
+        gw.state.budgets.sweep_expired_reservations(), *(settle(gw, r, late) for r in racing)
+    )
+    swept, settled = results[0], [s for s in results[1:] if s is not None]
+    assert swept + len(settled) == len(reqs)
+    assert [await settle(gw, r, late) for r in after] == [None] * len(after)  # swept already
+    entries = await ledger(gw, key["id"])
+    assert sorted(e["request_id"] for e in entries) == sorted(r.request_id for r in reqs)
+    costs = {("abandoned", 0.2, "reservation"), ("ok", 0.15, "prices")}
+    assert {(e["outcome"], e["cost"], e["cost_source"]) for e in entries} <= costs
+    total = sum(Decimal(str(e["cost"])) for e in entries)
+    for p in await periods(gw, key["id"]):
+        assert (Decimal(str(p["spend"])), p["reserved"]) == (total, 0.0)
     await assert_reconciled(gw)

@@ -121,14 +121,50 @@ async def test_budget_amounts_round_to_the_nearest_nano_dollar(gateway: Gateway)
     """0.1 + 0.2 as a client's float arithmetic sends it is a budget of 0.3, not 0.300000001
     (charges round up; amounts a user sets round to the nearest nano-dollar)."""
     r = await gateway.admin(
-        "POST", "/admin/keys", content=b'{"max_budget": 0.30000000000000004, "soft_budget": 1e-10}'
+        "POST", "/admin/keys", content=b'{"max_budget": 0.30000000000000004, "soft_budget": 1.5e-9}'
     )
     assert r.status_code == 201, r.text
-    assert (r.json()["max_budget"], r.json()["soft_budget"]) == (0.3, 0)
+    assert (r.json()["max_budget"], r.json()["soft_budget"]) == (0.3, 2e-9)  # tie: to even
     r = await gateway.admin(
         "PATCH", f"/admin/keys/{r.json()['id']}", content=b'{"max_budget": 2.0000000015}'
     )
     assert r.status_code == 200 and r.json()["max_budget"] == 2.000000002  # tie: to even
+
+
+async def test_budget_amounts_under_one_nano_dollar_are_422_naming_the_field(
+    gateway: Gateway,
+) -> None:
+    """Above 0 but under the ledger's unit, an amount would be stored as 0 (a budget blocking
+    everything): refused, not silently changed. 0 and one nano-dollar are fine."""
+    key = await gateway.create_key(max_budget=1)
+    cases = [
+        ("POST", "/admin/keys", {"max_budget": 1e-10}, "max_budget"),
+        ("POST", "/admin/keys", {"max_budget": 1, "soft_budget": 4e-10}, "soft_budget"),
+        (
+            "POST",
+            "/admin/keys",
+            {"max_budget": 1, "budgets": [{"max_budget": 9.99e-10, "budget_duration": "1d"}]},
+            "budgets.0.max_budget",
+        ),
+        ("PATCH", f"/admin/keys/{key['id']}", {"max_budget": 5e-10}, "max_budget"),
+        ("PATCH", f"/admin/keys/{key['id']}", {"soft_budget": 1e-12}, "soft_budget"),
+    ]
+    for method, path, body, field in cases:
+        r = await gateway.admin(method, path, json=body)
+        assert r.status_code == 422, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and f"{field}: " in error["message"], (body, error)
+        assert "nano-dollar" in error["message"], error
+    listed = (await gateway.admin("GET", "/admin/keys")).json()["data"]
+    assert [k["id"] for k in listed] == [key["id"]]  # nothing created
+    assert (await key_object(gateway, key["id"]))["max_budget"] == 1.0  # nothing changed
+    for amounts in ({"max_budget": 1e-9, "soft_budget": 0}, {"max_budget": 0, "soft_budget": 0}):
+        r = await gateway.admin("PATCH", f"/admin/keys/{key['id']}", json=amounts)
+        assert r.status_code == 200, r.text
+        assert (r.json()["max_budget"], r.json()["soft_budget"]) == (
+            amounts["max_budget"],
+            amounts["soft_budget"],
+        )
 
 
 async def test_list_keys_alias_filter_and_cursor_pagination(gateway: Gateway) -> None:
@@ -183,7 +219,7 @@ async def test_patch_any_setting_returns_the_key_object(gateway: Gateway) -> Non
         ({"budget_timezone": "America/New_York"}, {"budget_timezone": "America/New_York"}),
         (
             {"budget_duration": "1d"},
-            {"budget_duration": "1d", "reset_at": "2026-01-16T05:00:00Z", "spend": 0.0},
+            {"budget_duration": "1d", "reset_at": "2026-01-16T05:00:00Z", "spend": 0.011},
         ),
         (
             {"budget_anchor": "2026-01-15T08:00:00Z"},
@@ -209,9 +245,9 @@ async def test_patch_any_setting_returns_the_key_object(gateway: Gateway) -> Non
             # Takes effect on the very next request.
             assert (await gateway.chat(key["key"], max_tokens=1)).status_code == 200
             gateway.clock.advance(1)
+    # Schedule changes re-bound the open period: the one period keeps its spend throughout.
     periods = (await gateway.admin("GET", f"/admin/keys/{kid}/periods")).json()["data"]
-    assert periods[0]["closed_at"] is None
-    assert {p["close_reason"] for p in periods[1:]} == {"schedule_change"}
+    assert [(p["closed_at"], p["spend"]) for p in periods] == [(None, 0.011)]
 
 
 async def test_ledger_newest_first_with_cursor_pagination(gateway: Gateway) -> None:

@@ -723,7 +723,8 @@ async def test_e_crashed_replica_reservations_are_swept(
     stress_pg: PgCluster, size: Size, figures: Figures, tmp_path: Path
 ) -> None:
     """A replica SIGKILLed while slow streams run; restarted with a short reservation TTL, its
-    reservations are released and recorded as `abandoned`, and the keys' reserved is 0."""
+    reservations are settled as `abandoned`, each charged its full reservation, and the keys'
+    reserved is 0."""
     url = new_database(stress_pg)
     db = LedgerDB(url)
     with Fleet(tmp_path, url, replicas=1, env={TTL: "120", RESET: "0.5"}) as fleet:
@@ -814,7 +815,12 @@ async def test_e_crashed_replica_reservations_are_swept(
     assert len(abandoned) == size.e_streams
     assert {e["request_id"] for e in abandoned} == {r["request_id"] for r in held_before}
     assert all(e["stream"] for e in abandoned)
+    assert {(e["cost"], e["cost_source"]) for e in abandoned} == {(0.05, "reservation")}
     assert [v["reserved"] for v in views] == [0, 0]
+    held_per_key = Counter(r["key_id"] for r in held_before)
+    assert [Decimal(str(v["spend"])) for v in views] == [
+        held_per_key[k["id"]] * Decimal("0.05") for k in keys
+    ]
     assert [s.status for s in again] == [200, 200]
     assert rec_ok, rec_line
 
