@@ -70,6 +70,11 @@ _OPTIONAL_RATES: dict[str, str] = {
     "reasoning_per_million": "output_reasoning_mtok",
     "per_million_characters": "input_mchars",
 }
+_CACHED_AUDIO = {
+    "cache_read_mtok": "cache_audio_read_mtok",
+    "cache_write_mtok": "cache_audio_write_mtok",
+    "cache_write_1h_mtok": "cache_audio_write_1h_mtok",
+}
 _OPTIONAL_COUNTS = ("context_window", "max_tokens_per_image")
 _OPTIONAL_KEYS = (
     *_OPTIONAL_RATES,
@@ -179,6 +184,13 @@ class ModelPrice:
         }
         for field, key in _OPTIONAL_RATES.items():
             keys[key] = getattr(self, field)
+        audio = self.input_audio_per_million
+        if audio is not None:
+            # genai-prices needs the price of cached audio once both are priced; the file does
+            # not give it, so it is the dearer of the two.
+            for cache, cached_audio in _CACHED_AUDIO.items():
+                if (rate := keys[cache]) is not None:
+                    keys[cached_audio] = max(audio, rate)
         return GenaiModelPrice(**{k: v for k, v in keys.items() if v is not None})
 
 
