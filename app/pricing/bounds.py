@@ -62,13 +62,20 @@ def price_keys(price: GenaiModelPrice) -> dict[str, Decimal | TieredPrices]:
 
 
 def _max_rate(
-    price: GenaiModelPrice, input_tokens: int, *, output: bool, audio: bool
+    price: GenaiModelPrice,
+    input_tokens: int,
+    *,
+    output: bool,
+    audio: bool,
+    long_cache: bool = True,
 ) -> tuple[Fraction, bool]:
     """Nano-dollars per token at the dearest input (or output) token category, and whether
     the price has an audio rate for that direction."""
     best, has_audio = Fraction(0), False
     for key, value in price_keys(price).items():
         if not key.endswith("_mtok") or key.startswith("output_") != output:
+            continue
+        if "_1h_" in key and not long_cache:
             continue
         is_audio = _AUDIO in key
         has_audio |= is_audio and key.startswith(("input_", "output_"))
@@ -147,7 +154,9 @@ def _token_bound(profile: ModelProfile, m: MeteredRequest) -> Fraction:
     for price in profile.prices:
         # Audio input is dearer than text: counted when the request may carry audio.
         audio_in = m.audio_input or bool(m.unmeasured)
-        in_rate, in_audio = _max_rate(price, input_tokens, output=False, audio=audio_in)
+        in_rate, in_audio = _max_rate(
+            price, input_tokens, output=False, audio=audio_in, long_cache=m.long_cache_writes
+        )
         out_rate, out_audio = _max_rate(price, input_tokens, output=True, audio=m.audio_output)
         if m.audio_input and not in_audio:
             raise Unboundable(f"model '{m.model}' has no known audio input price")

@@ -104,6 +104,7 @@ class MeteredRequest:
     unmeasured: list[str] = field(default_factory=list)  # other input not in the body, why
     audio_input: bool = False
     audio_output: bool = False
+    long_cache_writes: bool = False  # a 1-hour cache TTL is asked for (dearer cache writes)
     tool_calls: int = 0  # fee-bearing server-side tool calls it may make
     prediction_bound: int = 0  # tokens of a predicted output, billed as output if rejected
     image_size: str | None = None  # /images/generations
@@ -293,6 +294,8 @@ def parse_metered(
         output_bound=0,
         client_wants_usage=True,
     )
+    # Anthropic writes a 1-hour cache only when a cache_control asks for it (ttl "1h").
+    metered.long_cache_writes = b'"1h"' in raw
     changed = False
     fields = OUTPUT_FIELDS.get(endpoint, ())
     if fields:

@@ -78,8 +78,9 @@ def some_bill(
         prompt,
         completion,
         cache_read_tokens=read,
-        cache_write_tokens=write,
-        cache_write_1h_tokens=write_1h,
+        # 1-hour cache writes only when asked for (Anthropic: cache_control ttl "1h").
+        cache_write_tokens=write + (0 if b'"1h"' in req.raw else write_1h),
+        cache_write_1h_tokens=write_1h if b'"1h"' in req.raw else 0,
         input_audio_tokens=audio if req.audio_input else 0,
         output_audio_tokens=audio_out,
         reasoning_tokens=upto(completion - audio_out),

@@ -251,7 +251,8 @@ def test_no_bill_a_provider_can_send_exceeds_the_reservation(req: Request, seed:
 def test_the_dearest_bill_reaches_the_bound_for_plain_text() -> None:
     """The bound is not loose for what it can measure: n x max_tokens of output plus the
     body's bytes of input is exactly what it reserves."""
-    body = {"model": "file-capped", "messages": [{"role": "user", "content": "hi"}], "n": 3}
+    content = [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    body = {"model": "file-capped", "messages": [{"role": "user", "content": content}], "n": 3}
     body["max_tokens"] = 100
     raw = orjson.dumps(body)
     metered = parse_metered("/chat/completions", raw, SETTINGS)
@@ -262,6 +263,12 @@ def test_the_dearest_bill_reaches_the_bound_for_plain_text() -> None:
     assert COSTS.bound(metered) == expected
     worst = Usage(len(raw), 300, cache_write_1h_tokens=len(raw))
     assert price_usage(profile, worst) == expected
+    # Without a 1-hour TTL asked for, the dearest input is a 5-minute write ($1.25/M).
+    del content[0]["cache_control"]
+    raw = orjson.dumps(body)
+    assert COSTS.bound(parse_metered("/chat/completions", raw, SETTINGS)) == (
+        len(raw) * 1_250 + 3 * 100 * 2_000
+    )
 
 
 @pytest.mark.parametrize(
