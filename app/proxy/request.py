@@ -9,6 +9,7 @@ measure, a tool not known to be client-side as a fee-bearing server-side tool.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,13 @@ def _bounded_int(body: dict[str, Any], name: str, low: int, high: int) -> int | 
     return value
 
 
+def _objects(value: Any) -> Iterator[dict[str, Any]]:
+    """The objects of a list, or the value itself if it is one (other values: none)."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):
+            yield item
+
+
 class _Scan:
     """Walks the request's content, noting what the gateway cannot measure from the body."""
 
@@ -158,17 +166,13 @@ class _Scan:
             self.part(part)
 
     def chat_messages(self, messages: Any) -> None:
-        for message in messages if isinstance(messages, list) else ():
-            if not isinstance(message, dict):
-                continue
+        for message in _objects(messages):
             if any(k not in _MESSAGE_KEYS for k in message):
                 self.unmeasured("message field")  # e.g. an assistant `audio` reference
             self.content(message.get("content"))
 
     def responses_input(self, items: Any) -> None:
-        for item in items if isinstance(items, list) else [items]:
-            if not isinstance(item, dict):
-                continue
+        for item in _objects(items):
             kind = item.get("type")
             if kind is None:
                 by_reference = "role" not in item and _REFERENCE_KEYS.intersection(item)
@@ -181,9 +185,7 @@ class _Scan:
                 self.content(item.get("output"))
 
     def anthropic_blocks(self, content: Any) -> None:
-        for block in content if isinstance(content, list) else [content]:
-            if not isinstance(block, dict):
-                continue
+        for block in _objects(content):
             kind = block.get("type")
             if kind is None and not _REFERENCE_KEYS.intersection(block):
                 continue
