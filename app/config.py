@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     unpriced_model: Literal["reject", "free"] = "reject"
     trust_upstream_cost: bool = True
     default_max_output_tokens: int = Field(4096, gt=0)
+    # Fee-bearing server-side tool calls a request may make when it does not say (SPEC 10).
+    default_max_tool_calls: int = Field(8, ge=0)
+    # Shrink to fit lowers a request's output bound no further than this (SPEC 10).
+    min_output_tokens: int = Field(256, gt=0)
     upstream_timeout_seconds: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
     body_timeout_seconds: float = Field(30.0, gt=0)

@@ -14,8 +14,10 @@ Deterministic token rules (so tests can compute exact costs):
   ``x-mock-prompt-tokens`` overrides.
 
 Fault injection via request headers: ``x-mock-delay-ms``, ``x-mock-first-byte-delay-ms``,
-``x-mock-status``, ``x-mock-die-after``, ``x-mock-hang``, ``x-mock-cost`` (see
-``_Faults``).
+``x-mock-status``, ``x-mock-die-after``, ``x-mock-hang``, ``x-mock-cost``,
+``x-mock-no-usage`` (a whole answer without its ``usage``), ``x-mock-no-terminal`` (a stream
+that ends cleanly without ``[DONE]``, ``response.completed`` or ``message_stop``) (see
+``_Faults``). ``GET /mock/stats`` shows the last request's headers and JSON body.
 """
 
 from __future__ import annotations
@@ -68,6 +70,14 @@ def _int_header(headers: Any, name: str) -> int | None:
         return int(value.strip())
     except ValueError:
         return None
+
+
+def _flag(headers: Any, name: str) -> bool:
+    value = headers.get(name)
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no")
+
+
+_TERMINAL_EVENTS = (b"data: [DONE]", b"event: response.completed", b"event: message_stop")
 
 
 def _words(obj: Any) -> int:
@@ -189,7 +199,16 @@ class _FastStreamingResponse(_MockStreamingResponse):
 
 
 class _Faults:
-    __slots__ = ("delay", "first_byte_delay", "status", "die_after", "hang", "cost")
+    __slots__ = (
+        "delay",
+        "first_byte_delay",
+        "status",
+        "die_after",
+        "hang",
+        "cost",
+        "no_usage",
+        "no_terminal",
+    )
 
     def __init__(self, headers: Any) -> None:
         delay = _int_header(headers, "x-mock-delay-ms")
@@ -198,9 +217,10 @@ class _Faults:
         self.first_byte_delay = fbd / 1000 if fbd and fbd > 0 else 0.0
         self.status = _int_header(headers, "x-mock-status")
         self.die_after = _int_header(headers, "x-mock-die-after")
-        hang = headers.get("x-mock-hang")
-        self.hang = hang is not None and hang.strip().lower() not in ("", "0", "false", "no")
+        self.hang = _flag(headers, "x-mock-hang")
         self.cost = headers.get("x-mock-cost")
+        self.no_usage = _flag(headers, "x-mock-no-usage")
+        self.no_terminal = _flag(headers, "x-mock-no-terminal")
 
     def response_headers(self, base: dict[str, str] | None = None) -> dict[str, str] | None:
         if self.cost is None:
@@ -245,6 +265,12 @@ async def _stream_body(
     """
     die_after = faults.die_after
     delay = faults.delay
+    if faults.no_terminal:
+        complete = post
+
+        def post() -> Iterable[bytes]:
+            return [e for e in complete() if not e.startswith(_TERMINAL_EVENTS)]
+
     if delay:
         for event in pre:
             await asyncio.sleep(delay)
@@ -323,9 +349,12 @@ def create_mock_app() -> Starlette:
             return faults, {}, _bad_request("request body is not valid JSON")
         if not isinstance(body, dict):
             return faults, {}, _bad_request("request body must be a JSON object")
+        state["last_body"] = body
         return faults, body, None
 
     async def _answer(faults: _Faults, obj: Any) -> Response:
+        if faults.no_usage and isinstance(obj, dict):
+            obj.pop("usage", None)
         if faults.delay:
             await asyncio.sleep(faults.delay)
         return _json(obj, headers=faults.response_headers())
@@ -739,11 +768,18 @@ def create_mock_app() -> Starlette:
         )
 
     async def stats(request: Request) -> Response:
-        return _json({"requests": state["requests"], "last_headers": state["last_headers"]})
+        return _json(
+            {
+                "requests": state["requests"],
+                "last_headers": state["last_headers"],
+                "last_body": state.get("last_body"),
+            }
+        )
 
     async def reset(request: Request) -> Response:
         state["requests"] = 0
         state["last_headers"] = {}
+        state["last_body"] = None
         return _json({"requests": 0})
 
     routes = [

@@ -1,14 +1,21 @@
-"""A request's cost: its upper bound before forwarding, and its actual cost after (SPEC 4)."""
+"""A request's cost: its upper bound before forwarding, and its actual cost after (SPEC 4, 10)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from genai_prices import Usage as GenaiUsage
+from genai_prices.types import ModelPrice as GenaiModelPrice
+
 from app.errors import BadRequest
-from app.pricing.money import dollars_to_nanos
-from app.pricing.prices import PriceBook
+from app.pricing.bounds import price_keys, request_bound, tool_call_fee
+from app.pricing.money import NANOS_PER_DOLLAR, ceil_div, dollars_to_nanos
+from app.pricing.prices import ModelProfile, PriceBook
+from app.pricing.usage import Usage
 
 if TYPE_CHECKING:
     from app.proxy.request import MeteredRequest
@@ -17,6 +24,82 @@ log = logging.getLogger("budgetgate.pricing")
 
 COST_HEADER = "x-litellm-response-cost"
 _NANO = Decimal("1e-9")
+# Usage's tool counts and the genai-prices price key of each.
+_TOOL_COUNTS = {
+    "web_searches": "web_searches_kcount",
+    "file_searches": "storage_searches_kcount",
+    "code_executions": "code_executions_kcount",
+}
+
+
+_CACHED_AUDIO = {
+    "cache_read_tokens": "cache_audio_read_tokens",
+    "cache_write_5m_tokens": "cache_audio_write_5m_tokens",
+    "cache_write_1h_tokens": "cache_audio_write_1h_tokens",
+    "cache_write_tokens": "cache_audio_write_tokens",
+}
+
+
+def _genai_usage(usage: Usage) -> GenaiUsage:
+    values = {
+        "input_tokens": usage.prompt_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_tokens": usage.cache_read_tokens,
+        "cache_write_5m_tokens": usage.cache_write_tokens,
+        "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+        "cache_write_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens,
+        "input_audio_tokens": usage.input_audio_tokens,
+        "output_audio_tokens": usage.output_audio_tokens,
+        "output_reasoning_tokens": usage.reasoning_tokens,
+        "web_searches": usage.web_searches,
+        "storage_searches": usage.file_searches,
+        "code_executions": usage.code_executions,
+    }
+    reported = {k: v for k, v in values.items() if v}
+    if usage.input_audio_tokens:
+        # genai-prices wants the cached audio said when cache and audio are both reported;
+        # no upstream says it, and _consistent made room for none: the cached tokens are text
+        # (audio stays at its full audio price).
+        for cache, cached_audio in _CACHED_AUDIO.items():
+            if cache in reported:
+                reported[cached_audio] = 0
+    return GenaiUsage(**reported)
+
+
+def _consistent(usage: Usage) -> Usage:
+    """Parts never exceed their whole (an upstream's inconsistent report must not make
+    genai-prices refuse it): the whole is raised to the sum of its parts."""
+    cached = usage.cache_read_tokens + usage.cache_write_tokens + usage.cache_write_1h_tokens
+    prompt = max(usage.prompt_tokens, cached + usage.input_audio_tokens)
+    completion = max(usage.completion_tokens, usage.output_audio_tokens + usage.reasoning_tokens)
+    if prompt == usage.prompt_tokens and completion == usage.completion_tokens:
+        return usage
+    return replace(usage, prompt_tokens=prompt, completion_tokens=completion)
+
+
+def price_usage(profile: ModelProfile, usage: Usage) -> int | None:
+    """Nano-dollars (rounded up) for the usage at the model's current price, each category at
+    its own price by genai-prices' own calculation; None when the model is not priced per
+    token. Plain input/output usage takes the compiled price function (the hot path)."""
+    if usage.is_plain() and profile.pricer is not None:
+        return profile.pricer(usage.prompt_tokens, usage.completion_tokens)
+    if profile.pricer is None:
+        return None
+    price: GenaiModelPrice = profile.current()
+    usage = _consistent(usage)
+    keys = price_keys(price)
+    # Tool calls the price data has no fee for cost the bound's fee (the file's, or default).
+    unpriced_calls = sum(
+        getattr(usage, count)
+        for count, key in _TOOL_COUNTS.items()
+        if key not in keys or profile.tool_call_fee is not None
+    )
+    if profile.tool_call_fee is not None:
+        usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
+    dollars = price.calc_price(_genai_usage(usage))["total_price"]
+    fees = unpriced_calls * tool_call_fee(profile, price)
+    exact = Fraction(dollars) * NANOS_PER_DOLLAR + fees
+    return ceil_div(exact.numerator, exact.denominator)
 
 
 class CostCalculator:
@@ -25,12 +108,7 @@ class CostCalculator:
         self.reject_unpriced = unpriced_model == "reject"
         self.trust_upstream_cost = trust_upstream_cost
 
-    def estimate(self, model: str, input_tokens: int, output_tokens: int) -> int:
-        """Upper bound of a request's cost (nano-dollars), with the same price function as the
-        charge; 0 for an unpriced model let through by BUDGETGATE_UNPRICED_MODEL=free."""
-        amount = self.book.estimate(model, input_tokens, output_tokens)
-        if amount is not None:
-            return amount
+    def _unpriced(self, model: str) -> int:
         if self.reject_unpriced:
             raise BadRequest(
                 f"model '{model}' has no known price, so its cost cannot be bounded; add it to "
@@ -41,8 +119,27 @@ class CostCalculator:
         return 0
 
     def bound(self, metered: MeteredRequest) -> int:
-        """Upper bound of a metered request's cost (nano-dollars)."""
-        return self.estimate(metered.model, metered.input_bound, metered.output_bound)
+        """The reservation (nano-dollars): the most the request can be billed, answered by its
+        model or any model the prices file says it may be answered as (SPEC 10); 0 for an
+        unpriced model let through by BUDGETGATE_UNPRICED_MODEL=free."""
+        profile = self.book.profile(metered.model)
+        if profile is None or (
+            profile.pricer is None
+            and metered.endpoint not in ("/images/generations", "/audio/speech")
+        ):
+            return self._unpriced(metered.model)
+        amount = request_bound(profile, metered)
+        for other in profile.answers_as:
+            answering = self.book.profile(other)
+            if answering is not None:  # every answers_as is priced (checked at load)
+                amount = max(amount, request_bound(answering, metered))
+        return amount
+
+    def estimate(self, model: str, input_tokens: int, output_tokens: int) -> int:
+        """Price of a plain usage of one model (nano-dollars); 0 for an unpriced model let
+        through by BUDGETGATE_UNPRICED_MODEL=free."""
+        amount = self.book.estimate(model, input_tokens, output_tokens)
+        return self._unpriced(model) if amount is None else amount
 
     def from_header(self, value: str | None) -> int | None:
         if value is None or not self.trust_upstream_cost:
@@ -57,26 +154,35 @@ class CostCalculator:
             log.warning("ignoring unreadable %s header", COST_HEADER)
             return None
 
-    def from_usage(
-        self, models: list[str | None], input_tokens: int, output_tokens: int
-    ) -> int | None:
-        priced = self.book.cost(models, input_tokens, output_tokens)
-        return None if priced is None else priced[0]
+    def from_usage(self, models: list[str | None], usage: Usage) -> int | None:
+        """The usage priced by the first priced model of `models` (the response's model is
+        passed first: an answer by a dearer model is charged at its price)."""
+        for model in models:
+            profile = self.book.profile(model) if model else None
+            if profile is not None and profile.pricer is not None:
+                return price_usage(profile, usage)
+        return None
 
     def charge(
         self,
         header: str | None,
         models: list[str | None],
-        usage: tuple[int, int] | None,
-        fallback: tuple[int, int],
+        usage: Usage | None,
+        fallback: Usage | int,
     ) -> tuple[int, str]:
         """Cost and its source, in SPEC order: upstream header, usage x price, estimate from
-        what was forwarded (`fallback` tokens); `free` for an unpriced model."""
+        what was forwarded (`fallback`: a usage to price, or an amount); `free` for an
+        unpriced model."""
         from_header = self.from_header(header)
         if from_header is not None:
             return from_header, "upstream"
-        tokens, source = (usage, "prices") if usage is not None else (fallback, "estimated")
-        cost = self.from_usage(models, *tokens)
+        if usage is not None:
+            cost = self.from_usage(models, usage)
+            if cost is not None:
+                return cost, "prices"
+        if isinstance(fallback, int):
+            return fallback, "estimated"
+        cost = self.from_usage(models, fallback)
         if cost is None:
             return 0, "free"
-        return cost, source
+        return cost, "estimated"

@@ -39,7 +39,11 @@ __all__ = [
     "current_snapshot",
     "find_model",
     "genai_provider_id",
+    "all_prices",
+    "current_price",
     "lookup",
+    "lookup_model",
+    "pricer_for",
     "split_provider_prefix",
 ]
 
@@ -304,19 +308,41 @@ def _attempts(name: str, providers: list[Provider]) -> list[tuple[str, str | Non
     return attempts
 
 
-def lookup(name: str, snapshot: data_snapshot.DataSnapshot | None = None) -> Pricer | None:
-    """Resolve a model name through genai-prices; None when it does not know the model."""
+def lookup_model(
+    name: str, snapshot: data_snapshot.DataSnapshot | None = None
+) -> tuple[Provider, ModelInfo] | None:
+    """The genai-prices provider and model for a model name, priced per token or not."""
     providers = (snapshot or current_snapshot()).providers
     for model_ref, provider_id in _attempts(name, providers):
         found = find_model(providers, model_ref, provider_id)
-        if found is None:
-            continue
-        provider, model = found
-        try:
-            return GenaiModelPricer(provider, model)
-        except LookupError:
-            return None  # known, but not priced per token
-        except (ValueError, ArithmeticError):
-            log.warning("cannot use genai-prices price for %s/%s", provider.id, model.id)
-            return None
+        if found is not None:
+            return found
     return None
+
+
+def pricer_for(provider: Provider, model: ModelInfo) -> Pricer | None:
+    """The compiled price function of a genai-prices model; None unless priced per token."""
+    try:
+        return GenaiModelPricer(provider, model)
+    except LookupError:
+        return None  # known, but not priced per token
+    except (ValueError, ArithmeticError):
+        log.warning("cannot use genai-prices price for %s/%s", provider.id, model.id)
+        return None
+
+
+def lookup(name: str, snapshot: data_snapshot.DataSnapshot | None = None) -> Pricer | None:
+    """Resolve a model name through genai-prices; None when it does not know the model."""
+    found = lookup_model(name, snapshot)
+    return None if found is None else pricer_for(*found)
+
+
+def all_prices(model: ModelInfo) -> tuple[GenaiModelPrice, ...]:
+    """Every price a model can be billed at (conditional prices: each of them)."""
+    if isinstance(model.prices, GenaiModelPrice):
+        return (model.prices,)
+    return tuple(conditional.prices for conditional in model.prices)
+
+
+def current_price(model: ModelInfo) -> GenaiModelPrice:
+    return model.get_prices(_utcnow())

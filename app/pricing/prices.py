@@ -6,6 +6,19 @@ Prices file (YAML or JSON)::
       my-model:                  # model name as clients send it
         input_per_million: 1.0   # dollars per 1M input tokens
         output_per_million: 2.0  # dollars per 1M output tokens
+        # optional (SPEC 10; see the README's "What the cap guarantees"):
+        cache_read_per_million: 0.1       # cached input read
+        cache_write_per_million: 1.25     # cache write (5-minute, or the only one)
+        cache_write_1h_per_million: 2.0   # 1-hour cache write
+        input_audio_per_million: 40       # audio input / output tokens
+        output_audio_per_million: 80
+        reasoning_per_million: 2.0        # reasoning output, when not the output price
+        tool_call_fee: 0.01               # dollars per fee-bearing tool call (web search, ...)
+        per_million_characters: 15        # text-to-speech input
+        per_image: {"1024x1024/high": 0.167, "1024x1024/low": 0.011}  # or one number
+        context_window: 128000            # tokens; overrides genai-prices
+        max_tokens_per_image: 1445        # proven input bound of one image part
+        answers_as: [gpt-4o-mini, gpt-4o] # models a router may answer this name with
     aliases:
       team-gpt: gpt-4o           # priced as gpt-4o
 
@@ -23,9 +36,10 @@ Resolutions (including misses) are cached in a bounded LRU per PriceBook.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -34,16 +48,42 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+from genai_prices.types import ModelInfo, Provider
+from genai_prices.types import ModelPrice as GenaiModelPrice
 
 from app.pricing import genai
 from app.pricing.pricers import Affine, Pricer
 
-__all__ = ["ModelPrice", "PriceBook", "PricesFileError"]
+__all__ = ["ModelPrice", "ModelProfile", "PriceBook", "PricesFileError", "known_image_prices"]
 
 RESOLVE_CACHE_SIZE = 4096
 
 _TOP_LEVEL_KEYS = frozenset({"models", "aliases"})
 _MODEL_KEYS = ("input_per_million", "output_per_million")
+# Optional per-token prices, and the genai-prices price key each one becomes.
+_OPTIONAL_RATES: dict[str, str] = {
+    "cache_read_per_million": "cache_read_mtok",
+    "cache_write_per_million": "cache_write_mtok",
+    "cache_write_1h_per_million": "cache_write_1h_mtok",
+    "input_audio_per_million": "input_audio_mtok",
+    "output_audio_per_million": "output_audio_mtok",
+    "reasoning_per_million": "output_reasoning_mtok",
+    "per_million_characters": "input_mchars",
+}
+_CACHED_AUDIO = {
+    "cache_read_mtok": "cache_audio_read_mtok",
+    "cache_write_mtok": "cache_audio_write_mtok",
+    "cache_write_1h_mtok": "cache_audio_write_1h_mtok",
+}
+_OPTIONAL_COUNTS = ("context_window", "max_tokens_per_image")
+_OPTIONAL_KEYS = (
+    *_OPTIONAL_RATES,
+    "tool_call_fee",
+    *_OPTIONAL_COUNTS,
+    "per_image",
+    "answers_as",
+)
+_ALL_MODEL_KEYS = (*_MODEL_KEYS, *_OPTIONAL_KEYS)
 
 
 class PricesFileError(ValueError):
@@ -66,22 +106,92 @@ def _parse_price(value: object) -> Decimal:
     return price
 
 
+def _parse_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _parse_per_image(value: object) -> Mapping[str, Decimal]:
+    """One price for every image, or prices by "SIZE/QUALITY", "SIZE" or "QUALITY"."""
+    if not isinstance(value, dict):
+        return MappingProxyType({"": _parse_price(value)})
+    if not value:
+        raise ValueError("must not be empty")
+    prices: dict[str, Decimal] = {}
+    for key, price in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"keys must be 'SIZE/QUALITY', 'SIZE' or 'QUALITY', got {key!r}")
+        prices[key.lower()] = _parse_price(price)
+    return MappingProxyType(prices)
+
+
+def _parse_names(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of model names, got {value!r}")
+    return tuple(value)
+
+
+def _parse_field(field: str, value: object) -> Any:
+    if field in _OPTIONAL_COUNTS:
+        return _parse_count(value)
+    if field == "per_image":
+        return value if isinstance(value, MappingProxyType) else _parse_per_image(value)
+    if field == "answers_as":
+        return _parse_names(value)
+    return _parse_price(value)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelPrice:
-    """Dollars per one million input / output tokens (stored as exact Decimals)."""
+    """A prices file entry: dollars per one million input / output tokens (exact Decimals),
+    and the optional prices and limits of SPEC 10."""
 
     input_per_million: Decimal
     output_per_million: Decimal
+    cache_read_per_million: Decimal | None = None
+    cache_write_per_million: Decimal | None = None
+    cache_write_1h_per_million: Decimal | None = None
+    input_audio_per_million: Decimal | None = None
+    output_audio_per_million: Decimal | None = None
+    reasoning_per_million: Decimal | None = None
+    per_million_characters: Decimal | None = None
+    tool_call_fee: Decimal | None = None
+    context_window: int | None = None
+    max_tokens_per_image: int | None = None
+    per_image: Mapping[str, Decimal] | None = None
+    answers_as: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in _MODEL_KEYS:
+        for field in _ALL_MODEL_KEYS:
+            value = getattr(self, field)
+            if value is None or value == ():
+                continue
             try:
-                object.__setattr__(self, field, _parse_price(getattr(self, field)))
+                object.__setattr__(self, field, _parse_field(field, value))
             except ValueError as e:
                 raise ValueError(f"{field} {e}") from None
 
     def pricer(self) -> Affine:
         return Affine.per_million(self.input_per_million, self.output_per_million)
+
+    def genai_price(self) -> GenaiModelPrice:
+        """The same prices as a genai-prices ModelPrice, so that usage by category is priced
+        by genai-prices' own calculation for file models too."""
+        keys: dict[str, Decimal | None] = {
+            "input_mtok": self.input_per_million,
+            "output_mtok": self.output_per_million,
+        }
+        for field, key in _OPTIONAL_RATES.items():
+            keys[key] = getattr(self, field)
+        audio = self.input_audio_per_million
+        if audio is not None:
+            # genai-prices needs the price of cached audio once both are priced; the file does
+            # not give it, so it is the dearer of the two.
+            for cache, cached_audio in _CACHED_AUDIO.items():
+                if (rate := keys[cache]) is not None:
+                    keys[cached_audio] = max(audio, rate)
+        return GenaiModelPrice(**{k: v for k, v in keys.items() if v is not None})
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -185,18 +295,22 @@ def _parse_document(doc: object, path: str) -> tuple[dict[str, ModelPrice], dict
         where = f"models.{name}"
         if not isinstance(entry, dict):
             raise fail(where, f"expected a mapping with {' and '.join(_MODEL_KEYS)}, got {entry!r}")
-        extra = [str(k) for k in entry if k not in _MODEL_KEYS]
+        extra = [str(k) for k in entry if k not in _ALL_MODEL_KEYS]
         if extra:
             raise fail(
                 where,
-                f"unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(_MODEL_KEYS)}",
+                f"unknown key(s) {', '.join(map(repr, extra))}; "
+                f"allowed: {', '.join(_ALL_MODEL_KEYS)}",
             )
-        values: dict[str, Decimal] = {}
         for key in _MODEL_KEYS:
             if key not in entry:
                 raise fail(where, f"missing {key}")
+        values: dict[str, Any] = {}
+        for key in _ALL_MODEL_KEYS:
+            if key not in entry:
+                continue
             try:
-                values[key] = _parse_price(entry[key])
+                values[key] = _parse_field(key, entry[key])
             except ValueError as e:
                 raise fail(f"{where}.{key}", str(e)) from None
         models[name] = ModelPrice(**values)
@@ -215,6 +329,45 @@ def _parse_document(doc: object, path: str) -> tuple[dict[str, ModelPrice], dict
             raise fail(f"aliases.{alias}", f"target must be a model name string, got {target!r}")
         aliases[alias] = target
     return models, aliases
+
+
+# Per-image prices of image models genai-prices does not price per image (BILLING-RULES: LiteLLM's
+# table, 1024x1024 and 1024x1536; the larger of the two sizes also for other sizes).
+_KNOWN_IMAGE_PRICES: dict[str, dict[str, str]] = {
+    "gpt-image-1": {
+        "1024x1024/low": "0.011", "1024x1024/medium": "0.042", "1024x1024/high": "0.167",
+        "low": "0.016", "medium": "0.063", "high": "0.25",
+    },
+    "gpt-image-1-mini": {
+        "1024x1024/low": "0.005", "1024x1024/medium": "0.011", "1024x1024/high": "0.036",
+        "low": "0.006", "medium": "0.015", "high": "0.052",
+    },
+    "gpt-image-1.5": {
+        "1024x1024/low": "0.009", "1024x1024/medium": "0.034", "1024x1024/high": "0.133",
+        "low": "0.013", "medium": "0.05", "high": "0.2",
+    },
+}  # fmt: skip
+
+
+def known_image_prices(name: str) -> Mapping[str, Decimal]:
+    split = genai.split_provider_prefix(name)
+    table = _KNOWN_IMAGE_PRICES.get((split[1] if split else name).lower(), {})
+    return MappingProxyType({k: Decimal(v) for k, v in table.items()})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelProfile:
+    """What the book knows of one model: its price function for plain usage (None when it is
+    not priced per token), every price it can be billed at, and its limits."""
+
+    pricer: Pricer | None
+    prices: tuple[GenaiModelPrice, ...]  # every conditional price (a bound takes their max)
+    current: Callable[[], GenaiModelPrice]  # the price that applies now (charges)
+    context_window: int | None
+    max_tokens_per_image: int | None
+    tool_call_fee: Decimal | None  # dollars per fee-bearing tool call, when the file says
+    per_image: Mapping[str, Decimal]
+    answers_as: tuple[str, ...]
 
 
 # --- the book --------------------------------------------------------------------------------
@@ -241,6 +394,7 @@ class PriceBook:
         self._file_pricers: dict[str, Affine] = {n: p.pricer() for n, p in self._models.items()}
         self.use_genai_prices = use_genai_prices
         self._validate_aliases()
+        self._validate_answers_as()
         self._snapshot = genai.current_snapshot() if use_genai_prices else None
         # per-instance bounded cache of name -> price function (None = unpriced)
         self._resolve = lru_cache(maxsize=RESOLVE_CACHE_SIZE)(self._resolve_uncached)
@@ -262,12 +416,22 @@ class PriceBook:
                     f"aliases.{alias}: target {target!r} is itself an alias "
                     "(aliases are applied once)"
                 )
-            if self._resolve_target(target) is None:
+            found = self._resolve_target(target)
+            if found is None or found.pricer is None:
                 raise ValueError(
                     f"aliases.{alias}: target {target!r} is not priced "
                     "(not in models"
                     + (" nor known to genai-prices)" if self.use_genai_prices else ")")
                 )
+
+    def _validate_answers_as(self) -> None:
+        for name, entry in self._models.items():
+            for other in entry.answers_as:
+                if self._resolve_uncached(other) is None:
+                    raise ValueError(
+                        f"models.{name}.answers_as: {other!r} is not priced, so what it costs "
+                        "cannot be bounded"
+                    )
 
     @classmethod
     def load(cls, path: str | None) -> PriceBook:
@@ -286,37 +450,73 @@ class PriceBook:
 
     # resolution --------------------------------------------------------------------------
 
-    def _file_lookup(self, name: str) -> Pricer | None:
-        pricer = self._file_pricers.get(name)
-        if pricer is None and (split := genai.split_provider_prefix(name)) is not None:
-            pricer = self._file_pricers.get(split[1])
-        return pricer
+    def _file_lookup(self, name: str) -> ModelPrice | None:
+        entry = self._models.get(name)
+        if entry is None and (split := genai.split_provider_prefix(name)) is not None:
+            entry = self._models.get(split[1])
+        return entry
 
-    def _resolve_target(self, name: str) -> Pricer | None:
+    def _genai_model(self, name: str) -> tuple[Provider, ModelInfo] | None:
+        return genai.lookup_model(name) if self.use_genai_prices else None
+
+    def _file_profile(self, name: str, entry: ModelPrice) -> ModelProfile:
+        price = entry.genai_price()
+        context_window = entry.context_window
+        if context_window is None and (found := self._genai_model(name)) is not None:
+            context_window = found[1].context_window
+        return ModelProfile(
+            pricer=self._file_pricers[name] if name in self._file_pricers else entry.pricer(),
+            prices=(price,),
+            current=lambda: price,
+            context_window=context_window,
+            max_tokens_per_image=entry.max_tokens_per_image,
+            tool_call_fee=entry.tool_call_fee,
+            per_image=entry.per_image or known_image_prices(name),
+            answers_as=entry.answers_as,
+        )
+
+    def _resolve_target(self, name: str) -> ModelProfile | None:
         """File models, then genai-prices; no aliases."""
-        pricer = self._file_lookup(name)
-        if pricer is None and self.use_genai_prices:
-            pricer = genai.lookup(name)
-        return pricer
+        entry = self._file_lookup(name)
+        if entry is not None:
+            return self._file_profile(name, entry)
+        found = self._genai_model(name)
+        if found is None:
+            return None
+        provider, model = found
+        return ModelProfile(
+            pricer=genai.pricer_for(provider, model),
+            prices=genai.all_prices(model),
+            current=functools.partial(genai.current_price, model),
+            context_window=model.context_window,
+            max_tokens_per_image=None,
+            tool_call_fee=None,
+            per_image=known_image_prices(name),
+            answers_as=(),
+        )
 
-    def _resolve_uncached(self, name: str) -> Pricer | None:
-        pricer = self._file_lookup(name)
-        if pricer is not None:
-            return pricer
-        target = self._aliases.get(name)
-        if target is None and (split := genai.split_provider_prefix(name)) is not None:
-            target = self._aliases.get(split[1])
-        if target is not None:
-            return self._resolve_target(target)
-        return genai.lookup(name) if self.use_genai_prices else None
+    def _resolve_uncached(self, name: str) -> ModelProfile | None:
+        target = None
+        if self._file_lookup(name) is None:
+            target = self._aliases.get(name)
+            if target is None and (split := genai.split_provider_prefix(name)) is not None:
+                target = self._aliases.get(split[1])
+        return self._resolve_target(target or name)
 
-    def _pricer(self, model: str) -> Pricer | None:
+    def profile(self, model: str) -> ModelProfile | None:
+        """Everything the book knows of a model name (None: nothing)."""
+        if not model:
+            return None
         if self.use_genai_prices:
             snapshot = genai.current_snapshot()
             if snapshot is not self._snapshot:  # genai-prices loaded new data: re-resolve
                 self._resolve.cache_clear()
                 self._snapshot = snapshot
         return self._resolve(model)
+
+    def _pricer(self, model: str) -> Pricer | None:
+        found = self.profile(model)
+        return None if found is None else found.pricer
 
     # public API ----------------------------------------------------------------------------
 

@@ -54,8 +54,8 @@ from app.keys.repository import KeyContext
 from app.keys.service import KeyService, hash_key
 from app.metrics import LEDGER_SECONDS
 from app.pricing.cost import COST_HEADER, CostCalculator
-from app.pricing.money import ceil_div
 from app.proxy.access import AccessRecord, current_access
+from app.proxy.charging import body_outcome, stream_outcome, unmetered_outcome
 from app.proxy.headers import (
     budget_headers,
     presented_key,
@@ -69,7 +69,7 @@ from app.proxy.request import MeteredRequest, parse_metered
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
-from app.proxy.usage import StreamMeter, usage_from_body
+from app.proxy.usage import StreamMeter
 
 log = logging.getLogger("budgetgate.proxy")
 
@@ -423,33 +423,14 @@ class Gateway:
         header = resp.headers.get(COST_HEADER)
         ok = resp.status < 400
         if metered is None or not ok:
-            cost = self.costs.from_header(header)
-            return Outcome(
-                "ok" if ok else "upstream_error",
-                cost or 0,
-                "upstream" if cost is not None else "none",
-                status_code=resp.status,
+            return unmetered_outcome(
+                self.costs, header, "ok" if ok else "upstream_error", resp.status
             )
         try:
             data = orjson.loads(content)
         except orjson.JSONDecodeError:
             data = None
-        usage, response_model = usage_from_body(data)
-        fallback = (ceil_div(metered.input_bound, 4), ceil_div(len(content), 4))
-        cost, source = self.costs.charge(
-            header,
-            [response_model, metered.model],
-            (usage.prompt_tokens, usage.completion_tokens) if usage else None,
-            fallback,
-        )
-        return Outcome(
-            "ok",
-            cost,
-            source,
-            usage.prompt_tokens if usage else None,
-            usage.completion_tokens if usage else None,
-            resp.status,
-        )
+        return body_outcome(self.costs, metered, header, data, len(content), resp.status)
 
     async def _relay(
         self,
@@ -502,34 +483,8 @@ class Gateway:
     ) -> Outcome:
         header = resp.headers.get(COST_HEADER)
         if metered is None or meter is None:
-            cost = self.costs.from_header(header)
-            return Outcome(
-                outcome,
-                cost or 0,
-                "upstream" if cost is not None else "none",
-                status_code=resp.status,
-            )
-        usage = meter.usage
-        fallback = (ceil_div(metered.input_bound, 4), meter.estimated_output_tokens())
-        if usage is not None and meter.usage_partial:
-            # Cut after message_start: its output count is a placeholder, so estimate the output
-            # from what was forwarded (the input count is real).
-            fallback = (usage.prompt_tokens, max(usage.completion_tokens, fallback[1]))
-            usage = None
-        cost, source = self.costs.charge(
-            header,
-            [meter.model, metered.model],
-            (usage.prompt_tokens, usage.completion_tokens) if usage else None,
-            fallback,
-        )
-        return Outcome(
-            outcome,
-            cost,
-            source,
-            usage.prompt_tokens if usage else None,
-            usage.completion_tokens if usage else fallback[1],
-            resp.status,
-        )
+            return unmetered_outcome(self.costs, header, outcome, resp.status)
+        return stream_outcome(self.costs, metered, header, meter, outcome, resp.status)
 
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
         """The periods' state after the settlement; None if it did not land (yet).

@@ -7,36 +7,85 @@ streamed in `response.completed`), Anthropic Messages (`message_start` then `mes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import orjson
 
+from app.pricing.usage import Usage
 
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
+__all__ = ["StreamMeter", "Usage", "count_fee_items", "usage_from_body", "usage_from_object"]
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+# /responses output items that carry a per-call fee, and the Usage count each one adds to.
+_FEE_ITEMS = {
+    "web_search_call": "web_searches",
+    "file_search_call": "file_searches",
+    "code_interpreter_call": "code_executions",
+}
+
+
 def usage_from_object(usage: Any) -> Usage | None:
-    """Either naming scheme; Anthropic cache tokens count as input."""
+    """Either naming scheme, with the categories that have their own prices: OpenAI chat
+    (`prompt_tokens_details`, `completion_tokens_details`), Responses (`input_tokens_details`,
+    `output_tokens_details`), Anthropic (cache tokens reported beside input: added to it)."""
     if not isinstance(usage, dict):
         return None
+    searches = _int(_dict(usage.get("server_tool_use")).get("web_search_requests"))
     if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return Usage(_int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
-    if "input_tokens" in usage or "output_tokens" in usage:
-        prompt = (
-            _int(usage.get("input_tokens"))
-            + _int(usage.get("cache_creation_input_tokens"))
-            + _int(usage.get("cache_read_input_tokens"))
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        # Gemini's OpenAI route may leave thoughts out of completion_tokens but not the total.
+        completion = max(completion, _int(usage.get("total_tokens")) - prompt)
+        details = _dict(usage.get("prompt_tokens_details"))
+        out = _dict(usage.get("completion_tokens_details"))
+        return Usage(
+            prompt,
+            completion,
+            cache_read_tokens=_int(details.get("cached_tokens")),
+            cache_write_tokens=_int(details.get("cache_write_tokens"))
+            or _int(details.get("cache_creation_tokens")),
+            input_audio_tokens=_int(details.get("audio_tokens")),
+            output_audio_tokens=_int(out.get("audio_tokens")),
+            reasoning_tokens=_int(out.get("reasoning_tokens")),
+            web_searches=searches,
         )
-        return Usage(prompt, _int(usage.get("output_tokens")))
+    if "input_tokens" in usage or "output_tokens" in usage:
+        details = _dict(usage.get("input_tokens_details"))
+        out = _dict(usage.get("output_tokens_details"))
+        created = _int(usage.get("cache_creation_input_tokens"))
+        split = _dict(usage.get("cache_creation"))
+        write_1h = min(_int(split.get("ephemeral_1h_input_tokens")), created)
+        read = _int(usage.get("cache_read_input_tokens"))
+        return Usage(
+            _int(usage.get("input_tokens")) + created + read,
+            _int(usage.get("output_tokens")),
+            cache_read_tokens=read + _int(details.get("cached_tokens")),
+            cache_write_tokens=created - write_1h + _int(details.get("cache_write_tokens")),
+            cache_write_1h_tokens=write_1h,
+            reasoning_tokens=_int(out.get("reasoning_tokens")) or _int(out.get("thinking_tokens")),
+            web_searches=searches,
+        )
     return None
+
+
+def count_fee_items(usage: Usage, items: Any) -> Usage:
+    """The usage with the fee-bearing tool calls among /responses output items counted (the
+    usage object does not count them)."""
+    counts = dict.fromkeys(_FEE_ITEMS.values(), 0)
+    for item in items if isinstance(items, list) else ():
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in _FEE_ITEMS:
+            counts[_FEE_ITEMS[kind]] += 1
+    return replace(usage, **{k: max(v, getattr(usage, k)) for k, v in counts.items()})
 
 
 def usage_from_body(data: Any) -> tuple[Usage | None, str | None]:
@@ -44,7 +93,10 @@ def usage_from_body(data: Any) -> tuple[Usage | None, str | None]:
     if not isinstance(data, dict):
         return None, None
     model = data.get("model") if isinstance(data.get("model"), str) else None
-    return usage_from_object(data.get("usage")), model
+    usage = usage_from_object(data.get("usage"))
+    if usage is not None and "output" in data:
+        usage = count_fee_items(usage, data["output"])
+    return usage, model
 
 
 def _carries_content(choices: Any) -> bool:
@@ -76,7 +128,7 @@ class StreamMeter:
         self.content_chars = 0
         self.completed = False  # saw [DONE], response.completed or message_stop
         self._buffer = b""
-        self._anthropic_input = 0
+        self.calls = Usage(0, 0)  # fee-bearing tool calls seen in output items
         # True while the only usage seen is Anthropic's message_start (input known, output a
         # placeholder): not the final count, so a stream cut there is charged an estimate.
         self.usage_partial = False
@@ -153,40 +205,53 @@ class StreamMeter:
         return usage is not None
 
     def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
-        if kind == "response.completed" or kind == "response.incomplete":
-            response = obj.get("response") or {}
-            self.usage = usage_from_object(response.get("usage")) or self.usage
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            response = _dict(obj.get("response"))
+            usage = usage_from_object(response.get("usage"))
+            if usage is not None:
+                self.usage = count_fee_items(usage, response.get("output")).merged(self.calls)
             if isinstance(response.get("model"), str):
                 self.model = response["model"]
-            self.completed = True
+            # A failed response is billed for what it used, but it is not a complete answer.
+            self.completed = kind != "response.failed"
         elif kind == "response.created":
-            response = obj.get("response") or {}
+            response = _dict(obj.get("response"))
             if isinstance(response.get("model"), str):
                 self.model = response["model"]
+        elif kind == "response.output_item.done":
+            self.calls = count_fee_items(self.calls, [obj.get("item")])
         elif kind.endswith(".delta") or kind == "content_block_delta":
             self.content_events += 1
             delta = obj.get("delta")
             text = delta.get("text") if isinstance(delta, dict) else delta
             self.content_chars += len(text) if isinstance(text, str) else 0
         elif kind == "message_start":
-            message = obj.get("message") or {}
+            message = _dict(obj.get("message"))
             if isinstance(message.get("model"), str):
                 self.model = message["model"]
             start = usage_from_object(message.get("usage"))
             if start is not None:
-                self._anthropic_input = start.prompt_tokens
-                self.usage = Usage(start.prompt_tokens, start.completion_tokens)
+                self.usage = start
                 self.usage_partial = True
         elif kind == "message_delta":
             delta = usage_from_object(obj.get("usage"))
             if delta is not None:
-                # message_delta carries the cumulative output count; input came in message_start
-                # (newer servers repeat it here too).
-                prompt = delta.prompt_tokens or self._anthropic_input
-                self.usage = Usage(prompt, delta.completion_tokens)
+                # message_delta carries cumulative counts (output, and newer servers repeat the
+                # input and cache counts); message_start had the input.
+                self.usage = self.usage.merged(delta) if self.usage is not None else delta
                 self.usage_partial = False
         elif kind == "message_stop":
             self.completed = True
+
+    def fallback_usage(self, input_tokens: int) -> Usage:
+        """What to charge when no final usage arrived: the input given (or the start's), the
+        output estimated from what was forwarded, and the tool calls seen."""
+        output = self.estimated_output_tokens()
+        if self.usage is not None:  # cut after message_start: its output is a placeholder
+            base = replace(self.usage, completion_tokens=max(self.usage.completion_tokens, output))
+        else:
+            base = Usage(input_tokens, output)
+        return base.merged(self.calls)
 
     def estimated_output_tokens(self) -> int:
         """An estimate of the tokens delivered: one per content event, or one per three

@@ -3,8 +3,9 @@
 a reservation above 0 while it is upstream; for the aliases the model is the path's (a body or
 query model that differs is a 400). Both key modes, SQLite and PostgreSQL.
 
-The 429 of a key with max_budget 0 is itself the proof that the reservation is above 0: a
-request reserving 0 fits a budget of 0 (spend + reserved + 0 <= 0) and would be forwarded.
+A 429 alone does not show a reservation above 0 (an exhausted budget refuses even a request
+reserving 0, e.g. an unpriced model under BUDGETGATE_UNPRICED_MODEL=free): the reservation is
+observed directly, while the upstream holds the request.
 """
 
 from __future__ import annotations
@@ -218,26 +219,44 @@ async def test_aliases_price_the_path_model_and_refuse_another_in_body_or_query(
         assert len(recorder.records) == 1
 
 
-async def test_a_spent_key_cannot_use_an_alias_with_an_encoded_model(
+async def test_an_alias_with_an_encoded_model_is_priced_as_that_model(
     sqlite_url: str, recorder: RecordingUpstream, clock: ManualClock
 ) -> None:
-    """`/engines/bg%2Dpriced/...` is the model bg-priced to LiteLLM (uvicorn decodes it): it is
-    priced as bg-priced, not treated as an unknown (free) model."""
+    """`/engines/bg%2Dpriced/...` is the model bg-priced to LiteLLM (uvicorn decodes it): it
+    reserves and is charged as bg-priced, not as an unknown model (which, under
+    BUDGETGATE_UNPRICED_MODEL=free, would reserve 0 and be charged 0), and a spent key gets 429."""
     settings = make_settings(sqlite_url, recorder.url, unpriced_model="free")
     async with running_gateway(settings, clock) as gw:
-        key = (await gw.create_key(max_budget=0.0))["key"]
-        for path in (
+        spent = (await gw.create_key(max_budget=0.0))["key"]
+        created = await gw.create_key(max_budget=10.0)
+        paths = (
             "/engines/bg%2Dpriced/chat/completions",
             "/openai/deployments/bg%2dpriced/chat/completions",
             "/engines/%62%67%2d%70%72%69%63%65%64/chat/completions",
-        ):
-            r = await gw.client.post(
-                path,
-                content=json.dumps(BODIES["/chat/completions"]),
-                headers=headers(key),
-            )
+        )
+        body = json.dumps(BODIES["/chat/completions"])
+        for path in paths:
+            r = await gw.client.post(path, content=body, headers=headers(spent))
             assert_openai_error(r, 429)
         assert recorder.records == []
+        for n, path in enumerate(paths, start=1):
+            recorder.hold()
+            task = asyncio.create_task(
+                gw.client.post(path, content=body, headers=headers(created["key"]))
+            )
+            try:
+                await recorder.wait_for(n)
+                during = (await gw.admin("GET", f"/admin/keys/{created['id']}")).json()
+            finally:
+                recorder.release()
+            assert (await task).status_code == 200
+            assert during["reserved"] > 0, (path, during)
+            assert recorder.records[-1].target == path.encode()  # forwarded as sent
+        entries = (
+            await gw.admin("GET", "/admin/ledger", params={"key_id": created["id"]})
+        ).json()["data"]
+        assert [e["model"] for e in entries] == [MODEL] * len(paths)
+        assert all(e["cost"] > 0 and e["cost_source"] != "free" for e in entries), entries
 
 
 # -- what the upstream reads is what was priced ---------------------------------------------
@@ -295,12 +314,6 @@ async def test_the_upstream_reads_the_model_that_was_priced_whatever_the_content
             assert read.get("max_tokens") == 1, (content_type, read)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole (SPEC 10 bound of a metered route): /v1/images/generations reserves only the "
-    "body's bytes at the input price (app/proxy/request.py OUTPUT_FIELDS has no images entry, "
-    "output_bound 0): gpt-image-1 n=10 quality=high reserves $0.00031 for ~$1.66 of images",
-)
 async def test_an_image_request_reserves_at_least_n_images(
     sqlite_url: str, recorder: RecordingUpstream, clock: ManualClock
 ) -> None:

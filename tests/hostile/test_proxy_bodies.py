@@ -106,7 +106,12 @@ def typed_cases(path: str) -> list[tuple[dict[str, Any], str]]:
     for stream in BAD_STREAM:
         cases.append(({**valid, "stream": stream}, "stream"))
     for field in OUTPUT_FIELDS[path]:
-        for value in BAD_TOKENS:
+        for value in [*BAD_TOKENS, 0]:  # 0 bounds nothing (many upstreams read it as unset)
+            cases.append(({**valid, field: value}, field))
+    # Output multipliers bound the cost (SPEC 10): one the gateway cannot use is refused.
+    multipliers = {"/v1/chat/completions": ("n",), "/v1/completions": ("n", "best_of")}
+    for field in multipliers.get(path, ()):
+        for value in [*BAD_TOKENS, 0]:
             cases.append(({**valid, field: value}, field))
     if path in ("/v1/chat/completions", "/v1/completions"):
         for options in BAD_STREAM_OPTIONS:
@@ -213,7 +218,7 @@ async def test_fields_the_gateway_does_not_own_are_forwarded_and_settled(
         ("/v1/embeddings", {"max_tokens": "not an embeddings field"}),
         ("/v1/messages", {"messages": "hello", "system": 5}),
         ("/v1/chat/completions", {"max_tokens": None}),  # absent: the default bound is set
-        ("/v1/chat/completions", {"n": 10**30, "temperature": "hot", "tools": "x"}),
+        ("/v1/chat/completions", {"temperature": "hot", "tools": "x"}),
     ]
     before = await ledger_state(gateway, key["id"], mock_upstream.url)
     for path, change in odd:

@@ -455,13 +455,13 @@ def test_load_none_prices_through_genai() -> None:
 
 def test_resolution_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_lookup = genai_adapter.lookup
+    real_lookup = genai_adapter.lookup_model
 
     def counting_lookup(name: str, snapshot: object = None) -> object:
         calls.append(name)
         return real_lookup(name)
 
-    monkeypatch.setattr(genai_adapter, "lookup", counting_lookup)
+    monkeypatch.setattr(genai_adapter, "lookup_model", counting_lookup)
     book = PriceBook()
     for _ in range(100):
         book.cost(["gpt-4o-2024-08-06", "gpt-4o"], 1000, 500)

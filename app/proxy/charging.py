@@ -1,0 +1,85 @@
+"""What an answered request is charged (SPEC 4 order: the upstream's cost header, usage x the
+answering model's price, an estimate from what was forwarded), one path for whole bodies and
+streams."""
+
+from __future__ import annotations
+
+from app.budgets.repository import Outcome
+from app.pricing.cost import CostCalculator
+from app.pricing.money import ceil_div
+from app.proxy.request import MeteredRequest
+from app.proxy.usage import StreamMeter, Usage, usage_from_body
+
+# Endpoints priced per unit the request names (images, characters): their bound is their cost.
+_PRICED_BY_REQUEST = frozenset({"/images/generations", "/audio/speech"})
+
+
+def unmetered_outcome(
+    costs: CostCalculator, header: str | None, outcome: str, status: int | None
+) -> Outcome:
+    """A request with no metered body (or an upstream error): the header's cost, if any."""
+    cost = costs.from_header(header)
+    return Outcome(
+        outcome, cost or 0, "upstream" if cost is not None else "none", status_code=status
+    )
+
+
+def _charge(
+    costs: CostCalculator,
+    metered: MeteredRequest,
+    header: str | None,
+    response_model: str | None,
+    usage: Usage | None,
+    estimate: Usage,
+) -> tuple[int, str]:
+    # An image or speech request's bound is its price (per image, per character).
+    fallback = costs.bound(metered) if metered.endpoint in _PRICED_BY_REQUEST else estimate
+    return costs.charge(header, [response_model, metered.model], usage, fallback)
+
+
+def body_outcome(
+    costs: CostCalculator,
+    metered: MeteredRequest,
+    header: str | None,
+    data: object,
+    content_length: int,
+    status: int,
+) -> Outcome:
+    """A whole answer: its usage, or (none given) the input forwarded and a token per four
+    bytes of the answer, charged as `estimated`."""
+    usage, response_model = usage_from_body(data)
+    estimate = Usage(ceil_div(metered.input_bound, 4), ceil_div(content_length, 4))
+    cost, source = _charge(costs, metered, header, response_model, usage, estimate)
+    return Outcome(
+        "ok",
+        cost,
+        source,
+        usage.prompt_tokens if usage else None,
+        usage.completion_tokens if usage else None,
+        status,
+    )
+
+
+def stream_outcome(
+    costs: CostCalculator,
+    metered: MeteredRequest,
+    header: str | None,
+    meter: StreamMeter,
+    outcome: str,
+    status: int | None,
+) -> Outcome:
+    """A stream: its final usage, or (cut before it) the input forwarded, the output relayed
+    and the tool calls seen, charged as `estimated`."""
+    usage = None if meter.usage_partial else meter.usage
+    if usage is not None:
+        usage = usage.merged(meter.calls)
+    estimate = meter.fallback_usage(ceil_div(metered.input_bound, 4))
+    cost, source = _charge(costs, metered, header, meter.model, usage, estimate)
+    return Outcome(
+        outcome,
+        cost,
+        source,
+        usage.prompt_tokens if usage else None,
+        usage.completion_tokens if usage else estimate.completion_tokens,
+        status,
+    )
