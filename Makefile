@@ -1,6 +1,7 @@
 # budgetgate developer tasks (GNU make).
 #
-#   make venv           create .venv (python >= 3.11) and pip install -e ".[dev]"
+#   make venv           create .venv (python >= 3.11), pip install -e ".[dev]" -c requirements.lock
+#   make lock           rewrite requirements.lock from .venv (after changing dependencies)
 #   make run            gateway with the embedded SQLite ledger on :8080
 #   make test           full test suite (postgres tests start their own throwaway server)
 #   make lint           ruff check + ruff format --check + mypy app
@@ -24,7 +25,7 @@ VENV_BIN := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint mock-upstream migrate bench stress test-litellm clean distclean
+.PHONY: help venv lock run test lint mock-upstream migrate bench stress test-litellm clean distclean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -36,10 +37,16 @@ $(VENV_PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "$(PYTHON) is %d.%d; budgetgate needs Python >= 3.11 (make PYTHON=python3.X ...)" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 
-# (Re)install when pyproject.toml is newer than the stamp.
-$(STAMP): pyproject.toml | $(VENV_PY)
-	$(VENV_PY) -m pip install -e ".[dev]"
+# (Re)install when pyproject.toml or the lock is newer than the stamp. The lock constrains the
+# runtime dependencies to the versions the Docker image installs; the dev tools float.
+$(STAMP): pyproject.toml requirements.lock | $(VENV_PY)
+	$(VENV_PY) -m pip install -c requirements.lock -e ".[dev]"
 	@touch $@
+
+# The runtime dependencies (no dev extras, not the project itself) pinned to what .venv holds.
+lock: venv
+	$(VENV_PY) scripts/lock.py > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
 
 run: venv
 	$(VENV_BIN)/budgetgate serve --host $(HOST) --port $(PORT)
