@@ -430,3 +430,55 @@ async def test_accepted_targets_reach_the_upstream_byte_for_byte_from_the_asgi_s
         entries = (await gw.admin("GET", "/admin/ledger")).json()["data"]
         assert entries and {e["model"] for e in entries} == {"bg-priced"}
         await assert_reconciled(gw)
+
+
+# -- framing tricks through the real server ------------------------------------------------
+
+
+async def test_websocket_upgrades_and_smuggled_framing_reach_no_admin_route(
+    sqlite_url: str, recorder: RecordingUpstream
+) -> None:
+    """A WebSocket upgrade (LiteLLM's realtime / responses, with the key in
+    Sec-WebSocket-Protocol) is never switched nor forwarded; a request whose body hides a
+    second request behind Content-Length + Transfer-Encoding never makes the upstream see that
+    second request."""
+    async with served_gateway(sqlite_url, recorder.url, "managed") as gw:
+        key = (await gw.create_key(max_budget=10.0))["key"]
+        upgrade = [
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-protocol", f"realtime, openai-insecure-api-key.{key}"),
+            ("authorization", f"Bearer {key}"),
+        ]
+        for target in (b"/v1/realtime?model=bg-priced", b"/v1/responses", b"/key/generate"):
+            data = b"GET " + target + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            data += b"".join(f"{k}: {v}\r\n".encode() for k, v in upgrade) + b"\r\n"
+            r = await raw_http(gw.port, data)
+            assert r.status != 101 and 400 <= r.status < 500, (target, r.status, r.body)
+        assert recorder.records == []
+
+        smuggled = b"GET /key/list HTTP/1.1\r\nhost: x\r\n\r\n"
+        for framing in (
+            [("content-length", str(len(CHAT))), ("transfer-encoding", "chunked")],
+            [("transfer-encoding", "chunked"), ("content-length", "4")],
+            [("content-length", str(len(CHAT))), ("content-length", "0")],
+        ):
+            chunked = f"{len(CHAT):x}\r\n".encode() + CHAT + b"\r\n0\r\n\r\n"
+            data = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                + f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n".encode()
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in framing)
+                + b"\r\n"
+                + chunked
+                + smuggled
+            )
+            try:
+                await raw_http(gw.port, data, timeout=5)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                pass
+        await asyncio.sleep(0.2)
+        assert {r.target for r in recorder.records} <= {b"/v1/chat/completions"}, [
+            r.request_line for r in recorder.records
+        ]
