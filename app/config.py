@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     default_max_output_tokens: int = Field(4096, gt=0)
     # Fee-bearing server-side tool calls a request may make when it does not say (SPEC 10).
     default_max_tool_calls: int = Field(8, ge=0)
-    # Shrink to fit lowers a request's output bound no further than this (SPEC 10).
+    # Shrink to fit (SPEC 10): a request whose output bound does not fit is admitted with the
+    # largest bound that does, down to min_output_tokens.
+    shrink_to_fit: bool = False
     min_output_tokens: int = Field(256, gt=0)
     upstream_timeout_seconds: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)

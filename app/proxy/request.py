@@ -360,10 +360,14 @@ def parse_metered(
 
 
 def set_output_bound(metered: MeteredRequest, tokens: int) -> None:
-    """Lower the forwarded output bound (shrink to fit); the body is re-serialised."""
+    """Lower the forwarded output bound to `tokens` (shrink to fit): every output field the body
+    names is lowered, so that no upstream reads a larger one; the body is re-serialised."""
     if metered.output_field is None:
         raise ValueError("this request has no output bound")
     body = orjson.loads(metered.body)
-    body[metered.output_field] = tokens
+    for name in OUTPUT_FIELDS[metered.endpoint]:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > tokens:
+            body[name] = tokens
     metered.body = orjson.dumps(body)
     metered.output_bound = tokens

@@ -14,6 +14,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -65,13 +66,16 @@ from app.proxy.headers import (
     upstream_headers,
 )
 from app.proxy.query import judge_query
-from app.proxy.request import MeteredRequest, parse_metered
+from app.proxy.request import MeteredRequest, parse_metered, set_output_bound
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
 
 log = logging.getLogger("budgetgate.proxy")
+
+# Says that shrink to fit lowered the request's output bound, and to what (SPEC 10).
+OUTPUT_LIMITED_HEADER = "x-budget-output-tokens-limited"
 
 # Key hashes remembered per process as authenticated (a few MB at most).
 KNOWN_KEYS_LIMIT = 100_000
@@ -218,6 +222,7 @@ class Gateway:
                     amount,
                     started,
                     started + timedelta(seconds=self.settings.reservation_ttl_seconds),
+                    min_amount=self._least_amount(metered),
                 )
             )
         except Unauthorized:
@@ -230,8 +235,15 @@ class Gateway:
             raise Forbidden(_not_allowed(key, model), param="model")
         if not admission.admitted:
             raise self._budget_exceeded(key, admission, request_id)
+        limited = None
+        if metered is not None and admission.amount < amount:
+            limited = self._shrink_to(metered, admission.amount)
+            record.reservation = admission.amount
         info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
-        return await self._forward(request, info, metered, raw, admission)
+        response = await self._forward(request, info, metered, raw, admission)
+        if limited is not None:
+            response.headers[OUTPUT_LIMITED_HEADER] = str(limited)
+        return response
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -264,6 +276,32 @@ class Gateway:
             if not model_allowed(key.models, metered.model):
                 raise Forbidden(_not_allowed(key, metered.model), param="model") from None
             raise
+
+    def _least_amount(self, metered: MeteredRequest | None) -> int | None:
+        """Shrink to fit: the bound of the request with the smallest output bound it may be
+        lowered to; None when it may not be shrunk."""
+        least_tokens = self.settings.min_output_tokens
+        if (
+            not self.settings.shrink_to_fit
+            or metered is None
+            or metered.output_field is None
+            or metered.output_bound <= least_tokens
+        ):
+            return None
+        return self.costs.bound(replace(metered, output_bound=least_tokens))
+
+    def _shrink_to(self, metered: MeteredRequest, held: int) -> int:
+        """Lowers the forwarded output bound to the largest whose cost bound fits what the
+        ledger held (the bound grows with the output bound: a binary search); returns it."""
+        low, high = self.settings.min_output_tokens, metered.output_bound
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.costs.bound(replace(metered, output_bound=middle)) <= held:
+                low = middle
+            else:
+                high = middle - 1
+        set_output_bound(metered, low)
+        return low
 
     async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
         """The key and its admission; None when the key may not use the requested model."""
