@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from app.metrics import REJECTIONS, REQUESTS, SPEND, UPSTREAM_SECONDS
+from app.metrics import OVERRUNS, REJECTIONS, REQUESTS, SPEND, UPSTREAM_SECONDS
 
 log = logging.getLogger("budgetgate.access")
 
@@ -87,6 +87,8 @@ def finish(record: AccessRecord, status: int) -> None:
     REQUESTS.labels(record.route, model, str(status), record.outcome or "none").inc()
     if record.cost:
         SPEND.labels(model).inc(record.cost / 1e9)
+        if record.reservation is not None and record.cost > record.reservation:
+            OVERRUNS.inc()  # the ledger records the same excess on the entry
     if record.rejected_by is not None:
         REJECTIONS.labels(record.rejected_by).inc()
     if record.upstream_seconds is not None:
