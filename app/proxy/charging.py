@@ -15,13 +15,17 @@ _PRICED_BY_REQUEST = frozenset({"/images/generations", "/audio/speech"})
 
 
 def unmetered_outcome(
-    costs: CostCalculator, header: str | None, outcome: str, status: int | None
+    costs: CostCalculator,
+    header: str | None,
+    outcome: str,
+    status: int | None,
+    unbounded: bool = False,
 ) -> Outcome:
-    """A request with no metered body (or an upstream error): the header's cost, if any."""
+    """A request with no metered body (an operator's extra route, `unbounded`: its cost could
+    not be bounded before it was forwarded), or an upstream error: the header's cost, if any."""
     cost = costs.from_header(header)
-    return Outcome(
-        outcome, cost or 0, "upstream" if cost is not None else "none", status_code=status
-    )
+    source = "unbounded" if unbounded else "upstream" if cost is not None else "none"
+    return Outcome(outcome, cost or 0, source, status_code=status)
 
 
 def _charge(

@@ -462,7 +462,11 @@ class Gateway:
         ok = resp.status < 400
         if metered is None or not ok:
             return unmetered_outcome(
-                self.costs, header, "ok" if ok else "upstream_error", resp.status
+                self.costs,
+                header,
+                "ok" if ok else "upstream_error",
+                resp.status,
+                unbounded=metered is None,
             )
         try:
             data = orjson.loads(content)
@@ -521,7 +525,9 @@ class Gateway:
     ) -> Outcome:
         header = resp.headers.get(COST_HEADER)
         if metered is None or meter is None:
-            return unmetered_outcome(self.costs, header, outcome, resp.status)
+            return unmetered_outcome(
+                self.costs, header, outcome, resp.status, unbounded=metered is None
+            )
         return stream_outcome(self.costs, metered, header, meter, outcome, resp.status)
 
     async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:

@@ -86,6 +86,7 @@ async def test_extra_routes_forwarded_intact_and_recorded(
     for e in entries:
         assert e["endpoint"] == "/files/file-abc/content"
         assert (e["outcome"], e["cost"], e["model"], e["stream"]) == ("ok", 0, None, False)
+        assert e["cost_source"] == "unbounded"
     got = await key_object(gateway, key["id"])
     assert (got["spend"], got["reserved"]) == (0, 0)
 
@@ -124,7 +125,7 @@ async def test_upstream_reported_cost_is_charged_on_extra_routes(
         assert r.headers["x-litellm-response-cost"] == "0.0123"
     entries = await ledger(gateway, key["id"])
     assert [(e["cost"], e["cost_source"], e["endpoint"]) for e in entries] == [
-        (0.0123, "upstream", "/batches")
+        (0.0123, "unbounded", "/batches")
     ] * 2
     got = await key_object(gateway, key["id"])
     assert (got["spend"], got["reserved"]) == (0.0246, 0)
