@@ -141,8 +141,8 @@ class RecordingUpstream:
     def release(self) -> None:
         self._gate.set()
 
-    async def wait_for(self, count: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, count: int, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
         while len(self.records) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"upstream got {len(self.records)} requests, not {count}")
@@ -173,7 +173,8 @@ class RecordingUpstream:
                 else:
                     body = await reader.readexactly(int(lower.get("content-length", "0")))
                 self.records.append(Recorded(lines[0], headers, body))
-                while not self._gate.is_set():
+                # A threading.Event: set from the test's thread, not this server's loop.
+                while not self._gate.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
                 writer.write(_answer(body))
                 await writer.drain()
@@ -256,12 +257,12 @@ async def read_response(reader: asyncio.StreamReader) -> RawResponse:
     return RawResponse(status, headers, body)
 
 
-async def raw_http(port: int, data: bytes, timeout: float = 10) -> RawResponse:
+async def raw_http(port: int, data: bytes, seconds: float = 10) -> RawResponse:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(read_response(reader), timeout)
+        return await asyncio.wait_for(read_response(reader), seconds)
     finally:
         writer.close()
 

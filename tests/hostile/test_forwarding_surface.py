@@ -28,6 +28,7 @@ import pytest
 
 from app.clock import ManualClock
 from app.main import create_app
+from app.server import head_timeout_protocol
 from tests.conftest import ADMIN_KEY, START, UPSTREAM_KEY, make_settings, running_gateway
 from tests.hostile.helpers import assert_reconciled
 from tests.hostile.raw import (
@@ -238,13 +239,11 @@ class Served:
 async def served_gateway(
     database_url: str, upstream_url: str, key_mode: str, **settings: Any
 ) -> AsyncIterator[Served]:
-    app = create_app(
-        make_settings(database_url, upstream_url, key_mode=key_mode, **settings),
-        ManualClock(START),
-        run_scheduler=False,
-        migrate=False,
-    )
-    server = ServerThread(app).start()
+    served = make_settings(database_url, upstream_url, key_mode=key_mode, **settings)
+    app = create_app(served, ManualClock(START), run_scheduler=False, migrate=False)
+    # The protocol `budgetgate serve` runs, with this gateway's body timeout.
+    http = head_timeout_protocol(served.body_timeout_seconds)
+    server = ServerThread(app, http=http).start()
     try:
         yield Served(server)
     finally:
@@ -475,7 +474,7 @@ async def test_websocket_upgrades_and_smuggled_framing_reach_no_admin_route(
                 + smuggled
             )
             try:
-                await raw_http(gw.port, data, timeout=5)
+                await raw_http(gw.port, data, seconds=5)
             except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
                 pass
         await asyncio.sleep(0.2)

@@ -252,9 +252,8 @@ async def test_an_alias_with_an_encoded_model_is_priced_as_that_model(
             assert (await task).status_code == 200
             assert during["reserved"] > 0, (path, during)
             assert recorder.records[-1].target == path.encode()  # forwarded as sent
-        entries = (
-            await gw.admin("GET", "/admin/ledger", params={"key_id": created["id"]})
-        ).json()["data"]
+        ledger = await gw.admin("GET", "/admin/ledger", params={"key_id": created["id"]})
+        entries = ledger.json()["data"]
         assert [e["model"] for e in entries] == [MODEL] * len(paths)
         assert all(e["cost"] > 0 and e["cost_source"] != "free" for e in entries), entries
 

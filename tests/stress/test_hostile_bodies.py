@@ -6,6 +6,9 @@ the gateway takes it: each gets 401 while its upload is still far from done (the
 after the first megabyte, without waiting for the rest), and the gateway's resident memory
 (VmRSS of its process) stays within 30 MB of its idle level, during the attack and after. The
 figures are printed. Before issue 12: 40 such bodies took RSS from 264 to 513 MB.
+
+The same with the 10 MB in one header of the request head, before any body and with no key at
+all (xfail: the server buffers request heads of any size).
 """
 
 from __future__ import annotations
@@ -83,11 +86,11 @@ async def hostile_upload(port: int, index: int) -> tuple[int, int, float]:
         writer.close()
 
 
-async def test_fifty_10_mb_bodies_with_a_bogus_key(tmp_path: Path, figures: Figures) -> None:
+def start_gateway(tmp_path: Path) -> ManagedProcess:
     port = free_port()
     env = base_env() | {
         "BUDGETGATE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}",
-        # Nothing listens there: nothing of this scenario may be forwarded.
+        # Nothing listens there: nothing of these scenarios may be forwarded.
         "BUDGETGATE_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}",
         "BUDGETGATE_ADMIN_KEY": ADMIN_KEY,
         "BUDGETGATE_UPSTREAM_API_KEY": UPSTREAM_KEY,
@@ -102,6 +105,12 @@ async def test_fifty_10_mb_bodies_with_a_bogus_key(tmp_path: Path, figures: Figu
         port,
     )
     gateway.start()
+    return gateway
+
+
+async def test_fifty_10_mb_bodies_with_a_bogus_key(tmp_path: Path, figures: Figures) -> None:
+    gateway = start_gateway(tmp_path)
+    port = gateway.port
     try:
         assert gateway.pid is not None
         # Idle: after a few ordinary requests (a valid key's and bogus keys' small ones).
@@ -155,5 +164,65 @@ async def test_fifty_10_mb_bodies_with_a_bogus_key(tmp_path: Path, figures: Figu
         assert at_answer <= FIRST < BODY
         assert peak - idle <= RSS_MARGIN_KB, (idle, peak)
         assert after - idle <= RSS_MARGIN_KB, (idle, after)
+    finally:
+        gateway.terminate()
+
+
+async def oversized_head(port: int) -> tuple[int | str, int]:
+    """A request head with one 10 MB header and no key: (status or error, bytes sent)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: ")
+    sent = 0
+    chunk = b"a" * CHUNK
+    try:
+        while sent < BODY:
+            writer.write(chunk)
+            sent += CHUNK
+            await asyncio.wait_for(writer.drain(), 5)
+        writer.write(b"\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        r = await asyncio.wait_for(read_response(reader), 20)
+        return r.status, sent
+    except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        return type(exc).__name__, sent
+    finally:
+        writer.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole (pre-auth memory, server level): uvicorn's httptools protocol, which `budgetgate "
+    "serve` runs, puts no limit on a request head's size: 50 connections with a 10 MB header "
+    "and no key took the gateway's RSS from 111 to 658 MB (140 MB after). h11 has "
+    "h11_max_incomplete_event_size (16 KB by default); httptools nothing",
+)
+async def test_fifty_10_mb_request_heads_without_a_key(tmp_path: Path, figures: Figures) -> None:
+    gateway = start_gateway(tmp_path)
+    try:
+        assert gateway.pid is not None
+        await asyncio.sleep(1)
+        idle = peak = rss_kb(gateway.pid)
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_kb(gateway.pid))  # type: ignore[arg-type]
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        results = await asyncio.gather(*(oversized_head(gateway.port) for _ in range(CONNECTIONS)))
+        done.set()
+        await sampler
+        await asyncio.sleep(1)
+        after = rss_kb(gateway.pid)
+        figures(
+            "50 x 10 MB request heads, no key",
+            ["connections", "outcomes", "RSS idle (MB)", "RSS peak (MB)", "RSS after (MB)"],
+            [[CONNECTIONS, sorted({str(s) for s, _ in results}), idle / 1024, peak / 1024,
+              after / 1024]],
+        )  # fmt: skip
+        assert gateway.alive
+        assert peak - idle <= RSS_MARGIN_KB, (idle, peak, results[:3])
     finally:
         gateway.terminate()
