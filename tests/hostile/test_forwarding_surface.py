@@ -167,6 +167,13 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     (P, b"/v1/realtime", 404, NF),
     (P, b"/v1/fine_tuning/jobs", 404, NF),
     (P, b"/queue/chat/completions", 404, NF),
+    (P, b"/openai/deployments/bg-priced/audio/transcriptions", 404, NF),
+    (P, b"/openai/deployments/bg-priced/images/edits", 404, NF),
+    (P, b"/engines/bg-priced/audio/speech", 404, NF),
+    (P, b"/engines/bg-priced/responses", 404, NF),
+    (P, b"/openai/v1/responses/compact", 404, NF),
+    (P, b"/v1/responses/resp_1/cancel", 404, NF),
+    (P, b"/v1/messages/count_tokens", 404, NF),
     (G, b"/v1/chat/completions", 404, NF),  # a metered route with another method
     ("PUT", b"/v1/chat/completions", 404, NF),
 ]
