@@ -83,6 +83,7 @@ def _serve(host: str, port: int, workers: int) -> None:
     from app.logs import configure_logging, startup_line
     from app.main import SchemaOutdated, prepare_schema
     from app.pricing import PriceBook, PricesFileError
+    from app.server import HeadTimeoutProtocol
 
     settings = _settings()
 
@@ -118,7 +119,7 @@ def _serve(host: str, port: int, workers: int) -> None:
         log_config=None,  # app.logs formats every logger (JSON by default)
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=HeadTimeoutProtocol,  # httptools, with a deadline on request heads
         timeout_graceful_shutdown=30,
         # Longer than clients keep idle connections (httpx / the OpenAI SDK: 5 s, the same
         # as uvicorn's default, so a client could reuse a connection the server was closing).

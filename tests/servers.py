@@ -17,10 +17,12 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, http: Any = "auto") -> None:
+        """`http`: uvicorn's protocol (budgetgate serve's own: app.server)."""
         self.port = port or free_port()
         config = uvicorn.Config(
             app,
+            http=http,
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
