@@ -190,3 +190,26 @@ async def test_an_exhausted_key_gets_429_before_its_10_mb_body_is_sent(
         assert r.status == 429, r.body
         assert recorder.records == []
         assert early, "the 429 came only once the whole 10 MB body had been sent"
+
+
+async def test_a_wrong_admin_key_gets_401_before_its_10_mb_body_is_sent(
+    sqlite_url: str, recorder: RecordingUpstream
+) -> None:
+    """The admin API too: its key is checked from the headers, before a body is read, for the
+    admin paths however they are spelled (uvicorn decodes `%2F` into the path FastAPI routes)."""
+    async with served_gateway(sqlite_url, recorder.url, "managed") as gw:
+        for target in (b"/admin/keys", b"/admin%2Fkeys", b"/admin/keys/", b"/admin/teams"):
+            for auth in ([], [("authorization", "Bearer wrong-admin-key")]):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                try:
+                    headers = [("content-type", "application/json"), *auth]
+                    writer.write(head(target, headers, TEN_MB) + b"{" + b" " * 1023)
+                    await writer.drain()
+                    r = await asyncio.wait_for(read_response(reader), 5)
+                finally:
+                    writer.close()
+                assert r.status == 401, (target, r.status, r.body[:200])
+                assert r.json()["error"]["type"] == "authentication_error"
+        listed = await gw.admin("GET", "/admin/keys")
+        assert listed.status_code == 200 and listed.json()["data"] == []  # nothing created
+        assert recorder.records == []
