@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
+    # OpenTelemetry traces go to this OTLP/HTTP endpoint (e.g. http://otel-collector:4318);
+    # unset: no tracing.
+    otlp_endpoint: str | None = None
     # When set, /metrics wants `Authorization: Bearer <token>`.
     metrics_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -73,7 +76,12 @@ class Settings(BaseSettings):
         return v.lower() if isinstance(v, str) else v
 
     @field_validator(
-        "admin_key", "upstream_api_key", "prices_file", "alert_webhook_url", "metrics_token"
+        "admin_key",
+        "upstream_api_key",
+        "prices_file",
+        "alert_webhook_url",
+        "metrics_token",
+        "otlp_endpoint",
     )
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:

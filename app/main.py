@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import Headers
@@ -46,6 +47,7 @@ from app.proxy.request_ids import new_request_id
 from app.proxy.service import Gateway
 from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
+from app.tracing import create_tracer_provider, tracer_of
 
 log = logging.getLogger("budgetgate")
 
@@ -72,6 +74,7 @@ def create_app(
     *,
     run_scheduler: bool = True,
     migrate: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> BudgetGateApp:
     settings = settings or get_settings()
     clock = clock or SystemClock()
@@ -109,7 +112,10 @@ def create_app(
         hot = create_hot_ledger(settings)
         alerts = AlertService(engine, clock, settings.alert_webhook_url)
         app.state.alerts = alerts
-        app.state.gateway = Gateway(settings, clock, keys, budgets, hot, costs, upstream, alerts)
+        provider = tracer_provider or create_tracer_provider(settings)
+        app.state.gateway = Gateway(
+            settings, clock, keys, budgets, hot, costs, upstream, alerts, tracer_of(provider)
+        )
         scheduler = (
             start_scheduler(budgets, alerts, settings.reset_interval_seconds)
             if run_scheduler
@@ -132,6 +138,8 @@ def create_app(
             await upstream.close()
             await hot.close()
             await engine.dispose()
+            if provider is not None and tracer_provider is None:
+                provider.shutdown()  # flushes the spans still batched
 
     app = FastAPI(
         title="budgetgate",

@@ -13,6 +13,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from opentelemetry.trace import Span
+
 from app.metrics import OVERRUNS, REJECTIONS, REQUESTS, SPEND, UPSTREAM_SECONDS
 
 log = logging.getLogger("budgetgate.access")
@@ -38,10 +40,15 @@ class AccessRecord:
     upstream_status: int | None = None
     upstream_started: float | None = None
     upstream_seconds: float | None = None
+    span: Span | None = None  # the request's trace span (app/tracing.py)
+    upstream_span: Span | None = None
 
     def upstream_done(self) -> None:
         if self.upstream_started is not None and self.upstream_seconds is None:
             self.upstream_seconds = time.perf_counter() - self.upstream_started
+        if self.upstream_span is not None:
+            self.upstream_span.end()
+            self.upstream_span = None
 
 
 # The record of the request being handled. It travels with the request's context (into the
@@ -57,6 +64,12 @@ def finish(record: AccessRecord, status: int) -> None:
     """Write the access line and count the request."""
     record.status = status
     latency = time.perf_counter() - record.started
+    if record.span is not None:
+        record.span.set_attribute("http.route", record.route)
+        record.span.set_attribute("http.response.status_code", status)
+        if record.outcome is not None:
+            record.span.set_attribute("budgetgate.outcome", record.outcome)
+        record.span.end()
     log.info(
         "request",
         extra={

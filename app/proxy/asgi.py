@@ -17,6 +17,7 @@ from app.logs import current_request_id
 from app.proxy.access import AccessRecord, current_access, finish
 from app.proxy.request_ids import new_request_id
 from app.proxy.service import Gateway
+from app.tracing import start_request
 
 log = logging.getLogger("budgetgate.proxy")
 
@@ -26,14 +27,16 @@ class ProxyApp:
         self._gateway = gateway  # built in the lifespan, after this app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self._gateway()
         record = AccessRecord(new_request_id(), scope["method"])
+        record.span = start_request(gateway.tracer, scope["method"], record.request_id)
         request_token = current_request_id.set(record.request_id)
         access_token = current_access.set(record)
         response: Response | None = None
         try:
             request = Request(scope, receive)
             try:
-                response = await self._gateway().handle(request, record)
+                response = await gateway.handle(request, record)
             except AppError as exc:
                 response = error_response(exc)
             except Exception as exc:

@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Span, Tracer
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -71,6 +73,7 @@ from app.proxy.routes import Access, RouteTable, parse_extra_routes
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
+from app.tracing import start_phase
 
 log = logging.getLogger("budgetgate.proxy")
 
@@ -107,8 +110,10 @@ class Gateway:
         costs: CostCalculator,
         upstream: UpstreamClient,
         alerts: AlertService,
+        tracer: Tracer | None = None,
     ) -> None:
         self.hot = hot
+        self.tracer = tracer or trace.NoOpTracer()
         self.alerts = alerts
         self._pending_settlements: set[asyncio.Future[Any]] = set()
         self.settings = settings
@@ -211,6 +216,7 @@ class Gateway:
 
         # Admit: the key checked again and every budget reserved, in one step on the ledger.
         admitting = time.perf_counter()
+        admit_span = start_phase(self.tracer, "admit", record.span)
         try:
             key, admission = await self._admit(
                 AdmitRequest(
@@ -229,6 +235,7 @@ class Gateway:
             self._known_keys.pop(key_hash, None)
             raise
         finally:
+            admit_span.end()
             LEDGER_SECONDS.labels("admit").observe(time.perf_counter() - admitting)
         self._remember(request, key, request_id)
         if admission is None:
@@ -381,6 +388,7 @@ class Gateway:
         record = current_access.get()
         if record is not None:
             record.upstream_started = time.perf_counter()
+            record.upstream_span = start_phase(self.tracer, "upstream", record.span)
         resp = await self.upstream.send(request.method, path_qs.decode("ascii"), headers, body)
         if record is not None:
             record.upstream_status = resp.status
@@ -541,7 +549,8 @@ class Gateway:
             record.upstream_done()
             record.outcome, record.cost = outcome.outcome, outcome.cost
         settling = self.hot.settle_soon(info, outcome, self.clock.now())
-        settling.add_done_callback(_observe_settle(time.perf_counter()))
+        span = start_phase(self.tracer, "settle", record.span if record is not None else None)
+        settling.add_done_callback(_observe_settle(time.perf_counter(), span))
         self._pending_settlements.add(settling)
         settling.add_done_callback(functools.partial(self._settled, info, outcome))
         try:
@@ -603,8 +612,9 @@ class Gateway:
         return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
 
 
-def _observe_settle(started: float) -> Callable[[asyncio.Future[Any]], None]:
+def _observe_settle(started: float, span: Span) -> Callable[[asyncio.Future[Any]], None]:
     def observe(_: asyncio.Future[Any]) -> None:
+        span.end()
         LEDGER_SECONDS.labels("settle").observe(time.perf_counter() - started)
 
     return observe
