@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from urllib.parse import quote
 
 from starlette.datastructures import Headers
 
@@ -58,6 +59,10 @@ _REWRITES = frozenset(
     {"x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override"}
 )
 _REQUEST_DROP = HOP_BY_HOP | _GATEWAY_SET | _REWRITES | {"accept-encoding", "x-litellm-model"}
+# The caller's identity, as the gateway tells it to the upstream (never as a client says it).
+IDENTITY_PREFIX = "x-budgetgate-"
+IDENTITY_TAG_PREFIX = "budgetgate-"
+LITELLM_TAGS = "x-litellm-tags"
 # What an upstream says about its own credentials and deployments is not the client's to see.
 _RESPONSE_DROP = HOP_BY_HOP | {
     "content-encoding",
@@ -130,7 +135,9 @@ def upstream_headers(
     out = {
         k: v
         for k, v in headers.items()
-        if (n := k.replace("_", "-")) not in drop and not n.startswith(_GATEWAY_SET_PREFIXES)
+        if (n := k.replace("_", "-")) not in drop
+        and not n.startswith(_GATEWAY_SET_PREFIXES)
+        and not n.startswith(IDENTITY_PREFIX)
     }
     if json_body:
         out["content-type"] = "application/json"
@@ -144,6 +151,22 @@ def upstream_headers(
     out["x-request-id"] = request_id
     out["accept-encoding"] = "identity"
     return out
+
+
+def add_identity(out: dict[str, str], key_id: str, alias: str | None) -> None:
+    """Tells the upstream who is calling (LiteLLM sees one credential for everyone in managed
+    mode): `x-budgetgate-key-id` and `-key-alias` (percent-encoded), and the same as tags in
+    `x-litellm-tags`, after the client's own tags (minus any that claim to be the gateway's)."""
+    out[IDENTITY_PREFIX + "key-id"] = key_id
+    tags = [f"{IDENTITY_TAG_PREFIX}key:{key_id}"]
+    if alias:
+        out[IDENTITY_PREFIX + "key-alias"] = quote(alias, safe="")
+        tags.append(f"{IDENTITY_TAG_PREFIX}alias:{quote(alias, safe='')}")
+    name = next((k for k in out if k.lower().replace("_", "-") == LITELLM_TAGS), None)
+    own = out.pop(name) if name is not None else ""
+    kept = [t.strip() for t in own.split(",") if t.strip()]
+    kept = [t for t in kept if not t.startswith(IDENTITY_TAG_PREFIX)]
+    out[LITELLM_TAGS] = ",".join(kept + tags)
 
 
 def response_headers(raw: list[tuple[str, str]]) -> dict[str, str]:

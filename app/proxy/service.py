@@ -60,6 +60,7 @@ from app.pricing.cost import COST_HEADER, CostCalculator
 from app.proxy.access import AccessRecord, current_access
 from app.proxy.charging import body_outcome, stream_outcome, unmetered_outcome
 from app.proxy.headers import (
+    add_identity,
     budget_headers,
     presented_key,
     response_headers,
@@ -383,6 +384,8 @@ class Gateway:
             (str(client[0]), scope.get("scheme", "http"), request.headers.get("host", "")),
             json_body=info.model is not None,
         )
+        if self.settings.forward_identity:
+            add_identity(headers, info.key_id, request.state.budget_key.alias)
         query = scope["query_string"]
         path_qs = scope["raw_path"] + (b"?" + query if query else b"")
         record = current_access.get()
