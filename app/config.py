@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
+    # /readyz also wants the upstream to accept a connection.
+    ready_checks_upstream: bool = False
     # Tell the upstream who calls: x-budgetgate-key-id/-key-alias and x-litellm-tags.
     forward_identity: bool = True
     # OpenTelemetry traces go to this OTLP/HTTP endpoint (e.g. http://otel-collector:4318);

@@ -52,6 +52,10 @@ from app.tracing import create_tracer_provider, tracer_of
 log = logging.getLogger("budgetgate")
 
 
+def not_ready(message: str, code: str) -> Response:
+    return error_response(AppError(message, status=503, type="service_unavailable", code=code))
+
+
 class SchemaOutdated(RuntimeError):
     pass
 
@@ -162,25 +166,24 @@ def create_app(
     @app.get(
         "/readyz",
         tags=["health"],
-        responses={503: {"model": ErrorResponse, "description": "Ledger database unreachable"}},
+        responses={
+            503: {
+                "model": ErrorResponse,
+                "description": "Ledger database (or, when checked, the upstream) unreachable",
+            }
+        },
     )
-    async def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request) -> Response:
         try:
             async with request.app.state.engine.connect() as conn:
                 await asyncio.wait_for(conn.execute(text("SELECT 1")), timeout=5)
         except Exception as exc:
             log.warning("readiness check failed: %s", type(exc).__name__)
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": "the ledger database is unreachable",
-                        "type": "service_unavailable",
-                        "code": "ledger_unavailable",
-                        "param": None,
-                    }
-                },
-                status_code=503,
-            )
+            return not_ready("the ledger database is unreachable", "ledger_unavailable")
+        gateway: Gateway = request.app.state.gateway
+        if settings.ready_checks_upstream and not await gateway.upstream.reachable():
+            log.warning("readiness check failed: the upstream is unreachable")
+            return not_ready("the upstream is unreachable", "upstream_unreachable")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", include_in_schema=False)

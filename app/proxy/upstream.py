@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
@@ -42,6 +44,20 @@ class UpstreamClient:
             skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+
+    async def reachable(self, seconds: float = 5.0) -> bool:
+        """Whether the upstream accepts a connection (a readiness check: nothing is sent, so
+        nothing is billed, whatever the upstream is)."""
+        parts = urlsplit(self.base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(parts.hostname, port), seconds
+            )
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
 
     async def close(self) -> None:
         if self._session is not None:

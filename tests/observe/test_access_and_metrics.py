@@ -202,3 +202,21 @@ def test_metrics_are_summed_over_every_worker(
     finally:
         gateway.kill()
         mock.kill()
+
+
+async def test_readiness_can_include_the_upstream(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    """/readyz stays about the ledger unless BUDGETGATE_READY_CHECKS_UPSTREAM is on; then an
+    upstream that refuses connections makes it 503 (and one that accepts, 200)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    for checks, status in ((False, 200), (True, 503)):
+        settings = make_settings(database_url, dead, ready_checks_upstream=checks)
+        async with running_gateway(settings, clock) as gw:
+            r = await gw.client.get("/readyz")
+            assert r.status_code == status, r.text
+            if status == 503:
+                assert r.json()["error"]["code"] == "upstream_unreachable"
+    settings = make_settings(database_url, mock_upstream.url, ready_checks_upstream=True)
+    async with running_gateway(settings, clock) as gw:
+        assert (await gw.client.get("/readyz")).status_code == 200
