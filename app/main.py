@@ -47,6 +47,7 @@ from app.proxy.request_ids import new_request_id
 from app.proxy.service import Gateway
 from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
+from app.server import MAX_HEAD_BYTES, head_too_large
 from app.tracing import create_tracer_provider, tracer_of
 
 log = logging.getLogger("budgetgate")
@@ -269,6 +270,11 @@ class BudgetGateApp:
         return getattr(self.api, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _head_size(scope) > MAX_HEAD_BYTES:
+            # The server cuts off a head that is still arriving past this size (app/server.py);
+            # one that arrived whole in a single read is refused here.
+            await error_response(head_too_large())(scope, receive, send)
+            return
         if scope["type"] == "http" and not is_local(scope["path"]):
             await self.proxy(scope, receive, send)
             return
@@ -311,6 +317,13 @@ class BudgetGateApp:
                     "admin request bodies are JSON: send 'Content-Type: application/json'"
                 )
         return None
+
+
+def _head_size(scope: Scope) -> int:
+    size = len(scope.get("raw_path") or b"") + len(scope["query_string"])
+    for name, value in scope["headers"]:
+        size += len(name) + len(value)
+    return size
 
 
 def _declared_length(scope: Scope) -> int:

@@ -213,3 +213,27 @@ async def test_a_wrong_admin_key_gets_401_before_its_10_mb_body_is_sent(
         listed = await gw.admin("GET", "/admin/keys")
         assert listed.status_code == 200 and listed.json()["data"] == []  # nothing created
         assert recorder.records == []
+
+
+async def test_an_oversized_request_head_is_431_and_a_large_legit_one_passes(
+    sqlite_url: str, recorder: RecordingUpstream
+) -> None:
+    """The server caps a request head (request line and headers) at 64 KB: beyond it a 431 in
+    the OpenAI format and the connection closed, before any key is checked; a 60 KB head with
+    a body in the same packets is read whole and admitted."""
+    async with served_gateway(sqlite_url, recorder.url, "managed") as gw:
+        key = (await gw.create_key(**key_body("managed")))["key"]
+        huge = [("authorization", f"Bearer {key}"), ("x-pad", "a" * 70_000)]
+        r = await raw_http(gw.port, build_request("POST", b"/v1/chat/completions", huge, CHAT))
+        assert r.status == 431, r.text
+        assert r.json()["error"]["code"] == "request_header_fields_too_large"
+        assert recorder.records == []
+        large = [
+            ("authorization", f"Bearer {key}"),
+            ("content-type", "application/json"),
+            ("x-pad", "b" * 60_000),
+        ]
+        padded = json.dumps({**json.loads(CHAT), "metadata": {"pad": "c" * 5_000}}).encode()
+        r = await raw_http(gw.port, build_request("POST", b"/v1/chat/completions", large, padded))
+        assert r.status == 200, r.text
+        assert len(recorder.records) == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from app.clock import ManualClock
+from app.main import create_app
 from tests.conftest import ADMIN_KEY, UPSTREAM_KEY, make_settings, running_gateway
 from tests.keys.helpers import bearer
 from tests.pgcluster import PgCluster
@@ -220,3 +222,86 @@ async def test_readiness_can_include_the_upstream(
     settings = make_settings(database_url, mock_upstream.url, ready_checks_upstream=True)
     async with running_gateway(settings, clock) as gw:
         assert (await gw.client.get("/readyz")).status_code == 200
+
+
+def test_access_lines_for_every_ending(
+    sqlite_url: str, mock_upstream: ServerThread, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Through a real server: an ok, a 429, an upstream error and a client that leaves
+    mid-stream each write exactly one access line, with its outcome, cost and request id."""
+    settings = make_settings(sqlite_url, mock_upstream.url, log_format="json")
+    server = ServerThread(create_app(settings, run_scheduler=False, migrate=False)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            r = client.post("/admin/keys", json={"max_budget": 0.1}, headers=bearer(ADMIN_KEY))
+            key = r.json()["key"]
+            capfd.readouterr()
+            ids = {}
+            r = client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+            ids["ok"] = r.headers["x-request-id"]
+            big = {**CHAT, "max_tokens": 1_000}
+            r = client.post("/v1/chat/completions", json=big, headers=bearer(key))
+            assert r.status_code == 429
+            ids["rejected"] = r.headers["x-request-id"]
+            failing = {**bearer(key), "x-mock-status": "500"}
+            r = client.post("/v1/chat/completions", json=CHAT, headers=failing)
+            assert r.status_code == 500
+            ids["upstream_error"] = r.headers["x-request-id"]
+            slow = {**bearer(key), "x-mock-delay-ms": "300"}
+            streamed = {**CHAT, "max_tokens": 20, "stream": True}
+            with httpx.Client(base_url=server.url, timeout=30) as leaving:
+                with leaving.stream(
+                    "POST", "/v1/chat/completions", json=streamed, headers=slow
+                ) as r:
+                    ids["client_disconnect"] = r.headers["x-request-id"]
+                    next(r.iter_raw())
+            deadline = time.monotonic() + 5
+            lines: list[dict[str, Any]] = []
+            text = ""
+            while time.monotonic() < deadline:
+                text += capfd.readouterr().err
+                lines = [e for e in json_lines(text) if e.get("logger") == "budgetgate.access"]
+                if len(lines) >= 4:
+                    break
+                time.sleep(0.05)
+    finally:
+        server.stop()
+    assert len(lines) == 4, text
+    by_id = {e["request_id"]: e for e in lines}
+    for outcome, request_id in ids.items():
+        line = by_id[request_id]
+        assert line["outcome"] == outcome, line
+        assert line["key_id"] is not None
+    assert by_id[ids["ok"]]["cost"] == 0.005
+    assert by_id[ids["rejected"]]["cost"] is None
+    assert by_id[ids["upstream_error"]]["upstream_status"] == 500
+    assert by_id[ids["upstream_error"]]["cost"] == 0
+    assert 0 < by_id[ids["client_disconnect"]]["cost"] <= 0.02
+    assert key not in text and UPSTREAM_KEY not in text and ADMIN_KEY not in text
+
+
+async def test_label_sets_stay_bounded(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    """A thousand random paths and model names add a handful of label sets, not a thousand."""
+    settings = make_settings(database_url, mock_upstream.url, unpriced_model="free")
+    async with running_gateway(settings, clock) as gw:
+        key = await gw.create_key(max_budget=100)
+        before = (await gw.client.get("/metrics")).text
+        for i in range(1000):
+            if i % 2:
+                r = await gw.client.post(f"/v1/rand-{i}/x", json={}, headers=bearer(key["key"]))
+            else:
+                body = {**CHAT, "model": f"random-model-{i}"}
+                r = await gw.client.post(
+                    "/v1/chat/completions", json=body, headers=bearer(key["key"])
+                )
+            assert r.status_code in (200, 404), r.text
+        after = (await gw.client.get("/metrics")).text
+
+    def series(page: str) -> set[str]:
+        return {line.split(" ")[0] for line in page.splitlines() if line.startswith("budgetgate_")}
+
+    added = series(after) - series(before)
+    assert len(added) < 50, sorted(added)
+    assert "random-model" not in after and "rand-" not in after
