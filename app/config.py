@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     # OpenTelemetry traces go to this OTLP/HTTP endpoint (e.g. http://otel-collector:4318);
     # unset: no tracing.
     otlp_endpoint: str | None = None
+    # /metrics also shows each budget's spend and remaining (one series per budget: opt-in).
+    metrics_budget_gauges: bool = False
     # When set, /metrics wants `Authorization: Bearer <token>`.
     metrics_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -195,11 +195,15 @@ def create_app(
             expected = f"Bearer {token.get_secret_value()}"
             if not hmac.compare_digest(presented.encode(), expected.encode()):
                 raise Unauthorized("missing or wrong metrics token", code="invalid_metrics_token")
+        engine = request.app.state.engine
+        budgets = None
         try:
-            RESERVATIONS_OPEN.set(await ledger.count_open_reservations(request.app.state.engine))
+            RESERVATIONS_OPEN.set(await ledger.count_open_reservations(engine))
+            if settings.metrics_budget_gauges:
+                budgets = await ledger.open_budgets(engine)
         except (SQLAlchemyError, OSError) as exc:
             log.warning("metrics: ledger unreachable (%s)", type(exc).__name__)
-        body, content_type = metrics_page()
+        body, content_type = metrics_page(budgets)
         return Response(body, media_type=content_type)
 
     @app.get(

@@ -13,6 +13,8 @@ key.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,6 +26,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,10 +68,50 @@ RESERVATIONS_OPEN = Gauge(
 )
 
 
-def metrics_page() -> tuple[bytes, str]:
-    """The exposition of every worker's samples (or this process's), and its content type."""
+def metrics_page(budgets: Sequence[BudgetFigures] | None = None) -> tuple[bytes, str]:
+    """The exposition of every worker's samples (or this process's), then the per-budget
+    gauges when given, and its content type."""
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        page = generate_latest(registry)
+    else:
+        page = generate_latest(REGISTRY)
+    if budgets is not None:
+        page += generate_latest(_BudgetCollector(budgets))  # type: ignore[arg-type]
+    return page, CONTENT_TYPE_LATEST
+
+
+class BudgetFigures(Protocol):
+    key_id: str
+    alias: str | None
+    window: str
+    spend: int  # nano-dollars
+    max_budget: int | None
+
+
+class _BudgetCollector:
+    """Spend and remaining of every budget in its open period, read from the ledger at scrape
+    time (so exact across replicas, and gone with the key): one series per budget, which is
+    why they are opt-in."""
+
+    def __init__(self, budgets: Sequence[BudgetFigures]) -> None:
+        self.budgets = budgets
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["key_id", "alias", "window"]
+        spend = GaugeMetricFamily(
+            "budgetgate_budget_spend_dollars", "Spend in the budget's open period", labels=labels
+        )
+        remaining = GaugeMetricFamily(
+            "budgetgate_budget_remaining_dollars",
+            "What the budget's open period has left (limited budgets only)",
+            labels=labels,
+        )
+        for b in self.budgets:
+            values = [b.key_id, b.alias or "", b.window]
+            spend.add_metric(values, b.spend / 1e9)
+            if b.max_budget is not None:
+                remaining.add_metric(values, max(b.max_budget - b.spend, 0) / 1e9)
+        yield spend
+        yield remaining

@@ -12,7 +12,7 @@ from sqlalchemy import Date, Table, cast, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
-from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
+from app.models import ApiKey, Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
 C: Table = LedgerCharge.__table__  # type: ignore[assignment]
@@ -34,6 +34,35 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(stamp), str(request_id)
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
+
+
+@dataclass
+class OpenBudget:
+    key_id: str
+    alias: str | None
+    window: str  # the budget's duration, or "lifetime"
+    spend: int
+    max_budget: int | None
+
+
+async def open_budgets(engine: AsyncEngine) -> list[OpenBudget]:
+    """Every active key's budgets in their open periods (for the opt-in budget gauges)."""
+    K: Table = ApiKey.__table__  # type: ignore[assignment]
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(K.c.id, K.c.alias, B.c.budget_duration, P.c.spend, P.c.max_budget)
+                .join(B, B.c.key_id == K.c.id)
+                .join(P, P.c.budget_id == B.c.id)
+                .where(K.c.status == "active", P.c.closed_at.is_(None))
+                .order_by(K.c.id, B.c.kind, B.c.id)
+            )
+        ).all()
+        await conn.rollback()
+    return [
+        OpenBudget(r.id, r.alias, r.budget_duration or "lifetime", r.spend, r.max_budget)
+        for r in rows
+    ]
 
 
 async def count_open_reservations(engine: AsyncEngine) -> int:

@@ -305,3 +305,34 @@ async def test_label_sets_stay_bounded(
     added = series(after) - series(before)
     assert len(added) < 50, sorted(added)
     assert "random-model" not in after and "rand-" not in after
+
+
+async def test_per_budget_gauges_are_opt_in(
+    database_url: str, mock_upstream: ServerThread, clock: ManualClock
+) -> None:
+    for enabled in (False, True):
+        settings = make_settings(database_url, mock_upstream.url, metrics_budget_gauges=enabled)
+        async with running_gateway(settings, clock) as gw:
+            key = await gw.create_key(
+                alias=f"team-{enabled}",
+                max_budget=1,
+                budget_duration="1mo",
+                budgets=[{"max_budget": 0.5, "budget_duration": "1d"}],
+            )
+            r = await gw.client.post("/v1/chat/completions", json=CHAT, headers=bearer(key["key"]))
+            assert r.status_code == 200
+            page = (await gw.client.get("/metrics")).text
+            if not enabled:
+                assert "budgetgate_budget_spend_dollars{" not in page
+                continue
+            labels = {"key_id": key["id"], "alias": "team-True"}
+            assert sample(page, "budgetgate_budget_spend_dollars", window="1mo", **labels) == 0.005
+            assert sample(
+                page, "budgetgate_budget_remaining_dollars", window="1mo", **labels
+            ) == pytest.approx(0.995)
+            assert sample(
+                page, "budgetgate_budget_remaining_dollars", window="1d", **labels
+            ) == pytest.approx(0.495)
+            await gw.admin("DELETE", f"/admin/keys/{key['id']}")
+            page = (await gw.client.get("/metrics")).text
+            assert key["id"] not in page  # a revoked key's series are gone
