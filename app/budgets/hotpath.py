@@ -133,7 +133,7 @@ def _sqlite_parse(value: str | None) -> datetime | None:
 _SQLITE_AUTH = """
 SELECT k.id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
        b.id, b.kind, p.id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved,
-       k.key_hash
+       k.key_hash, k.shrink_to_fit
 FROM api_keys k
 LEFT JOIN budgets b ON b.key_id = k.id
 LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
@@ -273,6 +273,7 @@ def _sqlite_read_keys(
                 models=json.loads(first[4]) if first[4] else [],
                 expires_at=_sqlite_parse(first[5]),
                 budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
+                shrink_to_fit=None if first[15] is None else bool(first[15]),
             ),
             periods,
         )
@@ -532,8 +533,8 @@ WITH a AS (
         WITH ORDINALITY AS a(key_hash, request_id, amount, now, model, endpoint, stream,
                              started_at, expires_at, min_amount, n)
 ), k AS (
-    SELECT id, key_hash, alias, key_prefix, status, models, expires_at FROM api_keys
-    WHERE key_hash = ANY($1::text[])
+    SELECT id, key_hash, alias, key_prefix, status, models, expires_at, shrink_to_fit
+    FROM api_keys WHERE key_hash = ANY($1::text[])
 ), per AS (
     SELECT p.id, p.budget_id, b.key_id, b.kind, p.period_start, p.period_end, p.max_budget,
            p.spend, p.reserved
@@ -617,7 +618,7 @@ WITH a AS (
     WHERE s.key_ok AND v.current AND v.none_fit
 )
 SELECT s.request_id, k.id AS key_id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
-       per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,
+       k.shrink_to_fit, per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,
        per.spend, coalesce(upd.reserved, per.reserved) AS reserved,
        s.key_ok, v.current, t.amount AS taken, v.fits OR v.shrinks OR v.none_fit AS decided
 FROM steps s JOIN k ON k.id = s.key_id JOIN verdict v ON v.key_id = s.key_id
@@ -883,6 +884,7 @@ class PostgresHotLedger:
             budgets=[
                 BudgetRef(r["budget_id"], r["kind"], r["id"], r["period_end"]) for r in periods
             ],
+            shrink_to_fit=first["shrink_to_fit"],
         )
         if not first["key_ok"]:
             return AdmitResult(key, None, [])

@@ -30,6 +30,7 @@ class KeyContext:
     models: list[str]
     expires_at: datetime | None
     budgets: list[BudgetRef]
+    shrink_to_fit: bool | None = None  # None: BUDGETGATE_SHRINK_TO_FIT decides
 
     @property
     def label(self) -> str:
@@ -48,6 +49,7 @@ _AUTH_QUERY = (
         K.c.status,
         K.c.models,
         K.c.expires_at,
+        K.c.shrink_to_fit,
         B.c.id.label("budget_id"),
         B.c.kind,
         P.c.id.label("period_id"),
@@ -78,6 +80,7 @@ async def find_key_by_hash(conn: AsyncConnection, key_hash: str) -> KeyContext |
         first.models or [],
         first.expires_at,
         budgets,
+        first.shrink_to_fit,
     )
 
 

@@ -102,6 +102,7 @@ class KeyCreate(BudgetSettings):
     models: list[str] = Field(default_factory=list, max_length=1000)
     expires_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    shrink_to_fit: bool | None = None  # None: BUDGETGATE_SHRINK_TO_FIT decides
     budgets: list[BudgetSettings] = Field(default_factory=list, max_length=20)
 
     _storable = field_validator("alias", "models", "metadata")(_storable)
@@ -133,6 +134,7 @@ class KeyUpdate(BaseModel):
     models: list[str] | None = Field(default=None, max_length=1000)
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
+    shrink_to_fit: bool | None = None
 
     _storable = field_validator("alias", "models", "metadata")(_storable)
     _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
@@ -172,6 +174,7 @@ class KeyOut(BaseModel):
     models: list[str]
     expires_at: datetime | None
     metadata: dict[str, Any]
+    shrink_to_fit: bool | None = None
     created_at: datetime
     spend: float
     reserved: float

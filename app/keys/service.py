@@ -117,6 +117,7 @@ class KeyService:
                     "models": body.models,
                     "expires_at": body.expires_at,
                     "metadata": body.metadata,
+                    "shrink_to_fit": body.shrink_to_fit,
                     "created_at": now,
                     "updated_at": now,
                     "revoked_at": None,
@@ -192,7 +193,9 @@ class KeyService:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
             key_values: dict[str, Any] = {
-                f: changes[f] for f in ("alias", "models", "expires_at") if f in changes
+                f: changes[f]
+                for f in ("alias", "models", "expires_at", "shrink_to_fit")
+                if f in changes
             }
             if "metadata" in changes:
                 key_values["metadata"] = changes["metadata"] or {}
@@ -348,6 +351,7 @@ def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
         models=key.models or [],
         expires_at=key.expires_at,
         metadata=key.metadata or {},
+        shrink_to_fit=key.shrink_to_fit,
         created_at=key.created_at,
         spend=p.spend,
         reserved=p.reserved,

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, String
+from sqlalchemy import JSON, Boolean, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, UTCDateTime
@@ -22,6 +22,8 @@ class ApiKey(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | revoked
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Shrink to fit (SPEC 10) for this key; None: BUDGETGATE_SHRINK_TO_FIT decides.
+    shrink_to_fit: Mapped[bool | None] = mapped_column(Boolean)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

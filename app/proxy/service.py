@@ -38,7 +38,7 @@ from app.budgets.repository import (
     Outcome,
     RequestInfo,
 )
-from app.budgets.state import PeriodState
+from app.budgets.state import PeriodState, tightest
 from app.clock import Clock
 from app.config import Settings
 from app.errors import (
@@ -131,7 +131,8 @@ class Gateway:
         # Hashes of keys that authenticated in this process: only they may make the gateway
         # read a body before the ledger's admission (which checks the key again, atomically).
         # A key that fails there is forgotten, so an unknown key never gets a body buffered.
-        self._known_keys: dict[str, None] = {}
+        # With each, the key's shrink-to-fit choice as last seen (the admission reads it again).
+        self._known_keys: dict[str, bool | None] = {}
 
     async def handle(self, request: Request, record: AccessRecord) -> Response:
         try:
@@ -165,7 +166,7 @@ class Gateway:
         if key_hash not in self._known_keys:
             key = await self.authenticate(request)
             self._remember(request, key, request_id)
-            self._known_keys[key_hash] = None
+            self._known_keys[key_hash] = key.shrink_to_fit
             if len(self._known_keys) > KNOWN_KEYS_LIMIT:
                 del self._known_keys[next(iter(self._known_keys))]
         try:
@@ -229,7 +230,7 @@ class Gateway:
                     amount,
                     started,
                     started + timedelta(seconds=self.settings.reservation_ttl_seconds),
-                    min_amount=self._least_amount(metered),
+                    min_amount=self._least_amount(metered, self._known_keys.get(key_hash)),
                 )
             )
         except Unauthorized:
@@ -243,11 +244,18 @@ class Gateway:
             raise Forbidden(_not_allowed(key, model), param="model")
         if not admission.admitted:
             raise self._budget_exceeded(key, admission, request_id)
+        if key_hash in self._known_keys:
+            self._known_keys[key_hash] = key.shrink_to_fit
+        info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
         limited = None
         if metered is not None and admission.amount < amount:
+            if not self._shrinks(key.shrink_to_fit):
+                # Shrunk on a choice the key no longer makes: the request is refused after all.
+                states = await self._settle(info, Outcome("rejected", 0, "none", status_code=429))
+                refusing = tightest(states or admission.periods) or admission.periods[0]
+                raise self._budget_exceeded(key, Admission(False, [refusing], amount), request_id)
             limited = self._shrink_to(metered, admission.amount)
             record.reservation = admission.amount
-        info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
         response = await self._forward(request, info, metered, raw, admission)
         if limited is not None:
             response.headers[OUTPUT_LIMITED_HEADER] = str(limited)
@@ -285,12 +293,15 @@ class Gateway:
                 raise Forbidden(_not_allowed(key, metered.model), param="model") from None
             raise
 
-    def _least_amount(self, metered: MeteredRequest | None) -> int | None:
+    def _shrinks(self, key_choice: bool | None) -> bool:
+        return self.settings.shrink_to_fit if key_choice is None else key_choice
+
+    def _least_amount(self, metered: MeteredRequest | None, key_choice: bool | None) -> int | None:
         """Shrink to fit: the bound of the request with the smallest output bound it may be
         lowered to; None when it may not be shrunk."""
         least_tokens = self.settings.min_output_tokens
         if (
-            not self.settings.shrink_to_fit
+            not self._shrinks(key_choice)
             or metered is None
             or metered.output_field is None
             or metered.output_bound <= least_tokens

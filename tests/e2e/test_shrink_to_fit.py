@@ -78,3 +78,33 @@ async def test_off_by_default(gateway: Gateway) -> None:
     r = await gateway.chat(key["key"], max_tokens=None)
     assert r.status_code == 429, r.text
     assert LIMITED not in r.headers
+
+
+async def test_a_key_chooses_for_itself(
+    gateway: Gateway, shrinking: Gateway, mock_upstream: ServerThread
+) -> None:
+    """`shrink_to_fit` on a key overrides BUDGETGATE_SHRINK_TO_FIT either way; a key that turns
+    it off is refused on its next request (one `rejected` entry, nothing left reserved), even
+    though the process last saw it on."""
+    on = await gateway.create_key(max_budget=0.3005, shrink_to_fit=True)
+    assert on["shrink_to_fit"] is True
+    r = await gateway.chat(on["key"], max_tokens=None)
+    assert (r.status_code, r.headers.get(LIMITED)) == (200, "300"), r.text
+
+    off = await shrinking.create_key(max_budget=0.3005, shrink_to_fit=False)
+    r = await shrinking.chat(off["key"], max_tokens=None)
+    assert r.status_code == 429 and LIMITED not in r.headers
+
+    flips = await gateway.create_key(max_budget=0.6005, shrink_to_fit=True)
+    r = await gateway.chat(flips["key"], max_tokens=None)
+    assert (r.status_code, r.headers.get(LIMITED)) == (200, "600"), r.text
+    more = await gateway.admin("PATCH", f"/admin/keys/{flips['id']}", json={"max_budget": 0.9005})
+    assert more.status_code == 200, more.text
+    r = await gateway.admin("PATCH", f"/admin/keys/{flips['id']}", json={"shrink_to_fit": False})
+    assert r.json()["shrink_to_fit"] is False
+    r = await gateway.chat(flips["key"], max_tokens=None)
+    assert r.status_code == 429, r.text
+    assert "Budget exceeded" in r.json()["error"]["message"]
+    got = await key_object(gateway, flips["id"])
+    assert (got["spend"], got["reserved"]) == (0.6, 0)
+    assert [e["outcome"] for e in await ledger(gateway, flips["id"])] == ["rejected", "ok"]

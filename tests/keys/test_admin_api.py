@@ -32,7 +32,7 @@ KEY_FIELDS = {
     "reset_at",
 }
 # Beyond SPEC 7's list: the key's mode and its extra windows (null when there are none).
-OPTIONAL_FIELDS = {"mode", "budgets"}
+OPTIONAL_FIELDS = {"mode", "budgets", "shrink_to_fit"}  # our additions to SPEC 7
 
 
 def assert_key_object(obj: dict, *, with_key: bool = False) -> None:
