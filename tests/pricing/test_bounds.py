@@ -376,3 +376,24 @@ def test_unpriced_model_under_free_reserves_nothing() -> None:
     free = CostCalculator(BOOK, "free", True)
     raw = orjson.dumps({"model": "nobody-knows", "messages": [], "n": 5})
     assert free.bound(parse_metered("/chat/completions", raw, SETTINGS)) == 0
+
+
+@given(room=st.integers(0, 10**9), minimum=st.integers(1, 5_000), asked=st.integers(1, 50_000))
+def test_shrink_to_fit_finds_the_largest_output_bound_that_fits(
+    room: int, minimum: int, asked: int
+) -> None:
+    raw = orjson.dumps({"model": "router", "messages": [], "n": 2, "max_tokens": asked})
+    metered = parse_metered("/chat/completions", raw, SETTINGS)
+    fitted = COSTS.fit_output(metered, room, minimum)
+    assert metered.output_bound == asked  # the request is left as it was
+    if fitted is None:
+        if asked >= minimum:
+            metered.output_bound = minimum
+            assert COSTS.bound(metered) > room
+        return
+    assert minimum <= fitted <= asked
+    metered.output_bound = fitted
+    assert COSTS.bound(metered) <= room
+    if fitted < asked:
+        metered.output_bound = fitted + 1
+        assert COSTS.bound(metered) > room
