@@ -135,28 +135,32 @@ class CostCalculator:
                 amount = max(amount, request_bound(answering, metered))
         return amount
 
+    def bound_with_output(self, metered: MeteredRequest, output_tokens: int) -> int:
+        """The bound the request would have with another output bound (shrink to fit: the
+        least it may be held at is this at BUDGETGATE_MIN_OUTPUT_TOKENS)."""
+        asked = metered.output_bound
+        metered.output_bound = output_tokens
+        try:
+            return self.bound(metered)
+        finally:
+            metered.output_bound = asked
+
     def fit_output(self, metered: MeteredRequest, room: int, minimum: int) -> int | None:
         """Shrink to fit (SPEC 10): the largest output bound, no larger than the request's and
         no smaller than `minimum`, whose bound fits in `room` nano-dollars; None if none does.
         The bound grows with the output bound, so a binary search finds it."""
         if metered.output_field is None or metered.output_bound < minimum:
             return None
-        asked = metered.output_bound
-        try:
-            low, high = minimum, asked
-            metered.output_bound = low
-            if self.bound(metered) > room:
-                return None
-            while low < high:  # invariant: low fits
-                middle = (low + high + 1) // 2
-                metered.output_bound = middle
-                if self.bound(metered) <= room:
-                    low = middle
-                else:
-                    high = middle - 1
-            return low
-        finally:
-            metered.output_bound = asked
+        if self.bound_with_output(metered, minimum) > room:
+            return None
+        low, high = minimum, metered.output_bound
+        while low < high:  # invariant: low fits
+            middle = (low + high + 1) // 2
+            if self.bound_with_output(metered, middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int) -> int:
         """Price of a plain usage of one model (nano-dollars); 0 for an unpriced model let
