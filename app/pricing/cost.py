@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
@@ -195,11 +196,13 @@ class CostCalculator:
         header: str | None,
         models: list[str | None],
         usage: Usage | None,
-        fallback: Usage | int,
+        estimate: Usage | None,
+        bound: Callable[[], int],
     ) -> tuple[int, str]:
-        """Cost and its source, in SPEC order: upstream header, usage x price, estimate from
-        what was forwarded (`fallback`: a usage to price, or an amount); `free` for an
-        unpriced model."""
+        """Cost and its source, in SPEC order: upstream header, usage x price, an estimate from
+        what was forwarded (`estimate` priced, never above the request's `bound`, the most it
+        can be billed; with no estimate, the bound itself: images and speech are priced per
+        unit the request names); `free` for an unpriced model."""
         from_header = self.from_header(header)
         if from_header is not None:
             return from_header, "upstream"
@@ -207,9 +210,9 @@ class CostCalculator:
             cost = self.from_usage(models, usage)
             if cost is not None:
                 return cost, "prices"
-        if isinstance(fallback, int):
-            return fallback, "estimated"
-        cost = self.from_usage(models, fallback)
+        if estimate is None:
+            return bound(), "estimated"
+        cost = self.from_usage(models, estimate)
         if cost is None:
             return 0, "free"
-        return cost, "estimated"
+        return min(cost, bound()), "estimated"
