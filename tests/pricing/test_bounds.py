@@ -397,3 +397,10 @@ def test_shrink_to_fit_finds_the_largest_output_bound_that_fits(
     if fitted < asked:
         metered.output_bound = fitted + 1
         assert COSTS.bound(metered) > room
+
+
+def test_embeddings_of_objects_are_bounded_by_the_context_window() -> None:
+    text = parse_metered("/embeddings", orjson.dumps({"model": "m", "input": ["a", "b"]}), SETTINGS)
+    assert text.unmeasured == []
+    image = {"model": "m", "input": [{"image": "https://x/i.png"}]}
+    assert parse_metered("/embeddings", orjson.dumps(image), SETTINGS).unmeasured
