@@ -130,10 +130,17 @@ class CostCalculator:
         ):
             return self._unpriced(metered.model)
         amount = request_bound(profile, metered)
-        for other in profile.answers_as:
-            answering = self.book.profile(other)
+        if not profile.answers_as:
+            return amount
+        # A model it may be answered as may itself be answered as others: all of them count.
+        seen, pending = {metered.model}, list(profile.answers_as)
+        while pending:
+            name = pending.pop()
+            answering = self.book.profile(name) if name not in seen else None
+            seen.add(name)
             if answering is not None:  # every answers_as is priced (checked at load)
                 amount = max(amount, request_bound(answering, metered))
+                pending.extend(answering.answers_as)
         return amount
 
     def bound_with_output(self, metered: MeteredRequest, output_tokens: int) -> int:

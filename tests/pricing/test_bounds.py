@@ -404,3 +404,17 @@ def test_embeddings_of_objects_are_bounded_by_the_context_window() -> None:
     assert text.unmeasured == []
     image = {"model": "m", "input": [{"image": "https://x/i.png"}]}
     assert parse_metered("/embeddings", orjson.dumps(image), SETTINGS).unmeasured
+
+
+def test_answers_as_is_followed_through_every_level() -> None:
+    book = PriceBook(
+        {
+            "front": ModelPrice(D(0), D(0), answers_as=("middle",)),
+            "middle": ModelPrice(D(0), D(0), answers_as=("front", "dear")),
+            "dear": ModelPrice(D(0), D(1000)),
+        },
+        use_genai_prices=False,
+    )
+    raw = orjson.dumps({"model": "front", "messages": [], "max_tokens": 10})
+    metered = parse_metered("/chat/completions", raw, SETTINGS)
+    assert CostCalculator(book, "reject", True).bound(metered) == 10 * 1_000_000
