@@ -53,6 +53,19 @@ def test_chat_usage_details() -> None:
     )
 
 
+def test_litellm_anthropic_cache_writes_beside_chat_usage() -> None:
+    usage = usage_from_object(
+        {
+            "prompt_tokens": 1000,
+            "completion_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 100},
+            "cache_creation_input_tokens": 300,
+            "cache_read_input_tokens": 100,
+        }
+    )
+    assert usage == Usage(1000, 5, cache_read_tokens=100, cache_write_tokens=300)
+
+
 def test_gemini_thoughts_left_out_of_completion_tokens_are_charged() -> None:
     usage = usage_from_object({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 90})
     assert usage is not None and usage.completion_tokens == 80
