@@ -332,15 +332,13 @@ def _parse_document(doc: object, path: str) -> tuple[dict[str, ModelPrice], dict
 
 
 # Per-image prices of image models genai-prices does not price per image (BILLING-RULES: LiteLLM's
-# table, 1024x1024 and 1024x1536; the larger of the two sizes also for other sizes).
+# table, 1024x1024 and 1024x1536; the larger of the two sizes also for other sizes). Only models
+# whose every quality is known: another (gpt-image-1-mini: no sourced "high") needs `per_image`
+# in the prices file, or its requests cannot be bounded.
 _KNOWN_IMAGE_PRICES: dict[str, dict[str, str]] = {
     "gpt-image-1": {
         "1024x1024/low": "0.011", "1024x1024/medium": "0.042", "1024x1024/high": "0.167",
         "low": "0.016", "medium": "0.063", "high": "0.25",
-    },
-    "gpt-image-1-mini": {
-        "1024x1024/low": "0.005", "1024x1024/medium": "0.011", "1024x1024/high": "0.036",
-        "low": "0.006", "medium": "0.015", "high": "0.052",
     },
     "gpt-image-1.5": {
         "1024x1024/low": "0.009", "1024x1024/medium": "0.034", "1024x1024/high": "0.133",
