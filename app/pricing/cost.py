@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -14,6 +14,7 @@ from genai_prices.types import ModelPrice as GenaiModelPrice
 
 from app.errors import BadRequest
 from app.pricing.bounds import price_keys, request_bound, tool_call_fee
+from app.pricing.categories import UsagePrice, compile_usage_price
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div, dollars_to_nanos
 from app.pricing.prices import ModelProfile, PriceBook
 from app.pricing.usage import Usage
@@ -39,6 +40,9 @@ _CACHED_AUDIO = {
     "cache_write_1h_tokens": "cache_audio_write_1h_tokens",
     "cache_write_tokens": "cache_audio_write_tokens",
 }
+
+
+_PARTS = tuple(f.name for f in fields(Usage))[2:]
 
 
 def _genai_usage(usage: Usage) -> GenaiUsage:
@@ -88,19 +92,36 @@ def price_usage(profile: ModelProfile, usage: Usage) -> int | None:
         return None
     price: GenaiModelPrice = profile.current()
     usage = _consistent(usage)
-    keys = price_keys(price)
-    # Tool calls the price data has no fee for cost the bound's fee (the file's, or default).
-    unpriced_calls = sum(
-        getattr(usage, count)
-        for count, key in _TOOL_COUNTS.items()
-        if key not in keys or profile.tool_call_fee is not None
-    )
-    if profile.tool_call_fee is not None:
-        usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
-    dollars = price.calc_price(_genai_usage(usage))["total_price"]
-    fees = unpriced_calls * tool_call_fee(profile, price)
-    exact = Fraction(dollars) * NANOS_PER_DOLLAR + fees
+    fees = Fraction(0)
+    if usage.tool_calls():
+        # Tool calls the price data has no fee for cost the bound's fee (the file's, or the
+        # default).
+        keys = price_keys(price)
+        unpriced_calls = sum(
+            getattr(usage, count)
+            for count, key in _TOOL_COUNTS.items()
+            if key not in keys or profile.tool_call_fee is not None
+        )
+        if profile.tool_call_fee is not None:
+            usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
+        fees = unpriced_calls * tool_call_fee(profile, price)
+    parts = tuple(p for p in _PARTS if getattr(usage, p))
+    key = ("usage", id(price), parts)
+    cached = profile.bound_rates.get(key)
+    if cached is None or cached[0] is not price:
+        cached = (price, compile_usage_price(price, parts, _exact_nanos))
+        profile.bound_rates[key] = cached
+    compiled: UsagePrice | None = cached[1]
+    if compiled is not None:  # one round-up of the whole charge, in integers
+        numerator = compiled.numerator(usage) * fees.denominator + fees.numerator * compiled.denom
+        return ceil_div(numerator, compiled.denom * fees.denominator)
+    exact = _exact_nanos(price, usage) + fees
     return ceil_div(exact.numerator, exact.denominator)
+
+
+def _exact_nanos(price: GenaiModelPrice, usage: Usage) -> Fraction:
+    """genai-prices' price of the usage, in nano-dollars, unrounded."""
+    return Fraction(price.calc_price(_genai_usage(usage))["total_price"]) * NANOS_PER_DOLLAR
 
 
 class CostCalculator:
