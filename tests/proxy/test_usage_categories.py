@@ -214,3 +214,14 @@ def test_chat_stream_usage_chunk_with_cached_tokens() -> None:
     assert price_usage(BOOK.profile("gpt-4o"), meter.usage) == genai_nanos(  # type: ignore[arg-type]
         "gpt-4o", input_tokens=50, cache_read_tokens=40, output_tokens=3
     )
+
+
+def test_a_failed_response_is_charged_its_usage_but_is_not_complete() -> None:
+    meter = StreamMeter(drop_usage_chunk=False)
+    failed = {
+        "type": "response.failed",
+        "response": {"model": "gpt-4o", "usage": {"input_tokens": 30, "output_tokens": 2}},
+    }
+    meter.feed(sse([("response.failed", failed)]))
+    assert not meter.completed  # the client is told the stream failed
+    assert meter.usage == Usage(30, 2)
