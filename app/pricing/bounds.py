@@ -20,6 +20,7 @@ from genai_prices.types import ModelPrice as GenaiModelPrice
 from genai_prices.types import TieredPrices
 
 from app.errors import BadRequest
+from app.pricing.genai import tier_starts
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div
 from app.pricing.prices import ModelProfile
 
@@ -162,9 +163,7 @@ def _compile_rates(
     profile: ModelProfile, price: GenaiModelPrice, audio_in: bool, audio_out: bool, long: bool
 ) -> _Rates:
     keys = price_keys(price)
-    starts = sorted(
-        {t.start for v in keys.values() if isinstance(v, TieredPrices) for t in v.tiers}
-    )
+    starts = tier_starts(price)
     exact: list[tuple[Fraction, ...]] = []
     in_audio = out_audio = False
     for k in range(len(starts) + 1):

@@ -17,8 +17,8 @@ from fractions import Fraction
 from math import lcm
 
 from genai_prices.types import ModelPrice as GenaiModelPrice
-from genai_prices.types import TieredPrices
 
+from app.pricing.genai import tier_starts
 from app.pricing.usage import Usage
 
 __all__ = ["UsagePrice", "compile_usage_price"]
@@ -52,9 +52,7 @@ def compile_usage_price(
     exact_nanos: Callable[[GenaiModelPrice, Usage], Fraction],
 ) -> UsagePrice | None:
     """The price of usages whose nonzero parts are `parts`; None if it is not affine."""
-    starts = sorted(
-        {t.start for v in vars(price).values() if isinstance(v, TieredPrices) for t in v.tiers}
-    )
+    starts = tier_starts(price)
     pieces: list[tuple[Fraction, ...]] = []
     for k in range(len(starts) + 1):
         low = starts[k - 1] + 1 if k else 0
