@@ -25,6 +25,7 @@ __all__ = ["UsagePrice", "compile_usage_price"]
 
 _PARTS = tuple(f.name for f in fields(Usage))[2:]  # the counts beside prompt and completion
 _PROBE = 16  # room for a probe unit of every part inside the whole
+_FAR = 12_345_678  # how far the last (unbounded) tier range is checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,22 +74,31 @@ def compile_usage_price(
         ]
         constant = at_base - per_prompt * prompt - per_completion * base.completion_tokens
         pieces.append((constant, per_prompt, per_completion, *per_part))
-        # Checked at a usage with every part at once, further inside the range.
-        check = replace(
+        # Checked with every part at once: just past the probes, and at the range's top.
+        top = high if high is not None else low + _FAR
+        near = replace(
             base,
             prompt_tokens=prompt + _PROBE * (len(parts) + 1),
             completion_tokens=base.completion_tokens * 2,
             **{part: 2 + i for i, part in enumerate(parts)},  # type: ignore[arg-type]
         )
-        expected = exact_nanos(price, check)
-        got = (
-            constant
-            + per_prompt * check.prompt_tokens
-            + per_completion * check.completion_tokens
-            + sum(c * getattr(check, part) for c, part in zip(per_part, parts, strict=True))
+        output = 654_321 * (len(parts) + 1)
+        share = min(top, output) // (len(parts) + 1)  # parts within both wholes
+        far = replace(
+            base,
+            prompt_tokens=top,
+            completion_tokens=output,
+            **{part: share - i for i, part in enumerate(parts)},  # type: ignore[arg-type]
         )
-        if got != expected:
-            return None
+        for check in (near, far):
+            got = (
+                constant
+                + per_prompt * check.prompt_tokens
+                + per_completion * check.completion_tokens
+                + sum(c * getattr(check, part) for c, part in zip(per_part, parts, strict=True))
+            )
+            if got != exact_nanos(price, check):
+                return None
     denom = lcm(*(c.denominator for piece in pieces for c in piece))
     segments = tuple(
         tuple(c.numerator * (denom // c.denominator) for c in piece) for piece in pieces
