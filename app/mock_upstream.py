@@ -17,7 +17,9 @@ Fault injection via request headers: ``x-mock-delay-ms``, ``x-mock-first-byte-de
 ``x-mock-status``, ``x-mock-die-after``, ``x-mock-hang``, ``x-mock-cost``,
 ``x-mock-no-usage`` (a whole answer without its ``usage``), ``x-mock-no-terminal`` (a stream
 that ends cleanly without ``[DONE]``, ``response.completed`` or ``message_stop``) (see
-``_Faults``). ``GET /mock/stats`` shows the last request's headers and JSON body.
+``_Faults``). Usage categories: ``x-mock-cached-tokens: N`` (N of the input read from the
+cache), ``x-mock-web-searches: N`` (N web searches: Responses ``web_search_call`` items,
+Anthropic ``server_tool_use``). ``GET /mock/stats`` shows the last request's headers and JSON body.
 """
 
 from __future__ import annotations
@@ -382,7 +384,14 @@ def create_mock_app() -> Starlette:
         n_in = _prompt_tokens(
             request.headers, [_message_text(m) for m in _as_list(body, "messages")]
         )
-        usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        usage: dict[str, Any] = {
+            "prompt_tokens": n_in,
+            "completion_tokens": n_out,
+            "total_tokens": n_in + n_out,
+        }
+        cached = _int_header(request.headers, "x-mock-cached-tokens")
+        if cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, n_in)}
         cid = _next_id("chatcmpl-")
         created = int(time.time())
         if not body.get("stream"):
@@ -512,9 +521,14 @@ def create_mock_app() -> Starlette:
         model = body.get("model", "mock-model")
         n_out = _completion_tokens(body, request.headers)
         n_in = _prompt_tokens(request.headers, body.get("instructions"), body.get("input"))
+        cached = min(_int_header(request.headers, "x-mock-cached-tokens") or 0, n_in)
+        searches = [
+            {"type": "web_search_call", "id": f"ws_{k}", "status": "completed"}
+            for k in range(_int_header(request.headers, "x-mock-web-searches") or 0)
+        ]
         usage = {
             "input_tokens": n_in,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": n_out,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": n_in + n_out,
@@ -558,7 +572,8 @@ def create_mock_app() -> Starlette:
         part_done = {"type": "output_text", "text": text, "annotations": []}
         if not body.get("stream"):
             return await _answer(
-                faults, response_obj("completed", [message("completed", [part_done])], usage)
+                faults,
+                response_obj("completed", [*searches, message("completed", [part_done])], usage),
             )
 
         seq = itertools.count()
@@ -617,7 +632,9 @@ def create_mock_app() -> Starlette:
                 ),
                 ev(
                     "response.completed",
-                    response=response_obj("completed", [message("completed", [part_done])], usage),
+                    response=response_obj(
+                        "completed", [*searches, message("completed", [part_done])], usage
+                    ),
                 ),
             ]
 
@@ -674,6 +691,9 @@ def create_mock_app() -> Starlette:
             [_message_text(m) for m in _as_list(body, "messages")],
         )
         mid = _next_id("msg_")
+        cached = min(_int_header(request.headers, "x-mock-cached-tokens") or 0, n_in)
+        searches = _int_header(request.headers, "x-mock-web-searches") or 0
+        tools_used = {"server_tool_use": {"web_search_requests": searches}} if searches else {}
         if not body.get("stream"):
             return await _answer(
                 faults,
@@ -686,10 +706,11 @@ def create_mock_app() -> Starlette:
                     "stop_reason": "end_turn",
                     "stop_sequence": None,
                     "usage": {
-                        "input_tokens": n_in,
+                        "input_tokens": n_in - cached,
                         "output_tokens": n_out,
                         "cache_creation_input_tokens": 0,
-                        "cache_read_input_tokens": 0,
+                        "cache_read_input_tokens": cached,
+                        **tools_used,
                     },
                 },
             )
@@ -708,10 +729,10 @@ def create_mock_app() -> Starlette:
                         "stop_reason": None,
                         "stop_sequence": None,
                         "usage": {
-                            "input_tokens": n_in,
+                            "input_tokens": n_in - cached,
                             "output_tokens": 1,
                             "cache_creation_input_tokens": 0,
-                            "cache_read_input_tokens": 0,
+                            "cache_read_input_tokens": cached,
                         },
                     },
                 },
@@ -741,7 +762,7 @@ def create_mock_app() -> Starlette:
                     {
                         "type": "message_delta",
                         "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                        "usage": {"output_tokens": n_out},
+                        "usage": {"output_tokens": n_out, **tools_used},
                     },
                 ),
                 _sse_event("message_stop", {"type": "message_stop"}),

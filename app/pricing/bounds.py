@@ -8,15 +8,19 @@ can reach. Amounts are exact fractions of a nano-dollar until the final round-up
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
+from math import lcm
 from typing import TYPE_CHECKING
 
 from genai_prices.types import ModelPrice as GenaiModelPrice
 from genai_prices.types import TieredPrices
 
 from app.errors import BadRequest
+from app.pricing.genai import tier_starts
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div
 from app.pricing.prices import ModelProfile
 
@@ -142,7 +146,42 @@ def _input_tokens_per_pass(profile: ModelProfile, m: MeteredRequest) -> int:
     return min(tokens, window) if window is not None else tokens
 
 
-def _token_bound(profile: ModelProfile, m: MeteredRequest) -> Fraction:
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """One price's dearest rates for one kind of request, by how many long-context tiers its
+    input reaches: nano-dollars per input token, output token, tool call and request, as
+    integers over `denom` (so a bound is integer arithmetic and one round-up)."""
+
+    starts: tuple[int, ...]  # tier starts; segment k applies to input past k of them
+    segments: tuple[tuple[int, int, int, int], ...]
+    denom: int
+    audio_input_priced: bool
+    audio_output_priced: bool
+
+
+def _compile_rates(
+    profile: ModelProfile, price: GenaiModelPrice, audio_in: bool, audio_out: bool, long: bool
+) -> _Rates:
+    keys = price_keys(price)
+    starts = tier_starts(price)
+    exact: list[tuple[Fraction, ...]] = []
+    in_audio = out_audio = False
+    for k in range(len(starts) + 1):
+        probe = starts[k - 1] + 1 if k else 0  # the least input that reaches k tiers
+        in_rate, in_audio = _max_rate(price, probe, output=False, audio=audio_in, long_cache=long)
+        out_rate, out_audio = _max_rate(price, probe, output=True, audio=audio_out)
+        per_request = _at_most(keys.get("requests_kcount"), probe) * NANOS_PER_DOLLAR / 1000
+        exact.append((in_rate, out_rate, tool_call_fee(profile, price), per_request))
+    denom = lcm(*(r.denominator for rates in exact for r in rates))
+    segments = tuple(
+        (a.numerator * (denom // a.denominator), b.numerator * (denom // b.denominator),
+         c.numerator * (denom // c.denominator), d.numerator * (denom // d.denominator))
+        for a, b, c, d in exact
+    )  # fmt: skip
+    return _Rates(tuple(starts), segments, denom, in_audio, out_audio)
+
+
+def _token_bound(profile: ModelProfile, m: MeteredRequest) -> int:
     per_pass = _input_tokens_per_pass(profile, m)
     input_tokens = per_pass * m.passes
     per_sampling = m.output_bound + m.prediction_bound
@@ -150,26 +189,28 @@ def _token_bound(profile: ModelProfile, m: MeteredRequest) -> Fraction:
     # up to the cap.
     output_passes = 1 if m.endpoint == "/responses" else m.passes
     output_tokens = per_sampling * m.samplings * output_passes
-    worst = Fraction(0)
-    for price in profile.prices:
-        # Audio input is dearer than text: counted when the request may carry audio.
-        audio_in = m.audio_input or bool(m.unmeasured)
-        in_rate, in_audio = _max_rate(
-            price, input_tokens, output=False, audio=audio_in, long_cache=m.long_cache_writes
-        )
-        out_rate, out_audio = _max_rate(price, input_tokens, output=True, audio=m.audio_output)
-        if m.audio_input and not in_audio:
+    # Audio input is dearer than text: counted when the request may carry audio.
+    kind = (m.audio_input or bool(m.unmeasured), m.audio_output, m.long_cache_writes)
+    tables = profile.bound_rates.get(kind)
+    if tables is None:
+        tables = [_compile_rates(profile, price, *kind) for price in profile.prices]
+        profile.bound_rates[kind] = tables
+    worst = 0
+    for rates in tables:
+        if m.audio_input and not rates.audio_input_priced:
             raise Unboundable(f"model '{m.model}' has no known audio input price")
-        if m.audio_output and not out_audio:
+        if m.audio_output and not rates.audio_output_priced:
             raise Unboundable(f"model '{m.model}' has no known audio output price")
-        requests = _at_most(price_keys(price).get("requests_kcount"), input_tokens) / 1000
+        per_input, per_output, per_call, per_request = rates.segments[
+            bisect_left(rates.starts, input_tokens)
+        ]
         total = (
-            input_tokens * in_rate
-            + output_tokens * out_rate
-            + m.tool_calls * tool_call_fee(profile, price)
-            + requests * NANOS_PER_DOLLAR * m.samplings * m.passes
+            input_tokens * per_input
+            + output_tokens * per_output
+            + m.tool_calls * per_call
+            + m.samplings * m.passes * per_request
         )
-        worst = max(worst, total)
+        worst = max(worst, ceil_div(total, rates.denom))
     return worst
 
 
@@ -201,5 +242,5 @@ def request_bound(profile: ModelProfile, m: MeteredRequest) -> int:
     elif m.endpoint == "/audio/speech":
         exact = _speech_bound(profile, m)
     else:
-        exact = _token_bound(profile, m)
+        return _token_bound(profile, m)
     return ceil_div(exact.numerator, exact.denominator)

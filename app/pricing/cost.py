@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import fields, replace
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from genai_prices.types import ModelPrice as GenaiModelPrice
 
 from app.errors import BadRequest
 from app.pricing.bounds import price_keys, request_bound, tool_call_fee
+from app.pricing.categories import UsagePrice, compile_usage_price
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div, dollars_to_nanos
 from app.pricing.prices import ModelProfile, PriceBook
 from app.pricing.usage import Usage
@@ -38,6 +40,9 @@ _CACHED_AUDIO = {
     "cache_write_1h_tokens": "cache_audio_write_1h_tokens",
     "cache_write_tokens": "cache_audio_write_tokens",
 }
+
+
+_PARTS = tuple(f.name for f in fields(Usage))[2:]
 
 
 def _genai_usage(usage: Usage) -> GenaiUsage:
@@ -87,19 +92,36 @@ def price_usage(profile: ModelProfile, usage: Usage) -> int | None:
         return None
     price: GenaiModelPrice = profile.current()
     usage = _consistent(usage)
-    keys = price_keys(price)
-    # Tool calls the price data has no fee for cost the bound's fee (the file's, or default).
-    unpriced_calls = sum(
-        getattr(usage, count)
-        for count, key in _TOOL_COUNTS.items()
-        if key not in keys or profile.tool_call_fee is not None
-    )
-    if profile.tool_call_fee is not None:
-        usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
-    dollars = price.calc_price(_genai_usage(usage))["total_price"]
-    fees = unpriced_calls * tool_call_fee(profile, price)
-    exact = Fraction(dollars) * NANOS_PER_DOLLAR + fees
+    fees = Fraction(0)
+    if usage.tool_calls():
+        # Tool calls the price data has no fee for cost the bound's fee (the file's, or the
+        # default).
+        keys = price_keys(price)
+        unpriced_calls = sum(
+            getattr(usage, count)
+            for count, key in _TOOL_COUNTS.items()
+            if key not in keys or profile.tool_call_fee is not None
+        )
+        if profile.tool_call_fee is not None:
+            usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
+        fees = unpriced_calls * tool_call_fee(profile, price)
+    parts = tuple(p for p in _PARTS if getattr(usage, p))
+    key = ("usage", id(price), parts)
+    cached = profile.bound_rates.get(key)
+    if cached is None or cached[0] is not price:
+        cached = (price, compile_usage_price(price, parts, _exact_nanos))
+        profile.bound_rates[key] = cached
+    compiled: UsagePrice | None = cached[1]
+    if compiled is not None:  # one round-up of the whole charge, in integers
+        numerator = compiled.numerator(usage) * fees.denominator + fees.numerator * compiled.denom
+        return ceil_div(numerator, compiled.denom * fees.denominator)
+    exact = _exact_nanos(price, usage) + fees
     return ceil_div(exact.numerator, exact.denominator)
+
+
+def _exact_nanos(price: GenaiModelPrice, usage: Usage) -> Fraction:
+    """genai-prices' price of the usage, in nano-dollars, unrounded."""
+    return Fraction(price.calc_price(_genai_usage(usage))["total_price"]) * NANOS_PER_DOLLAR
 
 
 class CostCalculator:
@@ -129,11 +151,45 @@ class CostCalculator:
         ):
             return self._unpriced(metered.model)
         amount = request_bound(profile, metered)
-        for other in profile.answers_as:
-            answering = self.book.profile(other)
+        if not profile.answers_as:
+            return amount
+        # A model it may be answered as may itself be answered as others: all of them count.
+        seen, pending = {metered.model}, list(profile.answers_as)
+        while pending:
+            name = pending.pop()
+            answering = self.book.profile(name) if name not in seen else None
+            seen.add(name)
             if answering is not None:  # every answers_as is priced (checked at load)
                 amount = max(amount, request_bound(answering, metered))
+                pending.extend(answering.answers_as)
         return amount
+
+    def bound_with_output(self, metered: MeteredRequest, output_tokens: int) -> int:
+        """The bound the request would have with another output bound (shrink to fit: the
+        least it may be held at is this at BUDGETGATE_MIN_OUTPUT_TOKENS)."""
+        asked = metered.output_bound
+        metered.output_bound = output_tokens
+        try:
+            return self.bound(metered)
+        finally:
+            metered.output_bound = asked
+
+    def fit_output(self, metered: MeteredRequest, room: int, minimum: int) -> int | None:
+        """Shrink to fit (SPEC 10): the largest output bound, no larger than the request's and
+        no smaller than `minimum`, whose bound fits in `room` nano-dollars; None if none does.
+        The bound grows with the output bound, so a binary search finds it."""
+        if metered.output_field is None or metered.output_bound < minimum:
+            return None
+        if self.bound_with_output(metered, minimum) > room:
+            return None
+        low, high = minimum, metered.output_bound
+        while low < high:  # invariant: low fits
+            middle = (low + high + 1) // 2
+            if self.bound_with_output(metered, middle) <= room:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int) -> int:
         """Price of a plain usage of one model (nano-dollars); 0 for an unpriced model let
@@ -168,11 +224,13 @@ class CostCalculator:
         header: str | None,
         models: list[str | None],
         usage: Usage | None,
-        fallback: Usage | int,
+        estimate: Usage | None,
+        bound: Callable[[], int],
     ) -> tuple[int, str]:
-        """Cost and its source, in SPEC order: upstream header, usage x price, estimate from
-        what was forwarded (`fallback`: a usage to price, or an amount); `free` for an
-        unpriced model."""
+        """Cost and its source, in SPEC order: upstream header, usage x price, an estimate from
+        what was forwarded (`estimate` priced, never above the request's `bound`, the most it
+        can be billed; with no estimate, the bound itself: images and speech are priced per
+        unit the request names); `free` for an unpriced model."""
         from_header = self.from_header(header)
         if from_header is not None:
             return from_header, "upstream"
@@ -180,9 +238,9 @@ class CostCalculator:
             cost = self.from_usage(models, usage)
             if cost is not None:
                 return cost, "prices"
-        if isinstance(fallback, int):
-            return fallback, "estimated"
-        cost = self.from_usage(models, fallback)
+        if estimate is None:
+            return bound(), "estimated"
+        cost = self.from_usage(models, estimate)
         if cost is None:
             return 0, "free"
-        return cost, "estimated"
+        return min(cost, bound()), "estimated"

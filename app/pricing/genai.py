@@ -45,6 +45,7 @@ __all__ = [
     "lookup_model",
     "pricer_for",
     "split_provider_prefix",
+    "tier_starts",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,8 @@ class _CalcPricePricer:
         return dollars_to_nanos(_dollars(self.price, input_tokens, output_tokens))
 
 
-def _thresholds(price: GenaiModelPrice) -> list[int]:
+def tier_starts(price: GenaiModelPrice) -> list[int]:
+    """Where the price's long-context tiers start (a tier applies past its start), sorted."""
     starts = {
         tier.start
         for value in vars(price).values()
@@ -218,7 +220,7 @@ def _thresholds(price: GenaiModelPrice) -> list[int]:
 
 def compile_model_price(price: GenaiModelPrice) -> Pricer:
     """Compile one genai-prices ``ModelPrice`` into an integer price function (see module doc)."""
-    thresholds = _thresholds(price)
+    thresholds = tier_starts(price)
     segments: list[Affine] = []
     for k in range(len(thresholds) + 1):
         lo = 0 if k == 0 else thresholds[k - 1] + 1  # smallest input count in this tier range

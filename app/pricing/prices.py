@@ -40,7 +40,7 @@ import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
@@ -163,14 +163,14 @@ class ModelPrice:
     answers_as: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in _ALL_MODEL_KEYS:
-            value = getattr(self, field)
+        for name in _ALL_MODEL_KEYS:
+            value = getattr(self, name)
             if value is None or value == ():
                 continue
             try:
-                object.__setattr__(self, field, _parse_field(field, value))
+                object.__setattr__(self, name, _parse_field(name, value))
             except ValueError as e:
-                raise ValueError(f"{field} {e}") from None
+                raise ValueError(f"{name} {e}") from None
 
     def pricer(self) -> Affine:
         return Affine.per_million(self.input_per_million, self.output_per_million)
@@ -182,8 +182,8 @@ class ModelPrice:
             "input_mtok": self.input_per_million,
             "output_mtok": self.output_per_million,
         }
-        for field, key in _OPTIONAL_RATES.items():
-            keys[key] = getattr(self, field)
+        for name, key in _OPTIONAL_RATES.items():
+            keys[key] = getattr(self, name)
         audio = self.input_audio_per_million
         if audio is not None:
             # genai-prices needs the price of cached audio once both are priced; the file does
@@ -332,15 +332,13 @@ def _parse_document(doc: object, path: str) -> tuple[dict[str, ModelPrice], dict
 
 
 # Per-image prices of image models genai-prices does not price per image (BILLING-RULES: LiteLLM's
-# table, 1024x1024 and 1024x1536; the larger of the two sizes also for other sizes).
+# table, 1024x1024 and 1024x1536; the larger of the two sizes also for other sizes). Only models
+# whose every quality is known: another (gpt-image-1-mini: no sourced "high") needs `per_image`
+# in the prices file, or its requests cannot be bounded.
 _KNOWN_IMAGE_PRICES: dict[str, dict[str, str]] = {
     "gpt-image-1": {
         "1024x1024/low": "0.011", "1024x1024/medium": "0.042", "1024x1024/high": "0.167",
         "low": "0.016", "medium": "0.063", "high": "0.25",
-    },
-    "gpt-image-1-mini": {
-        "1024x1024/low": "0.005", "1024x1024/medium": "0.011", "1024x1024/high": "0.036",
-        "low": "0.006", "medium": "0.015", "high": "0.052",
     },
     "gpt-image-1.5": {
         "1024x1024/low": "0.009", "1024x1024/medium": "0.034", "1024x1024/high": "0.133",
@@ -368,6 +366,8 @@ class ModelProfile:
     tool_call_fee: Decimal | None  # dollars per fee-bearing tool call, when the file says
     per_image: Mapping[str, Decimal]
     answers_as: tuple[str, ...]
+    # The bound's compiled rates, by kind of request (filled by app/pricing/bounds.py).
+    bound_rates: dict[Any, Any] = field(default_factory=dict)
 
 
 # --- the book --------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ streams."""
 
 from __future__ import annotations
 
+import functools
+
 from app.budgets.repository import Outcome
 from app.pricing.cost import CostCalculator
 from app.pricing.money import ceil_div
@@ -36,9 +38,13 @@ def _charge(
     usage: Usage | None,
     estimate: Usage,
 ) -> tuple[int, str]:
-    # An image or speech request's bound is its price (per image, per character).
-    fallback = costs.bound(metered) if metered.endpoint in _PRICED_BY_REQUEST else estimate
-    return costs.charge(header, [response_model, metered.model], usage, fallback)
+    return costs.charge(
+        header,
+        [response_model, metered.model],
+        usage,
+        None if metered.endpoint in _PRICED_BY_REQUEST else estimate,
+        functools.partial(costs.bound, metered),
+    )
 
 
 def body_outcome(

@@ -67,7 +67,20 @@ _MESSAGE_KEYS = frozenset(
 )
 # Keys by which a part without a type could still point at content outside the body.
 _REFERENCE_KEYS = frozenset(
-    {"image_url", "file_id", "file_url", "file_data", "file", "input_audio", "url", "source", "id"}
+    {
+        "image_url",
+        "image",
+        "document",
+        "video",
+        "file_id",
+        "file_url",
+        "file_data",
+        "file",
+        "input_audio",
+        "url",
+        "source",
+        "id",
+    }
 )
 _CLIENT_TOOLS = frozenset({"function", "custom"})
 # Top-level fields that make the upstream bill input that is not in the body.
@@ -322,6 +335,9 @@ def parse_metered(
         for message in messages if isinstance(messages, list) else ():
             if isinstance(message, dict):
                 scan.anthropic_blocks(message.get("content"))
+    elif endpoint == "/embeddings":
+        # Objects are multimodal inputs (images, documents), read as content parts are.
+        scan.content(body.get("input"))
     elif endpoint == "/images/generations":
         metered.samplings = n
         for name in ("size", "quality"):

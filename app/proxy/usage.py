@@ -51,8 +51,10 @@ def usage_from_object(usage: Any) -> Usage | None:
             prompt,
             completion,
             cache_read_tokens=_int(details.get("cached_tokens")),
+            # LiteLLM reports Anthropic's cache writes here, or beside, under Anthropic's name.
             cache_write_tokens=_int(details.get("cache_write_tokens"))
-            or _int(details.get("cache_creation_tokens")),
+            or _int(details.get("cache_creation_tokens"))
+            or _int(usage.get("cache_creation_input_tokens")),
             input_audio_tokens=_int(details.get("audio_tokens")),
             output_audio_tokens=_int(out.get("audio_tokens")),
             reasoning_tokens=_int(out.get("reasoning_tokens")),

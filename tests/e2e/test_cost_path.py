@@ -78,41 +78,54 @@ def test_the_reservation_includes_the_input_bound(live: LiveGateway) -> None:
     live.assert_settled(enough["id"])
 
 
-@pytest.mark.parametrize(
-    "path,body",
-    [
-        (
-            "/v1/chat/completions",
-            {
-                "model": "bg-priced",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 9,
-            },
-        ),
-        ("/v1/responses", {"model": "bg-priced", "input": "hi", "max_output_tokens": 9}),
-        (
-            "/v1/messages",
-            {
-                "model": "bg-priced",
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 9,
-            },
-        ),
-    ],
-)
+NO_USAGE = [
+    (
+        "/v1/chat/completions",
+        {"model": "bg-priced", "messages": [{"role": "user", "content": "hi"}]},
+        "max_tokens",
+    ),
+    ("/v1/responses", {"model": "bg-priced", "input": "hi"}, "max_output_tokens"),
+    (
+        "/v1/messages",
+        {"model": "bg-priced", "messages": [{"role": "user", "content": "hi"}]},
+        "max_tokens",
+    ),
+]
+
+
+@pytest.mark.parametrize("path,body,field", NO_USAGE)
 def test_an_answer_without_usage_is_charged_the_estimate(
-    live: LiveGateway, path: str, body: dict[str, Any]
+    live: LiveGateway, path: str, body: dict[str, Any], field: str
 ) -> None:
     key = live.create_key()
-    raw = orjson.dumps(body)
-    r = live.http.post(path, content=raw, headers=auth(key, **{"x-mock-no-usage": "1"}))
+    raw = orjson.dumps({**body, field: 1000})
+    headers = {"x-mock-no-usage": "1", "x-mock-completion-tokens": "9"}
+    r = live.http.post(path, content=raw, headers=auth(key, **headers))
     assert r.status_code == 200, r.text
     assert "usage" not in r.json()
     [entry] = live.wait_ledger(key["id"], 1)
     # The estimate: a token per four bytes forwarded and per four bytes of the answer.
     expected = ceil_div(len(raw), 4) * IN_NANOS + ceil_div(len(r.content), 4) * OUT_NANOS
+    assert expected < len(raw) * IN_NANOS + 1000 * OUT_NANOS  # below the bound
     assert (entry["outcome"], entry["cost_source"]) == ("ok", "estimated")
     assert entry["cost"] == nanos_to_dollars(expected) > 0
+    live.assert_settled(key["id"])
+
+
+@pytest.mark.parametrize("path,body,field", NO_USAGE)
+def test_an_estimate_is_never_more_than_the_request_could_cost(
+    live: LiveGateway, path: str, body: dict[str, Any], field: str
+) -> None:
+    """One output token allowed, an answer of a few hundred bytes: the estimate from its size
+    passes the bound, and the bound is what is charged (no upstream bills more)."""
+    key = live.create_key()
+    raw = orjson.dumps({**body, field: 1})
+    r = live.http.post(path, content=raw, headers=auth(key, **{"x-mock-no-usage": "1"}))
+    assert r.status_code == 200, r.text
+    [entry] = live.wait_ledger(key["id"], 1)
+    bound = len(raw) * IN_NANOS + 1 * OUT_NANOS
+    assert ceil_div(len(r.content), 4) * OUT_NANOS > bound
+    assert (entry["cost_source"], entry["cost"]) == ("estimated", nanos_to_dollars(bound))
     live.assert_settled(key["id"])
 
 

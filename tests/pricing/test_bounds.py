@@ -376,3 +376,87 @@ def test_unpriced_model_under_free_reserves_nothing() -> None:
     free = CostCalculator(BOOK, "free", True)
     raw = orjson.dumps({"model": "nobody-knows", "messages": [], "n": 5})
     assert free.bound(parse_metered("/chat/completions", raw, SETTINGS)) == 0
+
+
+@given(room=st.integers(0, 10**9), minimum=st.integers(1, 5_000), asked=st.integers(1, 50_000))
+def test_shrink_to_fit_finds_the_largest_output_bound_that_fits(
+    room: int, minimum: int, asked: int
+) -> None:
+    raw = orjson.dumps({"model": "router", "messages": [], "n": 2, "max_tokens": asked})
+    metered = parse_metered("/chat/completions", raw, SETTINGS)
+    fitted = COSTS.fit_output(metered, room, minimum)
+    assert metered.output_bound == asked  # the request is left as it was
+    if fitted is None:
+        if asked >= minimum:
+            metered.output_bound = minimum
+            assert COSTS.bound(metered) > room
+        return
+    assert minimum <= fitted <= asked
+    metered.output_bound = fitted
+    assert COSTS.bound(metered) <= room
+    if fitted < asked:
+        metered.output_bound = fitted + 1
+        assert COSTS.bound(metered) > room
+
+
+def test_embeddings_of_objects_are_bounded_by_the_context_window() -> None:
+    text = parse_metered("/embeddings", orjson.dumps({"model": "m", "input": ["a", "b"]}), SETTINGS)
+    assert text.unmeasured == []
+    image = {"model": "m", "input": [{"image": "https://x/i.png"}]}
+    assert parse_metered("/embeddings", orjson.dumps(image), SETTINGS).unmeasured
+
+
+def test_answers_as_is_followed_through_every_level() -> None:
+    book = PriceBook(
+        {
+            "front": ModelPrice(D(0), D(0), answers_as=("middle",)),
+            "middle": ModelPrice(D(0), D(0), answers_as=("front", "dear")),
+            "dear": ModelPrice(D(0), D(1000)),
+        },
+        use_genai_prices=False,
+    )
+    raw = orjson.dumps({"model": "front", "messages": [], "max_tokens": 10})
+    metered = parse_metered("/chat/completions", raw, SETTINGS)
+    assert CostCalculator(book, "reject", True).bound(metered) == 10 * 1_000_000
+
+
+# What gpt-image-1 bills per image (BILLING-RULES: LiteLLM's table), by the size and quality it
+# actually renders; a request leaving either open ("auto" or absent) may get any.
+GPT_IMAGE_1 = {
+    ("1024x1024", "low"): D("0.011"),
+    ("1024x1024", "medium"): D("0.042"),
+    ("1024x1024", "high"): D("0.167"),
+    **{(s, "low"): D("0.016") for s in ("1024x1536", "1536x1024")},
+    **{(s, "medium"): D("0.063") for s in ("1024x1536", "1536x1024")},
+    **{(s, "high"): D("0.25") for s in ("1024x1536", "1536x1024")},
+}
+
+
+@given(
+    size=st.sampled_from([None, "auto", "1024x1024", "1024x1536", "1536x1024"]),
+    quality=st.sampled_from([None, "auto", "low", "medium", "high"]),
+    n=st.integers(1, 10),
+    prompt=words,
+    data=st.data(),
+)
+def test_no_image_bill_exceeds_the_reservation(
+    size: str | None, quality: str | None, n: int, prompt: str, data: st.DataObject
+) -> None:
+    body: dict[str, Any] = {"model": "gpt-image-1", "prompt": prompt, "n": n}
+    if size:
+        body["size"] = size
+    if quality:
+        body["quality"] = quality
+    raw = orjson.dumps(body)
+    bound = COSTS.bound(parse_metered("/images/generations", raw, SETTINGS))
+    rendered = [
+        price
+        for (s, q), price in GPT_IMAGE_1.items()
+        if size in (None, "auto", s) and quality in (None, "auto", q)
+    ]
+    each = data.draw(st.sampled_from(rendered))
+    profile = BOOK.profile("gpt-image-1")
+    assert profile is not None
+    prompt_tokens = data.draw(st.integers(0, len(raw)))
+    bill = n * each * NANOS_PER_DOLLAR + price_usage(profile, Usage(prompt_tokens, 0))  # type: ignore[operator]
+    assert bill <= bound

@@ -571,6 +571,35 @@ YAML_ERRORS: list[tuple[str, str]] = [
         "models:\n  m: {input_per_million: 1, output_per_million: 1}\naliases:\n  m: gpt-4o\n",
         "aliases.m: 'm' is also defined under models",
     ),
+    # The keys of SPEC 10.
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, context_window: 0}\n",
+        "models.m.context_window: must be a positive integer",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, max_tokens_per_image: 1.5}\n",
+        "models.m.max_tokens_per_image: must be a positive integer",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, tool_call_fee: -1}\n",
+        "models.m.tool_call_fee: must not be negative",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, per_image: {}}\n",
+        "models.m.per_image: must not be empty",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, per_image: {high: x}}\n",
+        "models.m.per_image: must be a number, got 'x'",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, answers_as: gpt-4o}\n",
+        "models.m.answers_as: must be a list of model names",
+    ),
+    (
+        "models:\n  m: {input_per_million: 1, output_per_million: 1, answers_as: [nope-xyz]}\n",
+        "models.m.answers_as: 'nope-xyz' is not priced",
+    ),
 ]
 
 
@@ -651,3 +680,34 @@ def test_compile_handcrafted_tiers_including_a_zero_threshold() -> None:
         for o in (0, 3, 1234):
             usage = Usage(input_tokens=i, output_tokens=o)
             assert pricer(i, o) == dollars_to_nanos(price.calc_price(usage)["total_price"])
+
+
+def test_prices_file_keys_of_the_bound(write_file: Callable[[str, str], str]) -> None:
+    book = PriceBook.load(
+        write_file(
+            "prices.yaml",
+            """
+models:
+  gpt-4o:                      # a file price for a name genai-prices knows
+    input_per_million: 1
+    output_per_million: 2
+  tight-4o:
+    input_per_million: 1
+    output_per_million: 2
+    context_window: 1000
+    max_tokens_per_image: 85
+    tool_call_fee: 0.02
+    per_image: 0.04
+    answers_as: [gpt-4o-mini]
+""",
+        )
+    )
+    own = book.profile("gpt-4o")
+    assert own is not None and own.context_window == 128_000  # from genai-prices
+    assert own.prices[0].input_mtok == Decimal(1)  # the file's price, not genai-prices'
+    tight = book.profile("tight-4o")
+    assert tight is not None
+    assert (tight.context_window, tight.max_tokens_per_image) == (1000, 85)
+    assert tight.tool_call_fee == Decimal("0.02")
+    assert dict(tight.per_image) == {"": Decimal("0.04")}
+    assert tight.answers_as == ("gpt-4o-mini",)
