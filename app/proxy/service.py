@@ -14,7 +14,6 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
 from typing import Any
@@ -307,20 +306,16 @@ class Gateway:
             or metered.output_bound <= least_tokens
         ):
             return None
-        return self.costs.bound(replace(metered, output_bound=least_tokens))
+        return self.costs.bound_with_output(metered, least_tokens)
 
     def _shrink_to(self, metered: MeteredRequest, held: int) -> int:
         """Lowers the forwarded output bound to the largest whose cost bound fits what the
-        ledger held (the bound grows with the output bound: a binary search); returns it."""
-        low, high = self.settings.min_output_tokens, metered.output_bound
-        while low < high:
-            middle = (low + high + 1) // 2
-            if self.costs.bound(replace(metered, output_bound=middle)) <= held:
-                low = middle
-            else:
-                high = middle - 1
-        set_output_bound(metered, low)
-        return low
+        ledger held; returns it."""
+        tokens = self.costs.fit_output(metered, held, self.settings.min_output_tokens)
+        if tokens is None:  # the ledger held at least the bound at the minimum
+            raise RuntimeError("shrink to fit: the held amount does not fit the minimum bound")
+        set_output_bound(metered, tokens)
+        return tokens
 
     async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
         """The key and its admission; None when the key may not use the requested model."""

@@ -36,14 +36,15 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def sample(page: str, name: str, **labels: str) -> float:
-    """The value of one sample of the exposition (0 when absent)."""
+    """The sum of the samples of `name` whose labels include `labels` (0 when none)."""
+    total = 0.0
     for line in page.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
         if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 async def test_one_access_line_per_proxied_request_and_nothing_secret(
