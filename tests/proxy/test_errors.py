@@ -10,8 +10,10 @@ from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select
 
 from app.clock import ManualClock
+from app.models.reservation import Reservation
 from tests.conftest import START, Gateway, make_settings, running_gateway
 from tests.keys.helpers import (  # database_url: SQLite from a migrated template copy
     admin_with_headers,
@@ -146,9 +148,12 @@ async def test_revoked_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
     r = await gateway.client.get("/v1/budget", headers=bearer(key["key"]))
     assert_openai_error(r, 401, code="invalid_api_key")
     assert await upstream_requests(mock_upstream.url) == before
-    # History kept: the key and its one ledger entry are still there.
-    assert (await key_object(gateway, key["id"]))["status"] == "revoked"
+    # History kept: the key and its one ledger entry are still there; nothing stays reserved
+    # (the key was known to the process, so its body was read: the admission refused it).
+    got = await key_object(gateway, key["id"])
+    assert (got["status"], got["reserved"], got["spend"]) == ("revoked", 0, 0.01)
     assert len(await ledger(gateway, key["id"])) == 1
+    assert await open_reservations(gateway) == 0
 
 
 async def test_expired_key_is_401(gateway: Gateway, mock_upstream: ServerThread) -> None:
@@ -170,6 +175,8 @@ async def test_expired_key_is_401(gateway: Gateway, mock_upstream: ServerThread)
     r = await gateway.client.get("/v1/models", headers=bearer(key["key"]))
     assert_openai_error(r, 401, code="invalid_api_key", in_message=("expired",))
     assert await upstream_requests(mock_upstream.url) == before
+    assert (await key_object(gateway, key["id"]))["reserved"] == 0
+    assert await open_reservations(gateway) == 0
 
     # A key created with expires_at already in the past (per the injected clock).
     past = await gateway.create_key(
@@ -666,6 +673,14 @@ async def test_unpriced_model_free_is_forwarded_and_charged_zero(
         # A priced model on the same gateway is still charged.
         assert (await gw.chat(key["key"], model="bg-test", max_tokens=10)).status_code == 200
         assert (await key_object(gw, key["id"]))["spend"] == 0.01
+
+
+async def open_reservations(gateway: Gateway) -> int:
+    async with gateway.state.engine.connect() as conn:
+        held = await conn.execute(select(func.count()).select_from(Reservation.__table__))
+        count = int(held.scalar_one())
+        await conn.rollback()
+    return count
 
 
 # -- bodies of the gateway's own routes ------------------------------------------------------
