@@ -22,7 +22,7 @@ from genai_prices.types import TieredPrices
 from app.errors import BadRequest
 from app.pricing.genai import tier_starts
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div
-from app.pricing.prices import ModelProfile
+from app.pricing.prices import DEAREST_IMAGE, ModelProfile
 
 if TYPE_CHECKING:
     from app.proxy.request import MeteredRequest
@@ -160,7 +160,12 @@ class _Rates:
 
 
 def _compile_rates(
-    profile: ModelProfile, price: GenaiModelPrice, audio_in: bool, audio_out: bool, long: bool
+    profile: ModelProfile,
+    price: GenaiModelPrice,
+    audio_in: bool,
+    audio_out: bool,
+    long: bool,
+    image_tool: bool,
 ) -> _Rates:
     keys = price_keys(price)
     starts = tier_starts(price)
@@ -171,7 +176,10 @@ def _compile_rates(
         in_rate, in_audio = _max_rate(price, probe, output=False, audio=audio_in, long_cache=long)
         out_rate, out_audio = _max_rate(price, probe, output=True, audio=audio_out)
         per_request = _at_most(keys.get("requests_kcount"), probe) * NANOS_PER_DOLLAR / 1000
-        exact.append((in_rate, out_rate, tool_call_fee(profile, price), per_request))
+        per_call = tool_call_fee(profile, price)
+        if image_tool:  # a call may generate an image
+            per_call = max(per_call, Fraction(DEAREST_IMAGE) * NANOS_PER_DOLLAR)
+        exact.append((in_rate, out_rate, per_call, per_request))
     denom = lcm(*(r.denominator for rates in exact for r in rates))
     segments = tuple(
         (a.numerator * (denom // a.denominator), b.numerator * (denom // b.denominator),
@@ -190,7 +198,7 @@ def _token_bound(profile: ModelProfile, m: MeteredRequest) -> int:
     output_passes = 1 if m.endpoint == "/responses" else m.passes
     output_tokens = per_sampling * m.samplings * output_passes
     # Audio input is dearer than text: counted when the request may carry audio.
-    kind = (m.audio_input or bool(m.unmeasured), m.audio_output, m.long_cache_writes)
+    kind = (m.audio_input or bool(m.unmeasured), m.audio_output, m.long_cache_writes, m.image_tool)
     tables = profile.bound_rates.get(kind)
     if tables is None:
         tables = [_compile_rates(profile, price, *kind) for price in profile.prices]

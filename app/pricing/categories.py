@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from math import lcm
 
@@ -23,7 +23,6 @@ from app.pricing.usage import Usage
 
 __all__ = ["UsagePrice", "compile_usage_price"]
 
-_PARTS = tuple(f.name for f in fields(Usage))[2:]  # the counts beside prompt and completion
 _PROBE = 16  # room for a probe unit of every part inside the whole
 _FAR = 12_345_678  # how far the last (unbounded) tier range is checked
 

@@ -16,7 +16,7 @@ from app.errors import BadRequest
 from app.pricing.bounds import price_keys, request_bound, tool_call_fee
 from app.pricing.categories import UsagePrice, compile_usage_price
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div, dollars_to_nanos
-from app.pricing.prices import ModelProfile, PriceBook
+from app.pricing.prices import DEAREST_IMAGE, ModelProfile, PriceBook
 from app.pricing.usage import Usage
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ def price_usage(profile: ModelProfile, usage: Usage) -> int | None:
         return None
     price: GenaiModelPrice = profile.current()
     usage = _consistent(usage)
-    fees = Fraction(0)
-    if usage.tool_calls():
+    fees = Fraction(usage.images_generated * DEAREST_IMAGE * NANOS_PER_DOLLAR)
+    if usage.tool_calls() - usage.images_generated:
         # Tool calls the price data has no fee for cost the bound's fee (the file's, or the
         # default).
         keys = price_keys(price)
@@ -104,8 +104,8 @@ def price_usage(profile: ModelProfile, usage: Usage) -> int | None:
         )
         if profile.tool_call_fee is not None:
             usage = replace(usage, web_searches=0, file_searches=0, code_executions=0)
-        fees = unpriced_calls * tool_call_fee(profile, price)
-    parts = tuple(p for p in _PARTS if getattr(usage, p))
+        fees += unpriced_calls * tool_call_fee(profile, price)
+    parts = tuple(p for p in _PARTS if getattr(usage, p) and p != "images_generated")
     key = ("usage", id(price), parts)
     cached = profile.bound_rates.get(key)
     if cached is None or cached[0] is not price:

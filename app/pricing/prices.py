@@ -54,7 +54,14 @@ from genai_prices.types import ModelPrice as GenaiModelPrice
 from app.pricing import genai
 from app.pricing.pricers import Affine, Pricer
 
-__all__ = ["ModelPrice", "ModelProfile", "PriceBook", "PricesFileError", "known_image_prices"]
+__all__ = [
+    "DEAREST_IMAGE",
+    "ModelPrice",
+    "ModelProfile",
+    "PriceBook",
+    "PricesFileError",
+    "known_image_prices",
+]
 
 RESOLVE_CACHE_SIZE = 4096
 
@@ -345,6 +352,11 @@ _KNOWN_IMAGE_PRICES: dict[str, dict[str, str]] = {
         "low": "0.013", "medium": "0.05", "high": "0.2",
     },
 }  # fmt: skip
+
+
+# What one generated image can cost at most, when nothing says which model, size and quality
+# made it (the image_generation tool of /v1/responses).
+DEAREST_IMAGE = max(Decimal(v) for table in _KNOWN_IMAGE_PRICES.values() for v in table.values())
 
 
 def known_image_prices(name: str) -> Mapping[str, Decimal]:

@@ -29,6 +29,7 @@ class Usage:
     web_searches: int = 0
     file_searches: int = 0
     code_executions: int = 0
+    images_generated: int = 0  # by a server-side image tool (/v1/responses image_generation)
 
     def is_plain(self) -> bool:
         """Only input and output tokens: priced by the compiled price function (fast path)."""
@@ -43,7 +44,7 @@ class Usage:
         )
 
     def tool_calls(self) -> int:
-        return self.web_searches + self.file_searches + self.code_executions
+        return self.web_searches + self.file_searches + self.code_executions + self.images_generated
 
     def merged(self, later: Usage) -> Usage:
         """Counts of a later report of the same answer: each the larger of the two (stream

@@ -104,6 +104,7 @@ class MeteredRequest:
     audio_output: bool = False
     long_cache_writes: bool = False  # a 1-hour cache TTL is asked for (dearer cache writes)
     tool_calls: int = 0  # fee-bearing server-side tool calls it may make
+    image_tool: bool = False  # one of its tools generates images (each call: an image's price)
     prediction_bound: int = 0  # tokens of a predicted output, billed as output if rejected
     image_size: str | None = None  # /images/generations
     image_quality: str | None = None
@@ -358,6 +359,9 @@ def parse_metered(
             body, endpoint, settings.default_max_tool_calls
         )
         changed |= tools_changed
+        metered.image_tool = any(
+            t.get("type") == "image_generation" for t in _server_tools(body, endpoint)
+        )
         if metered.tool_calls:
             scan.unmeasured("server-side tool results")
 

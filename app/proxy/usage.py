@@ -30,6 +30,7 @@ _FEE_ITEMS = {
     "web_search_call": "web_searches",
     "file_search_call": "file_searches",
     "code_interpreter_call": "code_executions",
+    "image_generation_call": "images_generated",
 }
 
 

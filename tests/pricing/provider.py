@@ -32,6 +32,7 @@ class Request:
     audio_input: bool = False
     audio_output: bool = False
     tool_calls: int = 0  # fee-bearing calls allowed
+    image_tool: bool = False  # a tool that generates an image per call
     prediction_bytes: int = 0
     answered_by: list[str] = field(default_factory=list)  # the model and its answers_as
 
@@ -74,6 +75,7 @@ def some_bill(
     calls = upto(req.tool_calls)
     web = rng.randint(0, calls)
     files = rng.randint(0, calls - web)
+    images = rng.randint(0, calls - web - files) if req.image_tool else 0
     return Usage(
         prompt,
         completion,
@@ -86,5 +88,6 @@ def some_bill(
         reasoning_tokens=upto(completion - audio_out),
         web_searches=web,
         file_searches=files,
-        code_executions=calls - web - files,
+        code_executions=calls - web - files - images,
+        images_generated=images,
     )

@@ -156,9 +156,12 @@ def responses(draw: st.DrawFn, req: Request) -> None:
         req.body["max_output_tokens"] = req.output_cap = draw(caps)
     else:
         req.output_cap = DEFAULT_CAP
-    tool = draw(st.sampled_from([None, "web_search", "file_search", "code_interpreter"]))
+    tool = draw(
+        st.sampled_from([None, "web_search", "file_search", "code_interpreter", "image_generation"])
+    )
     if tool:
         req.body["tools"] = [{"type": tool}]
+        req.image_tool = tool == "image_generation"
         calls = draw(st.one_of(st.none(), st.integers(0, 20)))
         if calls is not None:
             req.body["max_tool_calls"] = calls

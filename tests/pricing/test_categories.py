@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import fields, replace
+from fractions import Fraction
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.pricing.bounds import price_keys, tool_call_fee
 from app.pricing.cost import _consistent, _exact_nanos, price_usage
-from app.pricing.money import ceil_div
-from app.pricing.prices import PriceBook
+from app.pricing.money import NANOS_PER_DOLLAR, ceil_div
+from app.pricing.prices import DEAREST_IMAGE, PriceBook
 from app.pricing.usage import Usage
 from tests.pricing.test_bounds import BOOK as FILE_BOOK
 
@@ -52,7 +53,8 @@ def test_compiled_charge_equals_genai_prices(which: tuple[PriceBook, str], usage
         fixed = replace(fixed, web_searches=0, file_searches=0, code_executions=0)
     else:
         calls = sum(getattr(fixed, c) for c, k in counts.items() if k not in keys)
-    exact = _exact_nanos(price, fixed) + calls * tool_call_fee(profile, price)
+    images = fixed.images_generated * Fraction(DEAREST_IMAGE) * NANOS_PER_DOLLAR  # unpriced data
+    exact = _exact_nanos(price, fixed) + calls * tool_call_fee(profile, price) + images
     assert charged == ceil_div(exact.numerator, exact.denominator)
 
 

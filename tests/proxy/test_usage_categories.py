@@ -225,3 +225,14 @@ def test_a_failed_response_is_charged_its_usage_but_is_not_complete() -> None:
     meter.feed(sse([("response.failed", failed)]))
     assert not meter.completed  # the client is told the stream failed
     assert meter.usage == Usage(30, 2)
+
+
+def test_images_generated_by_a_tool_are_charged_the_dearest_image() -> None:
+    body = {
+        "model": "gpt-4o",
+        "output": [{"type": "image_generation_call", "id": "ig_1", "status": "completed"}],
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+    usage, _ = usage_from_body(body)
+    assert usage == Usage(0, 0, images_generated=1)
+    assert COSTS.from_usage(["gpt-4o"], usage) == 250_000_000  # gpt-image-1, high, 1024x1536
