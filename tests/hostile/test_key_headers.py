@@ -123,7 +123,7 @@ async def test_malformed_authorization_headers_are_401(
         f"Bearer {k},Bearer {k}",
         f"{k}",  # the bare key, no scheme
         f"Bearer Bearer {k}",
-        "Bearer " + "A" * 100_000,  # a 100 KB key
+        "Bearer " + "A" * 60_000,  # a 60 KB key (a head over 64 KB is a 431: test_body_before_auth)
         "Bearer " + "sk-bg-" + "ключ" * 10,  # non-ASCII (sent as UTF-8 bytes)
         "Bearer sk-bg-\u00e9\u00e8\u00ea",  # Latin-1 range
         f"Bearer {k[:10]}\u2026",  # the display prefix plus an ellipsis
@@ -142,7 +142,7 @@ async def test_malformed_authorization_headers_are_401(
         )
     # Very long and non-ASCII keys in the other two forms.
     for name in ("api-key", "x-api-key"):
-        for value in ("A" * 100_000, "sk-bg-ключ", " ", "\t"):
+        for value in ("A" * 60_000, "sk-bg-ключ", " ", "\t"):
             await assert_refused_everywhere(gateway, [(name.encode(), value.encode())])
     assert await ledger_state(gateway, live["id"], mock_upstream.url) == before
 
