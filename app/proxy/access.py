@@ -11,7 +11,6 @@ import logging
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from decimal import Decimal
 
 from opentelemetry.trace import Span
 
@@ -57,7 +56,8 @@ current_access: ContextVar[AccessRecord | None] = ContextVar("current_access", d
 
 
 def _dollars(nanos: int | None) -> float | None:
-    return None if nanos is None else float(Decimal(nanos).scaleb(-9))
+    # For reading, not for sums: the ledger keeps the exact amount.
+    return None if nanos is None else nanos / 1e9
 
 
 def finish(record: AccessRecord, status: int) -> None:
