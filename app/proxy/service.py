@@ -183,8 +183,10 @@ class Gateway:
             # Always allowed (an exhausted key too): no budget check, no ledger entry.
             key = key or await self.authenticate(request)
             self._remember(request, key, request_id)
+            if found.model is not None and not model_allowed(key.models, found.model):
+                raise Forbidden(_not_allowed(key, found.model), param="model")
             info = RequestInfo(request_id, key.id, None, endpoint, False, started)
-            response = await self._forward_free(request, info)
+            response = await self._forward_free(request, info, key.models)
             response.headers.update(await self.headers_now(key, request_id))
             return response
 
@@ -369,12 +371,18 @@ class Gateway:
         headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
         return BudgetExceeded(message, headers=headers)
 
-    async def _forward_free(self, request: Request, info: RequestInfo) -> Response:
+    async def _forward_free(
+        self, request: Request, info: RequestInfo, allowed: list[str]
+    ) -> Response:
+        """The model list (or one model), answered by the upstream; a key limited to some
+        models sees only those (the upstream's list is every model its credential reaches)."""
         resp = await self._send(request, info, b"")
         try:
             body = await resp.read()
         finally:
             resp.release()
+        if allowed and resp.status == 200 and info.endpoint == "/models":
+            body = only_models(body, allowed)
         return Response(body, resp.status, response_headers(list(resp.headers.items())))
 
     async def _send(
@@ -627,6 +635,20 @@ def _observe_settle(started: float, span: Span) -> Callable[[asyncio.Future[Any]
         LEDGER_SECONDS.labels("settle").observe(time.perf_counter() - started)
 
     return observe
+
+
+def only_models(body: bytes, allowed: list[str]) -> bytes:
+    """A model list (`{"data": [{"id": ...}, ...]}`) cut to the allowed models; an answer of
+    another shape is passed on as it is."""
+    try:
+        listing = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        return body
+    keep = set(allowed)
+    listing["data"] = [m for m in listing["data"] if isinstance(m, dict) and m.get("id") in keep]
+    return orjson.dumps(listing)
 
 
 def _not_allowed(key: KeyContext, model: str | None) -> str:

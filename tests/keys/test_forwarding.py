@@ -254,3 +254,26 @@ async def test_metered_paths_without_v1_prefix(
         ("/chat/completions", 0.004),
         ("/embeddings", 0.0003),  # 3 input tokens x $100/M
     ]
+
+
+async def test_a_key_limited_to_some_models_sees_only_those(
+    gateway: Gateway, mock_upstream: ServerThread
+) -> None:
+    """The upstream lists every model its credential reaches (in managed mode, the gateway's):
+    a key with an allow-list sees only its models, and asking for another is a 403."""
+    everything = await gateway.create_key(max_budget=1.0)
+    r = await gateway.client.get("/v1/models", headers=bearer(everything["key"]))
+    listed = [m["id"] for m in r.json()["data"]]
+    assert "gpt-4o-mini" in listed and "gpt-4o" in listed and len(listed) > 2
+
+    limited = await gateway.create_key(max_budget=1.0, models=["gpt-4o-mini", "not-upstream"])
+    r = await gateway.client.get("/v1/models", headers=bearer(limited["key"]))
+    assert r.status_code == 200, r.text
+    assert [m["id"] for m in r.json()["data"]] == ["gpt-4o-mini"]
+    assert r.json()["object"] == "list"
+    r = await gateway.client.get("/v1/models/gpt-4o-mini", headers=bearer(limited["key"]))
+    assert r.status_code == 200, r.text
+    before = await upstream_requests(mock_upstream.url)
+    r = await gateway.client.get("/v1/models/gpt-4o", headers=bearer(limited["key"]))
+    assert_openai_error(r, 403, code="model_not_allowed")
+    assert await upstream_requests(mock_upstream.url) == before
