@@ -17,6 +17,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.clock import as_utc
 from app.config import Settings, get_settings
 
 app = typer.Typer(
@@ -388,7 +389,7 @@ def usage(
         raise typer.Exit(2)
 
     async def report(s: Any) -> list[dict[str, Any]]:
-        return await ledger.usage(s.engine, group_by, since, until)
+        return await ledger.usage(s.engine, group_by, as_utc(since), as_utc(until))
 
     rows = _run_with_services(report)
     for r in rows:

@@ -111,6 +111,9 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
 
     assert orjson.loads(cli("keys", "revoke", key_id, "--json"))["status"] == "revoked"
     assert orjson.loads(cli("usage", "--json")) == []  # no traffic yet
+    # Bare dates and times without an offset are UTC (as in the admin API).
+    for since in ("2026-12-01", "2026-12-01T08:00:00", "2026-12-01T08:00:00+02:00"):
+        assert orjson.loads(cli("usage", "--since", since, "--until", "2027-01-01", "--json")) == []
 
 
 def test_keys_tables_and_errors(cli: Any) -> None:

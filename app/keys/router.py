@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hmac
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
+from app.clock import as_utc
 from app.config import Settings
 from app.errors import AdminDisabled, InvalidField, Unauthorized
 from app.keys.schemas import (
@@ -52,13 +53,6 @@ def reject_nul(request: Request) -> None:
     for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
         if "\x00" in str(value):
             raise InvalidField(f"{name}: must not contain NUL characters", param=name)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """Query times without an offset (or bare dates) are UTC, as in request bodies."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 def key_service(request: Request) -> KeyService:
@@ -137,7 +131,7 @@ async def ledger_entries(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     rows, next_cursor = await ledger.list_entries(
-        request.app.state.engine, key_id, _utc(since), _utc(until), limit, cursor
+        request.app.state.engine, key_id, as_utc(since), as_utc(until), limit, cursor
     )
     data = [
         {
@@ -168,7 +162,7 @@ async def usage_report(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> JSONResponse:
-    rows = await ledger.usage(request.app.state.engine, group_by, _utc(since), _utc(until))
+    rows = await ledger.usage(request.app.state.engine, group_by, as_utc(since), as_utc(until))
     total = sum(r["cost_nanos"] for r in rows)
     for r in rows:
         r["spend"] = dollars(r.pop("cost_nanos"))
