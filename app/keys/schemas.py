@@ -27,6 +27,29 @@ def _not_below_a_nano(value: Decimal | None) -> Decimal | None:
 
 BudgetAmount = Annotated[Decimal | None, AfterValidator(_not_below_a_nano)]
 
+MAX_ALERT_THRESHOLDS = 10
+# A fraction of max_budget, to a hundredth of a percent (what the ledger stores: basis points).
+AlertFraction = Annotated[Decimal, Field(gt=0, le=1, decimal_places=4, allow_inf_nan=False)]
+
+
+def _ascending_once(value: list[Decimal]) -> list[Decimal]:
+    return sorted(set(value))
+
+
+AlertAt = (
+    Annotated[
+        list[AlertFraction],
+        Field(max_length=MAX_ALERT_THRESHOLDS),
+        AfterValidator(_ascending_once),
+    ]
+    | None
+)
+AlertAtField = Field(
+    default=None,
+    description="alert thresholds: fractions of max_budget (0.8 = 80 %), each alerted once per "
+    "period; [] or null for none",
+)
+
 
 def _storable(value: Any) -> Any:
     """Reject what the ledger database cannot store (a 422, not a 500): NUL characters
@@ -67,6 +90,7 @@ class BudgetSettings(BaseModel):
     soft_budget: BudgetAmount = Dollars
     budget_timezone: str = "UTC"
     budget_anchor: datetime | None = None
+    alert_at: AlertAt = AlertAtField
 
     @field_validator("budget_duration", mode="before")
     @classmethod
@@ -131,6 +155,7 @@ class KeyUpdate(BaseModel):
     budget_duration: str | None = None
     budget_timezone: str | None = None
     budget_anchor: datetime | None = None
+    alert_at: AlertAt = AlertAtField
     models: list[str] | None = Field(default=None, max_length=1000)
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
@@ -153,6 +178,7 @@ class BudgetOut(BaseModel):
     soft_budget: float | None
     budget_timezone: str
     budget_anchor: datetime | None
+    alert_at: list[float]
     spend: float
     reserved: float
     remaining: float | None
@@ -171,6 +197,7 @@ class KeyOut(BaseModel):
     soft_budget: float | None
     budget_timezone: str
     budget_anchor: datetime | None
+    alert_at: list[float]
     models: list[str]
     expires_at: datetime | None
     metadata: dict[str, Any]

@@ -51,6 +51,15 @@ def _nanos(value: Decimal | None) -> int | None:
     return None if value is None else dollars_to_nanos(value, nearest=True)
 
 
+def _basis_points(fractions: list[Decimal] | None) -> list[int] | None:
+    """Alert thresholds as stored (app.models.Budget.alert_at_bp); none is NULL."""
+    return [int(f.scaleb(4)) for f in fractions] if fractions else None
+
+
+def _fractions(basis_points: list[int] | None) -> list[float]:
+    return [float(Decimal(bp).scaleb(-4)) for bp in basis_points or []]
+
+
 class KeyService:
     def __init__(self, engine: AsyncEngine, budgets: BudgetRepository, settings: Settings) -> None:
         self.engine = engine
@@ -133,6 +142,7 @@ class KeyService:
         self, conn: AsyncConnection, key_id: str, kind: str, s: BudgetSettings, now: datetime
     ) -> None:
         _check_soft(s.soft_budget, s.max_budget)
+        _check_alert_at(s.alert_at, s.max_budget)
         schedule = Schedule.create(s.budget_duration, s.budget_timezone, s.budget_anchor, now)
         budget_id = new_id("bud")
         await repo.insert_budget(
@@ -143,6 +153,7 @@ class KeyService:
                 "kind": kind,
                 "max_budget": _nanos(s.max_budget),
                 "soft_budget": _nanos(s.soft_budget),
+                "alert_at_bp": _basis_points(s.alert_at),
                 "budget_duration": s.budget_duration,
                 "budget_timezone": s.budget_timezone,
                 "budget_anchor": s.budget_anchor,
@@ -207,6 +218,7 @@ class KeyService:
             if budget_id is not None and changes.keys() & {
                 "max_budget",
                 "soft_budget",
+                "alert_at",
                 *SCHEDULE_FIELDS,
             }:
                 await self._update_budget(conn, budget_id, changes, now)
@@ -224,6 +236,9 @@ class KeyService:
             # A soft budget set above the max is a mistake; a max lowered under the soft budget
             # is not (max_budget 0 freezes a key, whatever its soft budget).
             _check_soft(values["soft_budget"], values.get("max_budget", budget.max_budget))
+        if "alert_at" in changes:
+            values["alert_at_bp"] = _basis_points(changes["alert_at"])
+            _check_alert_at(changes["alert_at"], values.get("max_budget", budget.max_budget))
         duration = changes.get("budget_duration", budget.budget_duration)
         timezone = changes.get("budget_timezone") or budget.budget_timezone
         anchor = changes.get("budget_anchor", budget.budget_anchor)
@@ -303,6 +318,16 @@ def _check_soft(soft: Decimal | int | None, max_budget: Decimal | int | None) ->
         raise InvalidField("soft_budget: must not be greater than max_budget", param="soft_budget")
 
 
+def _check_alert_at(alert_at: list[Decimal] | None, max_budget: Decimal | int | None) -> None:
+    """Thresholds on an unlimited budget would never fire: refused when set. (A limit removed
+    later leaves them dormant until one is set again.)"""
+    if alert_at and max_budget is None:
+        raise InvalidField(
+            "alert_at: thresholds are fractions of max_budget: set a max_budget too",
+            param="alert_at",
+        )
+
+
 def iso(when: datetime) -> str:
     return (
         when.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -322,6 +347,7 @@ def _budget_out(b: Row[Any]) -> BudgetOut:
         soft_budget=dollars(b.soft_budget),
         budget_timezone=b.budget_timezone,
         budget_anchor=b.budget_anchor,
+        alert_at=_fractions(b.alert_at_bp),
         spend=dollars(b.spend or 0) or 0.0,
         reserved=dollars(b.reserved or 0) or 0.0,
         remaining=dollars(remaining),
@@ -348,6 +374,7 @@ def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
         soft_budget=p.soft_budget,
         budget_timezone=p.budget_timezone,
         budget_anchor=p.budget_anchor,
+        alert_at=p.alert_at,
         models=key.models or [],
         expires_at=key.expires_at,
         metadata=key.metadata or {},

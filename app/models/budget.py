@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import JSON, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, Nanos, UTCDateTime
@@ -18,6 +18,10 @@ class Budget(Base):
     kind: Mapped[str] = mapped_column(String(16))  # primary | window
     max_budget: Mapped[int | None] = mapped_column(Nanos)  # None: unlimited, spend still tracked
     soft_budget: Mapped[int | None] = mapped_column(Nanos)
+    # Alert thresholds (SPEC 12), ascending, in basis points of the period's max_budget (8000:
+    # 80 %): integers, so that the alerts pass compares them with the spend exactly, in SQL.
+    # None: no thresholds (SQL NULL, not JSON null, so the pass can skip such budgets).
+    alert_at_bp: Mapped[list[int] | None] = mapped_column(JSON(none_as_null=True))
     budget_duration: Mapped[str | None] = mapped_column(String(16))  # None: lifetime
     budget_timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     budget_anchor: Mapped[datetime | None] = mapped_column(UTCDateTime)  # as the user set it

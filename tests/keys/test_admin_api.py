@@ -31,8 +31,9 @@ KEY_FIELDS = {
     "period_start",
     "reset_at",
 }
-# Beyond SPEC 7's list: the key's mode and its extra windows (null when there are none).
-OPTIONAL_FIELDS = {"mode", "budgets", "shrink_to_fit"}  # our additions to SPEC 7
+# Beyond SPEC 7's list: the key's mode, its extra windows (null when there are none), its
+# shrink_to_fit (SPEC 10) and its alert thresholds (SPEC 12).
+OPTIONAL_FIELDS = {"mode", "budgets", "shrink_to_fit", "alert_at"}
 
 
 def assert_key_object(obj: dict, *, with_key: bool = False) -> None:
@@ -68,6 +69,7 @@ async def test_create_returns_201_with_the_flat_key_object(gateway: Gateway) -> 
         "soft_budget": 8.0,
         "budget_timezone": "UTC",
         "budget_anchor": None,
+        "alert_at": [],
         "models": ["bg-test", "bg-priced"],
         "expires_at": "2026-06-01T00:00:00Z",
         "metadata": {"owner": "ann", "n": 1},
@@ -167,6 +169,42 @@ async def test_budget_amounts_under_one_nano_dollar_are_422_naming_the_field(
         )
 
 
+async def test_alert_at_is_validated_sorted_and_shown_per_budget(gateway: Gateway) -> None:
+    key = await gateway.create_key(
+        max_budget=10,
+        alert_at=[0.8, 0.5, 1],
+        budgets=[{"max_budget": 1, "budget_duration": "1d", "alert_at": [0.3333, 0.9, 0.9]}],
+    )
+    assert key["alert_at"] == [0.5, 0.8, 1.0]
+    assert [b["alert_at"] for b in key["budgets"]] == [[0.3333, 0.9]]
+    assert (await key_object(gateway, key["id"]))["budgets"][0]["alert_at"] == [0.3333, 0.9]
+    unlimited = await gateway.create_key()
+    cases = [
+        ({"max_budget": 1, "alert_at": [0]}, "alert_at.0", "greater than 0"),
+        ({"max_budget": 1, "alert_at": [0.5, 1.01]}, "alert_at.1", "less than or equal to 1"),
+        ({"max_budget": 1, "alert_at": [0.12345]}, "alert_at.0", "decimal places"),
+        ({"max_budget": 1, "alert_at": [0.1] * 11}, "alert_at", "at most 10"),
+        ({"max_budget": 1, "alert_at": "0.5"}, "alert_at", "list"),
+        ({"alert_at": [0.5]}, "alert_at", "max_budget"),  # an unlimited budget: never fires
+        (
+            {"max_budget": 1, "budgets": [{"max_budget": 1, "alert_at": [2]}]},
+            "budgets.0.alert_at.0",
+            "less than or equal to 1",
+        ),
+    ]
+    for body, field, words in cases:
+        for method, path in (("POST", "/admin/keys"), ("PATCH", f"/admin/keys/{unlimited['id']}")):
+            if method == "PATCH" and "budgets" in body:
+                continue  # (extra windows are set on create)
+            r = await gateway.admin(method, path, json=body)
+            assert r.status_code == 422, (method, body, r.text)
+            error = r.json()["error"]
+            assert error["param"] == field and words in error["message"], (body, error)
+    listed = (await gateway.admin("GET", "/admin/keys")).json()["data"]
+    assert sorted(k["id"] for k in listed) == sorted([key["id"], unlimited["id"]])
+    assert (await key_object(gateway, unlimited["id"]))["max_budget"] is None  # unchanged
+
+
 async def test_list_keys_alias_filter_and_cursor_pagination(gateway: Gateway) -> None:
     page_ids = {(await gateway.create_key(alias="page", max_budget=1))["id"] for _ in range(5)}
     other_ids = {(await gateway.create_key(alias="other"))["id"] for _ in range(2)}
@@ -213,6 +251,7 @@ async def test_patch_any_setting_returns_the_key_object(gateway: Gateway) -> Non
         ({"alias": "after"}, {"alias": "after"}),
         ({"max_budget": 2.5}, {"max_budget": 2.5, "remaining": 2.49, "spend": 0.01}),
         ({"soft_budget": 1.25}, {"soft_budget": 1.25}),
+        ({"alert_at": [1, 0.5, 0.8, 0.5]}, {"alert_at": [0.5, 0.8, 1.0]}),
         ({"models": ["bg-test"]}, {"models": ["bg-test"]}),
         ({"metadata": {"team": "x"}}, {"metadata": {"team": "x"}}),
         ({"expires_at": "2027-01-01T00:00:00Z"}, {"expires_at": "2027-01-01T00:00:00Z"}),
@@ -227,6 +266,9 @@ async def test_patch_any_setting_returns_the_key_object(gateway: Gateway) -> Non
         ),
         ({"expires_at": None}, {"expires_at": None}),
         ({"soft_budget": None}, {"soft_budget": None}),
+        ({"alert_at": []}, {"alert_at": []}),
+        ({"alert_at": [0.25]}, {"alert_at": [0.25]}),
+        ({"alert_at": None}, {"alert_at": []}),
         ({"budget_duration": None}, {"budget_duration": None, "reset_at": None}),
         ({"max_budget": None}, {"max_budget": None, "remaining": None}),
         ({"models": None}, {"models": []}),
