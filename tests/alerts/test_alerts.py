@@ -5,78 +5,14 @@ request path. Both ledgers; a real HTTP receiver."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
-
-import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from app.alerts.service import AlertService
 from app.scheduler import _safe_run, run_alerts
+from tests.alerts.helpers import Receiver, alerts, until
 from tests.budgets.helpers import chat_billed
 from tests.conftest import Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
-
-
-class Receiver:
-    """The webhook: records what it is sent; answers 500 to the first `fail` POSTs; holds every
-    POST while `gate` is closed."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.fail = 0
-        self.gate = threading.Event()
-        self.gate.set()
-        self.server = ServerThread(Starlette(routes=[Route("/hook", self.hook, methods=["POST"])]))
-
-    async def hook(self, request: Request) -> Response:
-        await asyncio.to_thread(self.gate.wait, 10)
-        if self.fail > 0:
-            self.fail -= 1
-            return Response(status_code=500)
-        self.events.append(await request.json())
-        return Response(status_code=204)
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == f"budget.{kind}"]
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    r.server.start()
-    yield r
-    r.server.stop()
-
-
-@pytest.fixture
-async def gw(
-    database_url: str, mock_upstream: ServerThread, clock: Any, receiver: Receiver
-) -> AsyncIterator[Gateway]:
-    receiver.events.clear()
-    receiver.fail = 0
-    receiver.gate.set()
-    settings = make_settings(
-        database_url, mock_upstream.url, alert_webhook_url=f"{receiver.server.url}/hook"
-    )
-    async with running_gateway(settings, clock) as gateway:
-        yield gateway
-
-
-def alerts(gw: Gateway) -> AlertService:
-    return gw.app.state.alerts  # type: ignore[no-any-return]
-
-
-async def until(condition: Any, seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 async def test_soft_budget_alerts_once_per_period_and_again_next_period(
