@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
+    # auto: Slack's message format for a Slack incoming-webhook URL, else the JSON event.
+    alert_webhook_format: Literal["auto", "json", "slack"] = "auto"
+    # When set, every alert POST carries x-budgetgate-signature (HMAC-SHA256 of the body).
+    alert_secret: SecretStr | None = None
     # /readyz also wants the upstream to accept a connection.
     ready_checks_upstream: bool = False
     # Tell the upstream who calls: x-budgetgate-key-id/-key-alias and x-litellm-tags.
@@ -76,7 +80,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(20, gt=0)
     upstream_max_connections: int = Field(512, gt=0)
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "alert_webhook_format", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -86,6 +90,7 @@ class Settings(BaseSettings):
         "upstream_api_key",
         "prices_file",
         "alert_webhook_url",
+        "alert_secret",
         "metrics_token",
         "otlp_endpoint",
     )

@@ -24,9 +24,13 @@ async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
 
 
 async def run_alerts(alerts: AlertService) -> tuple[int, int]:
-    """One pass: record soft-budget crossings and overruns, send what is due; returns
-    (recorded, sent)."""
-    recorded = await alerts.record_soft_crossings() + await alerts.record_overruns()
+    """One pass: record thresholds reached, soft-budget crossings and overruns, send what is
+    due; returns (recorded, sent)."""
+    recorded = (
+        await alerts.record_thresholds()
+        + await alerts.record_soft_crossings()
+        + await alerts.record_overruns()
+    )
     return recorded, await alerts.deliver_due()
 
 

@@ -1,4 +1,8 @@
-"""Budget alerts (SPEC 8), kept in the ledger database as an outbox.
+"""Budget alerts (SPEC 8, 12), kept in the ledger database as an outbox.
+
+* Thresholds (`alert_at`): each fraction of a budget's max_budget that a period's spend
+  reaches, found by the scheduler's pass like soft-budget crossings. The outbox kind names the
+  threshold (`threshold:8000`, in basis points), so each one is kept once per period.
 
 * Soft budget crossed: found by the scheduler's pass (a period's spend only grows, so a
   periodic look cannot miss a crossing while the period is open); a `soft_budget` of 0
@@ -10,10 +14,11 @@
 * Overrun (SPEC 10): a request charged more than it reserved. Found by the scheduler's pass in
   the ledger entries (settlement records the overrun, in the request's own transaction), and
   alerted once per request per period it was charged to (the outbox row's request id).
-* Delivery: every pass POSTs the alerts that are due, one replica per alert at a time (a
-  conditional claim), retrying with backoff until the webhook answers 2xx. A replica that dies
-  between the POST and recording it sends that alert again: each event has an `id` for the
-  receiver to drop duplicates.
+* Delivery (app.alerts.webhook: JSON or Slack, signed with BUDGETGATE_ALERT_SECRET): every
+  pass POSTs the alerts that are due, one replica per alert at a time (a conditional claim),
+  retrying with backoff until the webhook answers 2xx. A replica that dies between the POST and
+  recording it sends that alert again: each event has an `id` for the receiver to drop
+  duplicates.
 
 Without BUDGETGATE_ALERT_WEBHOOK_URL nothing is recorded or sent.
 """
@@ -23,17 +28,38 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal
 
 import aiohttp
-from sqlalchemy import Select, Table, and_, exists, literal_column, or_, select, update
+from pydantic import SecretStr
+from sqlalchemy import (
+    Integer,
+    Numeric,
+    Select,
+    String,
+    Table,
+    and_,
+    cast,
+    exists,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
+from app.alerts.webhook import Webhook, WebhookFormat
 from app.budgets.state import PeriodState
 from app.clock import Clock
+from app.config import Settings
 from app.keys.repository import KeyContext, new_id
 from app.keys.service import dollars, iso
 from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
@@ -48,6 +74,7 @@ K: Table = ApiKey.__table__  # type: ignore[assignment]
 log = logging.getLogger("budgetgate.alerts")
 
 EVENT_TYPES = {
+    "threshold": "budget.threshold",
     "soft_budget": "budget.soft_budget_crossed",
     "exhausted": "budget.exhausted",
     "overrun": "budget.overrun",
@@ -107,26 +134,83 @@ def _period_details(row: Row[Any]) -> tuple[PeriodState, dict[str, Any]]:
 
 
 class AlertService:
-    def __init__(self, engine: AsyncEngine, clock: Clock, webhook_url: str | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clock: Clock,
+        webhook_url: str | None,
+        *,
+        webhook_format: WebhookFormat | Literal["auto"] = "auto",
+        secret: SecretStr | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
         self.webhook_url = webhook_url
+        self.webhook = (
+            None if webhook_url is None else Webhook.for_url(webhook_url, webhook_format, secret)
+        )
         self._exhausted_seen: set[int] = set()  # periods this process recorded already
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
 
+    @classmethod
+    def from_settings(cls, engine: AsyncEngine, clock: Clock, settings: Settings) -> AlertService:
+        return cls(
+            engine,
+            clock,
+            settings.alert_webhook_url,
+            webhook_format=settings.alert_webhook_format,
+            secret=settings.alert_secret,
+        )
+
     # -- recording -------------------------------------------------------------------------
+
+    async def record_thresholds(self) -> int:
+        """Record an alert for every threshold a period's spend has reached that has none yet,
+        in the periods of _open_or_recently_closed; returns how many this call recorded."""
+        if self.webhook_url is None:
+            return 0
+        if self.engine.dialect.name == "postgresql":
+            elements = func.json_array_elements_text(B.c.alert_at_bp).table_valued("value")
+            thresholds = elements.render_derived(name="threshold")
+        else:
+            thresholds = func.json_each(B.c.alert_at_bp).table_valued("value").alias("threshold")
+        basis_points = cast(thresholds.c.value, Integer)
+        kind = literal("threshold:") + cast(basis_points, String)
+        already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == kind))
+        query = (
+            _periods_with_keys(basis_points.label("basis_points"), B.c.budget_duration)
+            .join(thresholds, true())
+            .where(
+                self._open_or_recently_closed(),
+                B.c.alert_at_bp.is_not(None),
+                P.c.max_budget.is_not(None),
+                P.c.spend > 0,
+                # Exact: numeric (no bigint overflow) on PostgreSQL; SQLite's integers turn to
+                # floats only past $922,337 budgets, where a nano-dollar is beyond notice.
+                cast(P.c.spend, Numeric) * 10_000 >= cast(P.c.max_budget, Numeric) * basis_points,
+                ~already,
+            )
+            .order_by(P.c.id, basis_points)
+        )
+        recorded = 0
+        for r in await self._read(query):
+            state, details = _period_details(r)
+            details.update(
+                threshold=float(Decimal(r.basis_points).scaleb(-4)),
+                budget_duration=r.budget_duration,
+            )
+            recorded += await self._record(f"threshold:{r.basis_points}", state, details)
+        return recorded
 
     async def record_soft_crossings(self) -> int:
         """Record an alert for every period at or past its budget's soft budget that has none
-        yet: the open ones, and those closed within the last RECENTLY_CLOSED (a crossing in a
-        period that ended before this pass); returns how many this call recorded."""
+        yet, in the periods of _open_or_recently_closed; returns how many this call recorded."""
         if self.webhook_url is None:
             return 0
-        closed_since = self.clock.now() - RECENTLY_CLOSED
         already = exists().where(and_(A.c.period_id == P.c.id, A.c.kind == "soft_budget"))
         query = _periods_with_keys(B.c.soft_budget).where(
-            or_(P.c.closed_at.is_(None), P.c.closed_at > closed_since),
+            self._open_or_recently_closed(),
             B.c.soft_budget.is_not(None),
             P.c.spend >= B.c.soft_budget,
             P.c.spend > 0,
@@ -138,6 +222,11 @@ class AlertService:
             details["soft_budget"] = dollars(r.soft_budget)
             recorded += await self._record("soft_budget", state, details)
         return recorded
+
+    def _open_or_recently_closed(self) -> ColumnElement[bool]:
+        """The periods a pass looks at for crossings: the open ones, and those closed within the
+        last RECENTLY_CLOSED (a crossing in a period that ended before this pass)."""
+        return or_(P.c.closed_at.is_(None), P.c.closed_at > self.clock.now() - RECENTLY_CLOSED)
 
     async def record_overruns(self) -> int:
         """Record an alert for every overrun settled within the last RECENT_OVERRUNS that has
@@ -208,7 +297,7 @@ class AlertService:
             "request_id": request_id,
             "payload": {
                 "id": alert_id,
-                "type": EVENT_TYPES[kind],
+                "type": EVENT_TYPES[kind.partition(":")[0]],
                 "budget_id": state.budget_id,
                 "created_at": iso(now),
                 **details,
@@ -263,14 +352,15 @@ class AlertService:
             return claimed.rowcount == 1
 
     async def _send(self, alert_id: str, payload: dict[str, Any], attempt: int) -> int:
-        assert self.webhook_url is not None
+        assert self.webhook is not None
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT_SECONDS)
             )
+        body, headers = self.webhook.request(payload)
         error: str | None = None
         try:
-            async with self._session.post(self.webhook_url, json=payload) as resp:
+            async with self._session.post(self.webhook.url, data=body, headers=headers) as resp:
                 if resp.status >= 300:
                     error = f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
