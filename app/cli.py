@@ -41,6 +41,10 @@ ExpiresOpt = Annotated[
     str | None, typer.Option(help="RFC 3339 time after which the key is refused")
 ]
 MetadataOpt = Annotated[str | None, typer.Option(help='JSON object, e.g. \'{"team": "a"}\'')]
+AlertAtOpt = Annotated[
+    str | None,
+    typer.Option(help='alert thresholds, fractions of max_budget: 0.5,0.8,1 ("" for none)'),
+]
 
 
 def _settings() -> Settings:
@@ -205,6 +209,13 @@ def _json_object(value: str | None) -> dict[str, Any] | None:
     return parsed
 
 
+def _alert_at(value: str | None) -> list[str] | None:
+    """`--alert-at 0.5,0.8,1` as the API's list (the API validates each fraction)."""
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _dollars(value: str | None) -> Decimal | None:
     if value is None:
         return None
@@ -273,6 +284,7 @@ def keys_create(
     soft_budget: Annotated[str | None, typer.Option(help="dollars")] = None,
     budget_timezone: Annotated[str, typer.Option()] = "UTC",
     budget_anchor: AnchorOpt = None,
+    alert_at: AlertAtOpt = None,
     models: ModelsOpt = None,
     expires_at: ExpiresOpt = None,
     metadata: MetadataOpt = None,
@@ -292,6 +304,7 @@ def keys_create(
         soft_budget=_dollars(soft_budget),
         budget_timezone=budget_timezone,
         budget_anchor=budget_anchor,
+        alert_at=_alert_at(alert_at),
         models=models or [],
         expires_at=expires_at,
         metadata=_json_object(metadata) or {},
@@ -335,6 +348,7 @@ def keys_update(
     budget_duration: Annotated[str | None, typer.Option()] = None,
     budget_timezone: Annotated[str | None, typer.Option()] = None,
     budget_anchor: AnchorOpt = None,
+    alert_at: AlertAtOpt = None,
     models: Annotated[
         list[str] | None,
         typer.Option("--model", help="allowed model (repeat; replaces the allow-list)"),
@@ -353,6 +367,7 @@ def keys_update(
         "budget_duration": budget_duration,
         "budget_timezone": budget_timezone,
         "budget_anchor": budget_anchor,
+        "alert_at": _alert_at(alert_at),
         "models": models,
         "expires_at": expires_at,
         "metadata": _json_object(metadata),

@@ -46,6 +46,8 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
             "1mo",
             "--soft-budget",
             "1",
+            "--alert-at",
+            "0.8, 0.5,1",
             "--model",
             "gpt-4o",
             "--json",
@@ -55,6 +57,7 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
     assert created["key"].startswith("sk-bg-") and created["alias"] == "team-a"
     assert created["max_budget"] == 1.5 and created["soft_budget"] == 1.0
     assert created["models"] == ["gpt-4o"] and created["spend"] == 0 and created["reset_at"]
+    assert created["alert_at"] == [0.5, 0.8, 1.0]
     key_id = created["id"]
 
     shown = orjson.loads(cli("keys", "show", key_id, "--json"))
@@ -63,6 +66,10 @@ def test_keys_lifecycle_in_json(cli: Any) -> None:
     # A max_budget under the soft budget is how a key is frozen (max_budget 0): allowed.
     frozen = orjson.loads(cli("keys", "update", key_id, "--max-budget", "0", "--json"))
     assert frozen["max_budget"] == 0 and frozen["soft_budget"] == 1.0
+    updated = orjson.loads(cli("keys", "update", key_id, "--alert-at", "0.9", "--json"))
+    assert updated["alert_at"] == [0.9] and updated["max_budget"] == 0
+    cleared = orjson.loads(cli("keys", "update", key_id, "--alert-at", "", "--json"))
+    assert cleared["alert_at"] == [] and cleared["soft_budget"] == 1.0
     assert orjson.loads(cli("keys", "reset", key_id, "--json"))["id"] == key_id
 
     other = orjson.loads(
@@ -126,4 +133,6 @@ def test_keys_tables_and_errors(cli: Any) -> None:
     assert "budget_duration" in cli("keys", "create", "--budget-duration", "1month", code=2)
     assert "--metadata" in cli("keys", "create", "--metadata", "[1]", code=2)
     assert "expires_at" in cli("keys", "create", "--expires-at", "tomorrow", code=2)
+    assert "alert_at.1" in cli("keys", "create", "--max-budget", "1", "--alert-at", "0.5,2", code=2)
+    assert "set a max_budget" in cli("keys", "create", "--alert-at", "0.5", code=1)
     cli("usage", "--group-by", "team", code=2)
