@@ -1,6 +1,6 @@
 """How an alert event is POSTed: the body for the receiver's format, and its signature.
 
-* Format: a Slack incoming webhook (`https://hooks.slack.com/...`) gets Slack's message
+* Format: a Slack incoming webhook (`https://hooks.slack.com/services/...`) gets Slack's message
   (`{"text": ...}`, one line per event); any other URL the event itself, as JSON.
   BUDGETGATE_ALERT_WEBHOOK_FORMAT names the format instead, for a Slack-compatible receiver
   elsewhere (Mattermost, a relay in front of Slack).
@@ -26,9 +26,13 @@ SIGNATURE_HEADER = "x-budgetgate-signature"
 
 
 def detect_format(url: str) -> WebhookFormat:
-    """The format a webhook URL wants, from its host alone."""
-    host = (urlsplit(url).hostname or "").lower()
-    return "slack" if host == "hooks.slack.com" else "json"
+    """Slack for a Slack incoming webhook (`https://hooks.slack.com/services/...`); Slack's
+    workflow webhooks (`/triggers/...`) take the event's own fields, like any other URL."""
+    parts = urlsplit(url)
+    incoming = (parts.hostname or "").lower() == "hooks.slack.com" and parts.path.startswith(
+        "/services/"
+    )
+    return "slack" if incoming else "json"
 
 
 def sign(secret: str, body: bytes) -> str:

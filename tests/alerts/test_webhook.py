@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.alerts.service import AlertService
-from app.alerts.webhook import detect_format, summary
+from app.alerts.webhook import Webhook, detect_format, summary
 from app.config import Settings
 from app.scheduler import run_alerts
 from tests.alerts.helpers import Receiver, alerts
@@ -91,16 +91,23 @@ async def test_the_gateway_signs_with_its_configured_secret(
     assert verified(SECRET, body, headers.get("x-budgetgate-signature", ""))
 
 
-def test_slack_is_recognised_by_the_webhook_url_host() -> None:
+def test_slack_incoming_webhooks_are_recognised_by_their_url() -> None:
     assert detect_format("https://hooks.slack.com/services/T000/B000/XXXX") == "slack"
     assert detect_format("https://HOOKS.SLACK.COM/services/T000/B000/XXXX") == "slack"
     for other in (
+        "https://hooks.slack.com/triggers/T000/123/abc",  # a workflow: it takes the fields
         "https://hooks.slack.com.example.net/services/T000",
         "https://example.net/hooks.slack.com/services",
         "https://alerts.example.net/budget",
         "http://127.0.0.1:9000/hook",
     ):
         assert detect_format(other) == "json", other
+    event = {"type": "budget.exhausted", "key_id": "key_1", "alias": "a", "key_prefix": "sk-bg"}
+    event.update(spend=1, max_budget=1, period_end=None)
+    body, _ = Webhook.for_url("https://hooks.slack.com/services/T0/B0/x").request(event)
+    assert json.loads(body) == {"text": summary(event)}
+    body, _ = Webhook.for_url("https://hooks.slack.com/services/T0/B0/x", "json").request(event)
+    assert json.loads(body) == event
 
 
 def test_the_format_setting_is_auto_json_or_slack() -> None:
