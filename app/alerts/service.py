@@ -184,7 +184,8 @@ class AlertService:
             .where(
                 self._open_or_recently_closed(),
                 B.c.alert_at_bp.is_not(None),
-                P.c.max_budget.is_not(None),
+                # (a limit of 0 is a frozen key, which approaches nothing)
+                P.c.max_budget > literal_column("0"),
                 P.c.spend > 0,
                 # Exact: numeric (no bigint overflow) on PostgreSQL; SQLite's integers turn to
                 # floats only past $922,337 budgets, where a nano-dollar is beyond notice.

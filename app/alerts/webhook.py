@@ -81,7 +81,8 @@ def summary(event: dict[str, Any]) -> str:
     until = f"period ends {event['period_end']}" if event.get("period_end") else "lifetime budget"
     if kind == "budget.threshold":
         percent = Decimal(str(event["threshold"])).scaleb(2).normalize()
-        return f"budgetgate: {key} reached {percent:f}% of its budget: {spent}; {until}"
+        budget = f"{event['budget_duration']} budget" if event.get("budget_duration") else "budget"
+        return f"budgetgate: {key} reached {percent:f}% of its {budget}: {spent}; {until}"
     if kind == "budget.soft_budget_crossed":
         return (
             f"budgetgate: {key} crossed its soft budget of {_usd(event['soft_budget'])}: "

@@ -96,6 +96,12 @@ async def test_changed_thresholds_alert_what_is_new_and_never_repeat(
     assert await run_alerts(alerts(gw)) == (1, 1)
     assert reached(receiver, key) == [0.1, 0.2, 0.5]
     assert [e["max_budget"] for e in receiver.of("threshold")] == [0.1, 0.1, 0.05]
+    # A key frozen with max_budget 0 is past every threshold, and approaches none: no alert.
+    r = await gw.admin("PATCH", f"/admin/keys/{key['id']}", json={"alert_at": [0.6, 0.7]})
+    assert r.status_code == 200, r.text
+    r = await gw.admin("PATCH", f"/admin/keys/{key['id']}", json={"max_budget": 0})
+    assert r.status_code == 200, r.text
+    assert await run_alerts(alerts(gw)) == (0, 0)
 
 
 async def test_a_reset_rearms_the_thresholds_and_the_closed_period_still_alerts(

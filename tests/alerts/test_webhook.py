@@ -143,10 +143,10 @@ async def test_a_slack_webhook_gets_one_readable_line_per_event(
     texts = sorted(message["text"] for message in receiver.events)
     assert texts == sorted(
         [
-            f"budgetgate: {label} reached 50% of its budget: $0.015 of $0.03 spent; {period}",
+            f"budgetgate: {label} reached 50% of its 1mo budget: $0.015 of $0.03 spent; {period}",
             f"budgetgate: {label} crossed its soft budget of $0.015: $0.015 of $0.03 spent; "
             f"{period}",
-            f"budgetgate: {label} reached 90% of its budget: $0.027 of $0.03 spent; {period}",
+            f"budgetgate: {label} reached 90% of its 1mo budget: $0.027 of $0.03 spent; {period}",
             f"budgetgate: request {request_id} of {label} cost $0.012, $0.002 more than it "
             f"reserved; $0.027 of $0.03 spent; {period}",
         ]
