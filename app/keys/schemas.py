@@ -77,7 +77,10 @@ def _storable(value: Any) -> Any:
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first UTC time there is
+        raise ValueError("out of range once converted to UTC") from None
 
 
 class BudgetSettings(BaseModel):

@@ -539,6 +539,23 @@ async def test_schedules_whose_periods_overflow_the_calendar_are_422(gateway: Ga
     assert len((await gateway.admin("GET", "/admin/keys")).json()["data"]) == 1
 
 
+async def test_times_before_the_first_utc_instant_are_422(gateway: Gateway) -> None:
+    """0001-01-01T00:00+01:00 is a valid time that has no UTC value (found by the OpenAPI
+    fuzzer): the caller's invalid field, never a 500."""
+    key = await gateway.create_key(max_budget=1)
+    early = "0001-01-01T00:00:00+01:00"
+    for method, path, field in (
+        ("POST", "/admin/keys", "expires_at"),
+        ("POST", "/admin/keys", "budget_anchor"),
+        ("PATCH", f"/admin/keys/{key['id']}", "expires_at"),
+        ("PATCH", f"/admin/keys/{key['id']}", "budget_anchor"),
+    ):
+        r = await gateway.admin(method, path, json={field: early})
+        assert r.status_code == 422, (method, field, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and "UTC" in error["message"], error
+
+
 async def test_admin_bodies_must_be_json(gateway: Gateway) -> None:
     """`curl -d` sends a form content type: refused with 415 and a hint, never read as JSON (a
     browser may send a form cross-site without a preflight); no content type is read as JSON."""
