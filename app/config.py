@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +18,13 @@ _ASYNC_DRIVERS = {
     "postgresql": "postgresql+asyncpg",
     "postgresql+asyncpg": "postgresql+asyncpg",
 }
+
+
+def _http_url_parts(url: str, example: str) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, e.g. {example}")
+    return parts
 
 
 class Settings(BaseSettings):
@@ -103,9 +110,7 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _http_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:4000")
+        parts = _http_url_parts(v, "http://127.0.0.1:4000")
         if "@" in parts.netloc:
             # A credential in the URL would ride along with every request, whatever the key
             # mode; the upstream credential is BUDGETGATE_UPSTREAM_API_KEY.
@@ -116,6 +121,14 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must not have a query or fragment")
         return v.rstrip("/")
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        """Refused at start, not by every delivery attempt for hours."""
+        if v is not None:
+            _http_url_parts(v, "https://hooks.slack.com/services/...")
+        return v
 
     @field_validator("extra_routes")
     @classmethod

@@ -83,6 +83,17 @@ def test_upstream_url_must_be_http(url: str) -> None:
     assert error["loc"] == ("upstream_url",) and "http://" in error["msg"]
 
 
+@pytest.mark.parametrize("url", ["hooks.slack.com/services/T0/B0/x", "slack", "ftp://h/x"])
+def test_alert_webhook_url_must_be_http(url: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(_env_file=None, alert_webhook_url=url)  # type: ignore[call-arg]
+    (error,) = err.value.errors()
+    assert error["loc"] == ("alert_webhook_url",) and "https://" in error["msg"]
+    for fine in ("https://hooks.slack.com/services/T0/B0/x", "http://u:p@alerts:9000/hook?t=1"):
+        assert Settings(_env_file=None, alert_webhook_url=fine).alert_webhook_url == fine  # type: ignore[call-arg]
+    assert Settings(_env_file=None, alert_webhook_url=" ").alert_webhook_url is None  # type: ignore[call-arg]
+
+
 @pytest.mark.parametrize(
     "url", ["http://user:secret@127.0.0.1:4000", "https://:tok@litellm", "http://u@h:1"]
 )
