@@ -372,6 +372,8 @@ class AlertService:
             backoff = min(2**attempt, 3600)
             values = {"next_attempt_at": now + timedelta(seconds=backoff), "last_error": error}
             log.warning("budget alert %s not delivered (%s), attempt %d", alert_id, error, attempt)
+        else:
+            log.info("budget alert %s delivered: %s", alert_id, payload["type"])
         async with self.engine.begin() as conn:
             await conn.execute(update(A).where(A.c.id == alert_id).values(**values))
         return int(error is None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from app.alerts.service import AlertService
@@ -67,7 +68,9 @@ async def test_each_threshold_alerts_once_when_the_spend_reaches_it_and_again_ne
     assert receiver.of("threshold")[3]["period_start"] == key["reset_at"]
 
 
-async def test_each_budget_of_a_key_has_its_own_thresholds(gw: Gateway, receiver: Receiver) -> None:
+async def test_each_budget_of_a_key_has_its_own_thresholds(
+    gw: Gateway, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
     key = await gw.create_key(
         max_budget=1,
         alert_at=[0.5],
@@ -78,6 +81,8 @@ async def test_each_budget_of_a_key_has_its_own_thresholds(gw: Gateway, receiver
     (event,) = receiver.of("threshold")
     assert (event["budget_id"], event["threshold"]) == (key["budgets"][0]["budget_id"], 0.5)
     assert (event["max_budget"], event["budget_duration"]) == (0.02, "1d")
+    delivered = [r.getMessage() for r in caplog.records if r.name == "budgetgate.alerts"]
+    assert delivered == [f"budget alert {event['id']} delivered: budget.threshold"]
 
 
 async def test_changed_thresholds_alert_what_is_new_and_never_repeat(
