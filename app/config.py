@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     reservation_ttl_seconds: float = Field(900.0, gt=0)
     reset_interval_seconds: float = Field(30.0, gt=0)
     alert_webhook_url: str | None = None
-    # auto: Slack's message format for a Slack incoming-webhook URL, else the JSON event.
-    alert_webhook_format: Literal["auto", "json", "slack"] = "auto"
+    # auto: Slack's or Teams' message format for their incoming-webhook URLs, else the JSON event.
+    alert_webhook_format: Literal["auto", "json", "slack", "teams"] = "auto"
     # When set, every alert POST carries x-budgetgate-signature (HMAC-SHA256 of the body).
     alert_secret: SecretStr | None = None
     # /readyz also wants the upstream to accept a connection.

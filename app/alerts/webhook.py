@@ -1,9 +1,10 @@
 """How an alert event is POSTed: the body for the receiver's format, and its signature.
 
 * Format: a Slack incoming webhook (`https://hooks.slack.com/services/...`) gets Slack's message
-  (`{"text": ...}`, one line per event); any other URL the event itself, as JSON.
-  BUDGETGATE_ALERT_WEBHOOK_FORMAT names the format instead, for a Slack-compatible receiver
-  elsewhere (Mattermost, a relay in front of Slack).
+  (`{"text": ...}`, one line per event), a Microsoft Teams incoming webhook
+  (`https://<tenant>.webhook.office.com/...`) a MessageCard with the same line; any other URL
+  the event itself, as JSON. BUDGETGATE_ALERT_WEBHOOK_FORMAT names the format instead, for a
+  compatible receiver elsewhere (Mattermost, a relay in front of Slack).
 * Signature: with BUDGETGATE_ALERT_SECRET, `x-budgetgate-signature: sha256=<hex>` is the
   HMAC-SHA256 of the exact body bytes (GitHub's scheme). No timestamp is signed: a delivery is
   at least once, so receivers drop repeated event ids anyway, which also drops a replay.
@@ -21,18 +22,21 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-WebhookFormat = Literal["json", "slack"]
+WebhookFormat = Literal["json", "slack", "teams"]
 SIGNATURE_HEADER = "x-budgetgate-signature"
 
 
 def detect_format(url: str) -> WebhookFormat:
-    """Slack for a Slack incoming webhook (`https://hooks.slack.com/services/...`); Slack's
-    workflow webhooks (`/triggers/...`) take the event's own fields, like any other URL."""
+    """Slack for a Slack incoming webhook (`https://hooks.slack.com/services/...`; Slack's
+    workflow webhooks, `/triggers/...`, take the event's own fields like any other URL), Teams
+    for a Teams incoming webhook (`https://<tenant>.webhook.office.com/...`)."""
     parts = urlsplit(url)
-    incoming = (parts.hostname or "").lower() == "hooks.slack.com" and parts.path.startswith(
-        "/services/"
-    )
-    return "slack" if incoming else "json"
+    host = (parts.hostname or "").lower()
+    if host == "hooks.slack.com" and parts.path.startswith("/services/"):
+        return "slack"
+    if host.endswith(".webhook.office.com"):
+        return "teams"
+    return "json"
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -61,7 +65,14 @@ class Webhook:
         """The body and headers of the POST of one event."""
         message: dict[str, Any] = event
         if self.format == "slack":
-            message = {"text": _slack_escape(summary(event))}
+            message = {"text": _escape_markup(summary(event))}
+        elif self.format == "teams":
+            message = {
+                "@type": "MessageCard",
+                "@context": "https://schema.org/extensions",
+                "summary": summary(event),  # the notification's plain text
+                "text": _escape_markup(summary(event)),
+            }
         body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {"content-type": "application/json"}
         if self.secret is not None:
@@ -104,6 +115,7 @@ def _usd(amount: float) -> str:
     return f"${exact:,.2f}" if exact == exact.quantize(Decimal("0.01")) else f"${exact:,f}"
 
 
-def _slack_escape(text: str) -> str:
-    """Slack reads `<...>` as links and mentions (`<!channel>`): an alias must not ping."""
+def _escape_markup(text: str) -> str:
+    """Slack reads `<...>` as links and mentions (`<!channel>`), Teams as HTML: an alias is
+    shown as written, never pings or links."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

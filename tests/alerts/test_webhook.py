@@ -91,12 +91,15 @@ async def test_the_gateway_signs_with_its_configured_secret(
     assert verified(SECRET, body, headers.get("x-budgetgate-signature", ""))
 
 
-def test_slack_incoming_webhooks_are_recognised_by_their_url() -> None:
+def test_slack_and_teams_incoming_webhooks_are_recognised_by_their_url() -> None:
     assert detect_format("https://hooks.slack.com/services/T000/B000/XXXX") == "slack"
     assert detect_format("https://HOOKS.SLACK.COM/services/T000/B000/XXXX") == "slack"
+    teams = "https://contoso.webhook.office.com/webhookb2/a1@b2/IncomingWebhook/c3/d4"
+    assert detect_format(teams) == "teams"
     for other in (
         "https://hooks.slack.com/triggers/T000/123/abc",  # a workflow: it takes the fields
         "https://hooks.slack.com.example.net/services/T000",
+        "https://webhook.office.com.example.net/webhookb2/x",
         "https://example.net/hooks.slack.com/services",
         "https://alerts.example.net/budget",
         "http://127.0.0.1:9000/hook",
@@ -108,13 +111,22 @@ def test_slack_incoming_webhooks_are_recognised_by_their_url() -> None:
     assert json.loads(body) == {"text": summary(event)}
     body, _ = Webhook.for_url("https://hooks.slack.com/services/T0/B0/x", "json").request(event)
     assert json.loads(body) == event
+    event["alias"] = "<b>a</b> & co"
+    body, _ = Webhook.for_url(teams).request(event)
+    assert json.loads(body) == {
+        "@type": "MessageCard",
+        "@context": "https://schema.org/extensions",
+        "summary": summary(event),
+        "text": summary(event).replace("<b>a</b> & co", "&lt;b&gt;a&lt;/b&gt; &amp; co"),
+    }
 
 
-def test_the_format_setting_is_auto_json_or_slack() -> None:
+def test_the_format_setting_is_auto_json_slack_or_teams() -> None:
     assert Settings(_env_file=None).alert_webhook_format == "auto"  # type: ignore[call-arg]
     assert Settings(_env_file=None, alert_webhook_format="Slack").alert_webhook_format == "slack"  # type: ignore[call-arg]
+    assert Settings(_env_file=None, alert_webhook_format="teams").alert_webhook_format == "teams"  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="alert_webhook_format"):
-        Settings(_env_file=None, alert_webhook_format="teams")  # type: ignore[call-arg]
+        Settings(_env_file=None, alert_webhook_format="discord")  # type: ignore[call-arg]
 
 
 async def test_a_slack_webhook_gets_one_readable_line_per_event(
