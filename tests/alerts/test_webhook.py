@@ -1,6 +1,7 @@
 """SPEC 12: alert POSTs are signed (`x-budgetgate-signature`, HMAC-SHA256 of the exact body with
-BUDGETGATE_ALERT_SECRET), and a Slack incoming webhook gets Slack's message format. A real HTTP
-receiver; the signature is checked as the README tells a receiver to check it."""
+BUDGETGATE_ALERT_SECRET), and a Slack incoming webhook gets Slack's message format (a Teams one
+a MessageCard). A real HTTP receiver; the signature is checked as the README tells a receiver
+to check it."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def verified(secret: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(expected, signature)
 
 
-async def send_with(gw: Gateway, **settings: Any) -> AlertService:
+async def send_with(gw: Gateway, **settings: Any) -> None:
     """A scheduler pass of an alert service with these settings, on the gateway's ledger."""
     configured = make_settings(
         gw.settings.database_url,
@@ -42,7 +43,6 @@ async def send_with(gw: Gateway, **settings: Any) -> AlertService:
         await run_alerts(service)
     finally:
         await service.close()
-    return service
 
 
 async def test_every_post_is_signed_with_the_secret(gw: Gateway, receiver: Receiver) -> None:
