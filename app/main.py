@@ -115,7 +115,7 @@ def create_app(
         app.state.budgets = budgets
         app.state.key_service = keys
         hot = create_hot_ledger(settings)
-        alerts = AlertService(engine, clock, settings.alert_webhook_url)
+        alerts = AlertService.from_settings(engine, clock, settings)
         app.state.alerts = alerts
         provider = tracer_provider or create_tracer_provider(settings)
         app.state.gateway = Gateway(

@@ -70,12 +70,6 @@ async def test_without_a_secret_nothing_is_signed(gw: Gateway, receiver: Receive
     assert "x-budgetgate-signature" not in headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="app/main.py builds the AlertService from the webhook URL alone: it needs "
-    "AlertService.from_settings(engine, clock, settings) to pass the secret and format",
-)
 async def test_the_gateway_signs_with_its_configured_secret(
     database_url: str, mock_upstream: ServerThread, clock: Any, receiver: Receiver
 ) -> None:
