@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,18 +23,6 @@ CHAT = json.dumps(
     {"model": "bg-priced", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 ).encode()
 TEN_MB = 10 * 1024 * 1024
-
-
-@pytest.fixture(params=["managed", "passthrough"])
-def key_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingUpstream]:
-    rec = RecordingUpstream().start()
-    yield rec
-    rec.stop()
 
 
 def head(target: bytes, headers: list[tuple[str, str]], length: int | None) -> bytes:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
-
-import pytest
 
 from app.clock import ManualClock
 from tests.conftest import UPSTREAM_KEY, Gateway, make_settings, running_gateway
@@ -60,18 +57,6 @@ def carrying(header: str, key: str) -> str:
     if header == "sec-websocket-protocol":
         return f"openai-insecure-api-key.{key}"
     return key
-
-
-@pytest.fixture(params=["managed", "passthrough"])
-def key_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingUpstream]:
-    rec = RecordingUpstream().start()
-    yield rec
-    rec.stop()
 
 
 def assert_one_credential(seen: Recorded, key_mode: str, key: str, what: object) -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import pytest
 
 from app.clock import ManualClock
 from app.main import create_app
@@ -183,18 +182,6 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     """What uvicorn (httptools) puts in raw_path and query_string."""
     path, _, query = target.partition(b"?")
     return path, query
-
-
-@pytest.fixture(params=["managed", "passthrough"])
-def key_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingUpstream]:
-    rec = RecordingUpstream().start()
-    yield rec
-    rec.stop()
 
 
 def key_body(key_mode: str, **budget: Any) -> dict[str, Any]:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl
-
-import pytest
 
 from app.clock import ManualClock
 from app.proxy.routes import ROUTES, Access
@@ -81,18 +78,6 @@ def body_for(path: str, api: str, **extra: Any) -> bytes:
 
 def headers(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}", "content-type": "application/json"}
-
-
-@pytest.fixture(params=["managed", "passthrough"])
-def key_mode(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def recorder() -> Iterator[RecordingUpstream]:
-    rec = RecordingUpstream().start()
-    yield rec
-    rec.stop()
 
 
 def test_every_metered_route_of_the_table_is_covered() -> None:
