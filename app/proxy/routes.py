@@ -176,8 +176,19 @@ class RouteTable:
         # Extra routes first: an operator may opt in a route the table refuses.
         self.routes = extra + ROUTES
         self._patterns = _patterns(self.routes)
+        # The routes without a parameter, by their exact bytes (valid paths by construction):
+        # nearly every request takes one of them, and a dictionary finds it at once.
+        self._literal: dict[tuple[str, bytes], Match] = {}
+        for pattern in reversed(self._patterns):  # the first pattern listed wins
+            route = pattern.route
+            if pattern.tail is None and not pattern.prefix and "{" not in route.template:
+                path = "/" + "/".join(pattern.head)
+                self._literal[(route.method, path.encode())] = Match(route, None, route.api)
 
     def match(self, method: str, raw_path: bytes) -> Match:
+        literal = self._literal.get((method, raw_path))
+        if literal is not None and literal.route.access is not Access.EXTRA:
+            return literal
         segments = path_segments(raw_path)
         path = raw_path.decode("ascii")
         refused: Route | None = None
