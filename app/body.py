@@ -37,24 +37,40 @@ def too_large(limit: int) -> PayloadTooLarge:
 async def read_body(receive: Receive, limit: int, seconds: float) -> bytes:
     chunks: list[bytes] = []
     size = 0
+    # A timer that cancels this task, rather than asyncio.timeout(): the same effect for a
+    # fraction of the cost, on a step every request takes.
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
     try:
-        async with asyncio.timeout(seconds):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientLeft("client disconnected while sending the body")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(limit)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientLeft("client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
         raise RequestTimeout(
             f"the request body did not arrive within {seconds:g} seconds "
             "(BUDGETGATE_BODY_TIMEOUT_SECONDS)"
         ) from None
+    finally:
+        timer.cancel()
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

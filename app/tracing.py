@@ -37,7 +37,10 @@ def tracer_of(provider: TracerProvider | None) -> Tracer:
     return provider.get_tracer(TRACER_NAME) if provider is not None else trace.NoOpTracer()
 
 
-def start_request(tracer: Tracer, method: str, request_id: str) -> Span:
+def start_request(tracer: Tracer, method: str, request_id: str) -> Span | None:
+    """The request's span; None when tracing is off (then its phases cost nothing at all)."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return None
     span = tracer.start_span("budgetgate.request", kind=SpanKind.SERVER)
     span.set_attribute("http.request.method", method)
     span.set_attribute("budgetgate.request_id", request_id)
@@ -45,5 +48,6 @@ def start_request(tracer: Tracer, method: str, request_id: str) -> Span:
 
 
 def start_phase(tracer: Tracer, name: str, parent: Span | None) -> Span:
-    context = trace.set_span_in_context(parent) if parent is not None else None
-    return tracer.start_span(name, context=context)
+    if parent is None:
+        return trace.INVALID_SPAN
+    return tracer.start_span(name, context=trace.set_span_in_context(parent))
