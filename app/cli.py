@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from importlib.metadata import version as package_version
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -29,6 +30,25 @@ keys_app = typer.Typer(
     help="Manage API keys and their budgets (straight against the ledger).", no_args_is_help=True
 )
 app.add_typer(keys_app, name="keys")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"budgetgate {package_version('budgetgate')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """budgetgate: a budget-enforcing proxy for OpenAI-compatible LLM APIs."""
+
 
 T = TypeVar("T")
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]

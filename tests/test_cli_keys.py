@@ -136,3 +136,8 @@ def test_keys_tables_and_errors(cli: Any) -> None:
     assert "alert_at.1" in cli("keys", "create", "--max-budget", "1", "--alert-at", "0.5,2", code=2)
     assert "set a max_budget" in cli("keys", "create", "--alert-at", "0.5", code=1)
     cli("usage", "--group-by", "team", code=2)
+
+
+def test_version(cli: Any) -> None:
+    out = cli("--version")
+    assert out.startswith("budgetgate ") and out.split()[1][0].isdigit(), out
