@@ -65,7 +65,8 @@ def install() -> None:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
 
-    from app.budgets import hotpath
+    from app.budgets.hotpath_postgres import PostgresHotLedger
+    from app.budgets.hotpath_sqlite import SqliteHotLedger
     from app.keys import repository as keys_repo
     from app.keys import service as keys_service
     from app.proxy import service as proxy_service
@@ -73,7 +74,7 @@ def install() -> None:
 
     G = proxy_service.Gateway
     G.handle = _timed("handle (to response object)", G.handle)
-    G._authenticate = _timed("authenticate", G._authenticate)
+    G.authenticate = _timed("authenticate", G.authenticate)
     G._read_body = _timed("read body", G._read_body)
     G._admit = _timed("admit (authenticate + reserve)", G._admit)
     G._settle = _timed("settle", G._settle)
@@ -84,7 +85,7 @@ def install() -> None:
     KS.authenticate = _timed("  auth: KeyService.authenticate", KS.authenticate)
     keys_repo.find_key_by_hash = _timed("  auth: SELECT key+budgets", keys_repo.find_key_by_hash)
     # (settlement: HotLedger.settle_soon only queues it; "settle" above times it whole)
-    for ledger in (hotpath.SqliteHotLedger, hotpath.PostgresHotLedger):
+    for ledger in (SqliteHotLedger, PostgresHotLedger):
         ledger.admit = _timed("  admit: HotLedger.admit", ledger.admit)  # type: ignore[method-assign]
 
     orig_read = proxy_service.aiohttp.ClientResponse.read

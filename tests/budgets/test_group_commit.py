@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.budgets.hotpath import SqliteHotLedger
+from app.budgets.hotpath_sqlite import SqliteHotLedger
 
 
 def scratch_db(tmp_path: Path) -> str:

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.budgets import hotpath
-from app.budgets.hotpath import PostgresHotLedger
+from app.budgets import hotpath_postgres as hotpath
+from app.budgets.hotpath_postgres import PostgresHotLedger
 from app.budgets.repository import Outcome
 from app.ledger.repository import reconcile
 from tests.budgets.helpers import Flight, admit, admit_request, settle
