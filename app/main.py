@@ -138,7 +138,7 @@ def create_app(
             gc.unfreeze()
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
-            await app.state.gateway.drain(seconds=10)
+            await app.state.gateway.settlement.drain(seconds=10)
             await alerts.close()
             await upstream.close()
             await hot.close()

@@ -70,6 +70,7 @@ def install() -> None:
     from app.keys import repository as keys_repo
     from app.keys import service as keys_service
     from app.proxy import service as proxy_service
+    from app.proxy import settlement as settlement_mod
     from app.proxy import upstream as upstream_mod
 
     G = proxy_service.Gateway
@@ -77,7 +78,8 @@ def install() -> None:
     G.authenticate = _timed("authenticate", G.authenticate)
     G._read_body = _timed("read body", G._read_body)
     G._admit = _timed("admit (authenticate + reserve)", G._admit)
-    G._settle = _timed("settle", G._settle)
+    S = settlement_mod.Settlement
+    S.settle = _timed("settle", S.settle)
     G._relay = _timed_gen("relay (stream + settle)", G._relay)
     U = upstream_mod.UpstreamClient
     U.send = _timed("upstream send (to headers)", U.send)

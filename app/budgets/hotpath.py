@@ -16,17 +16,36 @@ SQLAlchemy + aiosqlite against 0.1-0.7 ms for the same SQL on the drivers.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+import asyncpg
 from prometheus_client import Histogram
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.budgets.repository import Admission, Outcome, RequestInfo
+from app.budgets.repository import Admission, ConcurrentChange, Outcome, RequestInfo
 from app.budgets.state import PeriodState
 from app.config import Settings
 from app.keys.repository import KeyContext
+
+# What the ledger database (or the way to it) raises when it is unavailable: the request path
+# answers 503 and forwards nothing (fail closed).
+LEDGER_ERRORS = (
+    SQLAlchemyError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A pooled connection reused while the server was shutting it down ("cannot switch to
+    # state 12; another operation (2) is in progress"): the ledger is unavailable too.
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+    ConcurrentChange,
+)
+
 
 # Steps (admits and settles) per request-path transaction: group commit at work.
 BATCH_STEPS = Histogram(

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import functools
 
+import aiohttp
+import orjson
+
 from app.budgets.repository import Outcome
-from app.pricing.cost import CostCalculator
+from app.pricing.cost import COST_HEADER, CostCalculator
 from app.pricing.money import ceil_div
 from app.proxy.request import MeteredRequest
 from app.proxy.usage import StreamMeter, Usage, usage_from_body
@@ -93,3 +96,41 @@ def stream_outcome(
         usage.completion_tokens if usage else estimate.completion_tokens,
         status,
     )
+
+
+def outcome_of_body(
+    costs: CostCalculator,
+    resp: aiohttp.ClientResponse,
+    metered: MeteredRequest | None,
+    content: bytes,
+) -> Outcome:
+    """How a request answered with a whole body ended, and what it is charged."""
+    header = resp.headers.get(COST_HEADER)
+    ok = resp.status < 400
+    if metered is None or not ok:
+        return unmetered_outcome(
+            costs,
+            header,
+            "ok" if ok else "upstream_error",
+            resp.status,
+            unbounded=metered is None,
+        )
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    return body_outcome(costs, metered, header, data, len(content), resp.status)
+
+
+def outcome_of_stream(
+    costs: CostCalculator,
+    resp: aiohttp.ClientResponse,
+    metered: MeteredRequest | None,
+    meter: StreamMeter | None,
+    outcome: str,
+) -> Outcome:
+    """What a streamed request is charged, once its stream ended as `outcome`."""
+    header = resp.headers.get(COST_HEADER)
+    if metered is None or meter is None:
+        return unmetered_outcome(costs, header, outcome, resp.status, unbounded=metered is None)
+    return stream_outcome(costs, metered, header, meter, outcome, resp.status)

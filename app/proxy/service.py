@@ -7,29 +7,23 @@ every request that was admitted ends in exactly one ledger entry, whatever happe
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import re
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
-from typing import Any
 
 import aiohttp
-import asyncpg
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import Span, Tracer
-from sqlalchemy.exc import SQLAlchemyError
+from opentelemetry.trace import Tracer
 from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
 from app.body import is_json_media, read_body, too_large
-from app.budgets.hotpath import AdmitRequest, HotLedger, model_allowed
+from app.budgets.hotpath import LEDGER_ERRORS, AdmitRequest, HotLedger, model_allowed
 from app.budgets.repository import (
     Admission,
     BudgetRepository,
@@ -37,7 +31,7 @@ from app.budgets.repository import (
     Outcome,
     RequestInfo,
 )
-from app.budgets.state import PeriodState, tightest
+from app.budgets.state import tightest
 from app.clock import Clock
 from app.config import Settings
 from app.errors import (
@@ -55,9 +49,9 @@ from app.errors import (
 from app.keys.repository import KeyContext
 from app.keys.service import KeyService, hash_key
 from app.metrics import LEDGER_SECONDS
-from app.pricing.cost import COST_HEADER, CostCalculator
+from app.pricing.cost import CostCalculator
 from app.proxy.access import AccessRecord, current_access
-from app.proxy.charging import body_outcome, stream_outcome, unmetered_outcome
+from app.proxy.charging import outcome_of_body, outcome_of_stream
 from app.proxy.headers import (
     add_identity,
     budget_headers,
@@ -70,6 +64,7 @@ from app.proxy.headers import (
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered, set_output_bound
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
+from app.proxy.settlement import Settlement
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
@@ -85,18 +80,6 @@ KNOWN_KEYS_LIMIT = 100_000
 
 # Header bytes that cannot be forwarded (see Gateway._check_sendable).
 _UNSENDABLE = re.compile(rb"[\r\n\x00]")
-_LEDGER_ERRORS = (
-    SQLAlchemyError,
-    sqlite3.Error,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    # A pooled connection reused while the server was shutting it down ("cannot switch to
-    # state 12; another operation (2) is in progress"): the ledger is unavailable too.
-    asyncpg.InternalClientError,
-    OSError,
-    TimeoutError,
-    ConcurrentChange,
-)
 
 
 class Gateway:
@@ -115,13 +98,13 @@ class Gateway:
         self.hot = hot
         self.tracer = tracer or trace.NoOpTracer()
         self.alerts = alerts
-        self._pending_settlements: set[asyncio.Future[Any]] = set()
         self.settings = settings
         self.clock = clock
         self.keys = keys
         self.budgets = budgets
         self.costs = costs
         self.upstream = upstream
+        self.settlement = Settlement(hot, clock, settings.reservation_ttl_seconds, self.tracer)
         self.routes = RouteTable(parse_extra_routes(settings.extra_routes))
         self.passthrough = settings.key_mode == "passthrough"
         self.upstream_key = (
@@ -149,7 +132,7 @@ class Gateway:
         that did not go through an admission: errors, the free paths, GET /v1/budget)."""
         try:
             states = await self.budgets.period_states([b.period_id for b in key.budgets])
-        except _LEDGER_ERRORS:
+        except LEDGER_ERRORS:
             states = []
         return budget_headers(states, request_id)
 
@@ -252,7 +235,9 @@ class Gateway:
         if metered is not None and admission.amount < amount:
             if not self._shrinks(key.shrink_to_fit):
                 # Shrunk on a choice the key no longer makes: the request is refused after all.
-                states = await self._settle(info, Outcome("rejected", 0, "none", status_code=429))
+                states = await self.settlement.settle(
+                    info, Outcome("rejected", 0, "none", status_code=429)
+                )
                 refusing = tightest(states or admission.periods) or admission.periods[0]
                 raise self._budget_exceeded(key, Admission(False, [refusing], amount), request_id)
             limited = self._shrink_to(metered, admission.amount)
@@ -331,7 +316,7 @@ class Gateway:
                     continue
                 return self.keys.ensure_usable(result.key), result.admission
             raise ConcurrentChange("periods kept expiring during admission")
-        except _LEDGER_ERRORS as exc:
+        except LEDGER_ERRORS as exc:
             raise self._ledger_down(exc) from None
 
     async def authenticate(self, request: Request) -> KeyContext:
@@ -339,7 +324,7 @@ class Gateway:
         or expired."""
         try:
             return await self.keys.authenticate(presented_key(request.headers))
-        except _LEDGER_ERRORS as exc:
+        except LEDGER_ERRORS as exc:
             raise self._ledger_down(exc) from None
 
     async def _read_body(self, request: Request) -> bytes:
@@ -424,13 +409,15 @@ class Gateway:
             resp = await self._send(request, info, body)
         except (UpstreamUnreachable, UpstreamTimeout) as exc:
             outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
-            states = await self._settle(info, Outcome(outcome, 0, "none", status_code=exc.status))
+            states = await self.settlement.settle(
+                info, Outcome(outcome, 0, "none", status_code=exc.status)
+            )
             return error_response(exc, budget_headers(states or admission.periods, info.request_id))
         except BaseException as exc:
             # Anything else (a bug, a request aiohttp refuses to send, cancellation): the
             # reservation is released now, not held until the sweeper's TTL.
             failed = isinstance(exc, Exception)
-            await self._settle(
+            await self.settlement.settle(
                 info,
                 Outcome(
                     "upstream_error" if failed else "client_disconnect",
@@ -457,7 +444,7 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             resp.release()
             timeout = isinstance(exc, TimeoutError)
-            states = await self._settle(
+            states = await self.settlement.settle(
                 info,
                 Outcome(
                     "timeout" if timeout else "upstream_error",
@@ -473,31 +460,12 @@ class Gateway:
             )
             return error_response(err, budget_headers(states or admission.periods, info.request_id))
         resp.release()
-        result = self._outcome_of_body(resp, metered, content)
-        states = await self._settle(info, result)
+        result = outcome_of_body(self.costs, resp, metered, content)
+        states = await self.settlement.settle(info, result)
         headers = response_headers(list(resp.headers.items())) | budget_headers(
             states or admission.periods, info.request_id
         )
         return Response(content, resp.status, headers=headers)
-
-    def _outcome_of_body(
-        self, resp: aiohttp.ClientResponse, metered: MeteredRequest | None, content: bytes
-    ) -> Outcome:
-        header = resp.headers.get(COST_HEADER)
-        ok = resp.status < 400
-        if metered is None or not ok:
-            return unmetered_outcome(
-                self.costs,
-                header,
-                "ok" if ok else "upstream_error",
-                resp.status,
-                unbounded=metered is None,
-            )
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            data = None
-        return body_outcome(self.costs, metered, header, data, len(content), resp.status)
 
     async def _relay(
         self,
@@ -539,102 +507,13 @@ class Gateway:
             raise
         finally:
             resp.close()
-            await self._settle(info, self._outcome_of_stream(resp, metered, meter, outcome))
-
-    def _outcome_of_stream(
-        self,
-        resp: aiohttp.ClientResponse,
-        metered: MeteredRequest | None,
-        meter: StreamMeter | None,
-        outcome: str,
-    ) -> Outcome:
-        header = resp.headers.get(COST_HEADER)
-        if metered is None or meter is None:
-            return unmetered_outcome(
-                self.costs, header, outcome, resp.status, unbounded=metered is None
+            await self.settlement.settle(
+                info, outcome_of_stream(self.costs, resp, metered, meter, outcome)
             )
-        return stream_outcome(self.costs, metered, header, meter, outcome, resp.status)
-
-    async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
-        """The periods' state after the settlement; None if it did not land (yet).
-
-        The ledger runs it to its end whatever happens to this request (its client left, the
-        server shuts down and cancels it): it is awaited shielded, and its outcome is handled
-        by _settled, a callback, in either case (the shutdown drains what is still pending)."""
-        record = current_access.get()
-        if record is not None:
-            record.upstream_done()
-            record.outcome, record.cost = outcome.outcome, outcome.cost
-        settling = self.hot.settle_soon(info, outcome, self.clock.now())
-        span = start_phase(self.tracer, "settle", record.span if record is not None else None)
-        settling.add_done_callback(_observe_settle(time.perf_counter(), span))
-        self._pending_settlements.add(settling)
-        settling.add_done_callback(functools.partial(self._settled, info, outcome))
-        try:
-            return await asyncio.shield(settling)
-        except _LEDGER_ERRORS:
-            return None
-
-    def _settled(
-        self,
-        info: RequestInfo,
-        outcome: Outcome,
-        settling: asyncio.Future[list[PeriodState] | None],
-    ) -> None:
-        self._pending_settlements.discard(settling)
-        if settling.cancelled():
-            return
-        exc = settling.exception()
-        if isinstance(exc, _LEDGER_ERRORS):
-            # The upstream answered and may have billed: keep trying in the background (the
-            # reservation stays held meanwhile, so the budget stays closed for it).
-            log.warning(
-                "settlement of %s failed (%s); retrying in the background",
-                info.request_id,
-                type(exc).__name__,
-            )
-            task = asyncio.ensure_future(self._settle_in_background(info, outcome))
-            self._pending_settlements.add(task)
-            task.add_done_callback(self._pending_settlements.discard)
-        elif exc is not None:
-            log.error("settlement of %s failed", info.request_id, exc_info=exc)
-        elif settling.result() is None:
-            log.warning("request %s was already released by the sweeper", info.request_id)
-
-    async def _settle_in_background(self, info: RequestInfo, outcome: Outcome) -> None:
-        """Retry a settlement until the ledger is back, for as long as the reservation lives
-        (after that the sweeper has released it and recorded it as abandoned)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.reservation_ttl_seconds
-        delay = 0.1
-        while loop.time() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            try:
-                settling = self.hot.settle_soon(info, outcome, self.clock.now())
-                if await asyncio.shield(settling) is None:
-                    log.warning("request %s was already released by the sweeper", info.request_id)
-                return
-            except _LEDGER_ERRORS:
-                continue
-        log.error("gave up settling %s; the sweeper releases it", info.request_id)
-
-    async def drain(self, seconds: float) -> None:
-        """At shutdown: give settlements still running or retrying a last chance to land."""
-        if self._pending_settlements:
-            await asyncio.wait(set(self._pending_settlements), timeout=seconds)
 
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
         return LedgerUnavailable("the budget ledger is unavailable; the request was not forwarded")
-
-
-def _observe_settle(started: float, span: Span) -> Callable[[asyncio.Future[Any]], None]:
-    def observe(_: asyncio.Future[Any]) -> None:
-        span.end()
-        LEDGER_SECONDS.labels("settle").observe(time.perf_counter() - started)
-
-    return observe
 
 
 def only_models(body: bytes, allowed: list[str]) -> bytes:

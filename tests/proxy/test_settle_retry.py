@@ -74,7 +74,7 @@ async def test_a_settlement_whose_request_is_cancelled_still_lands(gateway: Gate
             hot.settle_soon = failing_once
         try:
             settling = asyncio.ensure_future(
-                gw._settle(flight.info, Outcome("ok", CENT // 2, "usage", 1, 1, 200))
+                gw.settlement.settle(flight.info, Outcome("ok", CENT // 2, "usage", 1, 1, 200))
             )
             await asyncio.sleep(0)  # submitted
             settling.cancel()
