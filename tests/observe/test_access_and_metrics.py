@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 
 from app.clock import ManualClock
 from app.main import create_app
@@ -151,6 +152,18 @@ async def test_metrics_token(
         assert r.status_code == 200 and "budgetgate_requests_total" in r.text
 
 
+def served_by_worker(metrics_dir: Path) -> list[float]:
+    """budgetgate_requests_total as each worker's own sample file holds it."""
+    served = []
+    for path in sorted(metrics_dir.glob("counter_*.db")):
+        total = 0.0
+        for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+            if json.loads(key)[1] == "budgetgate_requests_total":
+                total += value
+        served.append(total)
+    return served
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_metrics_are_summed_over_every_worker(
     pg_cluster: PgCluster, tmp_path: Path, workers: int
@@ -178,6 +191,10 @@ def test_metrics_are_summed_over_every_worker(
         "BUDGETGATE_PRICES_FILE": str(Path(__file__).parents[1] / "data" / "prices.yaml"),
         "BUDGETGATE_LOG_FORMAT": "json",
     }
+    # The workers' sample files, where this test can see which worker served what.
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     port = free_port()
     argv = [bin_, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     gateway = ManagedProcess("gateway", argv, env, tmp_path, port)
@@ -187,17 +204,21 @@ def test_metrics_are_summed_over_every_worker(
         with httpx.Client(base_url=gateway.url, timeout=30) as client:
             r = client.post("/admin/keys", json={"max_budget": 100}, headers=bearer(ADMIN_KEY))
             key = r.json()["key"]
-            for _ in range(40):
-                # A fresh connection each time, so that both workers take some.
+            sent = 0
+            # Until every worker has served some (a fresh connection each time).
+            while sent < 40 or len([n for n in served_by_worker(metrics_dir) if n]) < workers:
+                assert sent < 400, served_by_worker(metrics_dir)
                 r = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(5),
                                headers=bearer(key), timeout=30)  # fmt: skip
                 assert r.status_code == 200, r.text
+                sent += 1
+            assert sum(served_by_worker(metrics_dir)) == sent
             for _ in range(10):
                 page = httpx.get(gateway.url + "/metrics", timeout=30).text
-                assert sample(page, "budgetgate_requests_total", status="200") == 40, page
+                assert sample(page, "budgetgate_requests_total", status="200") == sent, page
         lines = json_lines(gateway.stderr_path.read_text())
         access = [e for e in lines if e.get("logger") == "budgetgate.access"]
-        assert len(access) == 40
+        assert len(access) == sent
         starting = [e for e in lines if e.get("message") == "budgetgate starting"]
         assert len(starting) == 1 and starting[0]["workers"] == workers
         assert starting[0]["database"].endswith(f"/{name}")
