@@ -20,8 +20,6 @@ from starlette.types import Receive, Scope, Send
 
 from app.alerts.service import AlertService
 from app.body import is_json_media, read_body, replay, too_large
-from app.budgets.hotpath import create_hot_ledger
-from app.budgets.repository import BudgetRepository
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import create_engine
@@ -37,6 +35,8 @@ from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
 from app.ledger import repository as ledger
+from app.ledger.contract import create_hot_ledger
+from app.ledger.periods import BudgetRepository
 from app.logs import configure_logging
 from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head

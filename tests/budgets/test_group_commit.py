@@ -1,4 +1,4 @@
-"""SQLite group commit (app/budgets/hotpath.py): steps queued in one event-loop turn share a
+"""SQLite group commit (app/ledger/contract.py): steps queued in one event-loop turn share a
 transaction (the steps of one kind in one call); when one fails, the batch runs again with each
 step alone in a savepoint, so one step's failure undoes only that step."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.budgets.hotpath_sqlite import SqliteHotLedger
+from app.ledger.sqlite import SqliteHotLedger
 
 
 def scratch_db(tmp_path: Path) -> str:

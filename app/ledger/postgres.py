@@ -1,4 +1,4 @@
-"""The hot ledger on PostgreSQL (the contract: app/budgets/hotpath.py).
+"""The hot ledger on PostgreSQL (the contract: app/ledger/contract.py).
 
 PostgreSQL: the steps arriving while a batch runs make the next batch, whatever their keys
 (PostgresHotLedger). A batch's settles, then its admits, are each ONE statement over arrays
@@ -15,10 +15,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult
-from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState
-from app.keys.repository import KeyContext
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 # One statement admits a batch of requests, of any keys (parameters: one array per column of the
 # steps: key hash, request id, amount, now, model, endpoint, stream, started at, reservation
@@ -362,7 +373,7 @@ class PostgresHotLedger:
                         rows += await conn.fetch(query, *_columns([step]))
         return rows  # type: ignore[no-any-return]
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
         rows = await self._submit(
             _ADMIT,
             (
@@ -379,7 +390,7 @@ class PostgresHotLedger:
             ),
         )
         if not rows:
-            return AdmitResult(None, None, [])
+            return KeyRefused(None, "unknown")
         first = rows[0]
         periods = [r for r in rows if r["id"] is not None]
         key = KeyContext(
@@ -394,20 +405,23 @@ class PostgresHotLedger:
             ],
             shrink_to_fit=first["shrink_to_fit"],
         )
-        if not first["key_ok"]:
-            return AdmitResult(key, None, [])
+        refusal = key_refusal(key, now, req.model)
+        if (refusal is None) != first["key_ok"]:  # the statement's key_ok is the same rule
+            raise RuntimeError(f"key {key.id}: the admission statement and key_refusal disagree")
+        if refusal is not None:
+            return KeyRefused(key, refusal)
         if not first["current"]:
             expired = [
                 (r["budget_id"], r["id"])
                 for r in periods
                 if r["period_end"] is not None and r["period_end"] <= now
             ]
-            return AdmitResult(key, None, expired, retry=not expired)
+            return PeriodsExpired(key, expired) if expired else PeriodsChanged(key)
         states = [PeriodState.from_row(r) for r in periods]
         if first["taken"] is None:
             refused = next(s for s in states if not s.fits(req.least))
-            return AdmitResult(key, Admission(False, [refused], req.amount), [])
-        return AdmitResult(key, Admission(True, states, first["taken"]), [])
+            return Rejected(key, refused, req.amount)
+        return Admitted(key, states, first["taken"])
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime

@@ -1,4 +1,4 @@
-"""The hot ledger on SQLite (the contract: app/budgets/hotpath.py).
+"""The hot ledger on SQLite (the contract: app/ledger/contract.py).
 
 SQLite: the steps queued in the same event-loop turn make a batch, run in a `BEGIN IMMEDIATE`
 transaction on a connection used from the event loop, with no thread hand-off (statements take
@@ -16,10 +16,20 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult, model_allowed
-from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState, amount_to_reserve
-from app.keys.repository import KeyContext
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 
 def _sqlite_time(when: datetime) -> str:
@@ -95,7 +105,7 @@ def _busy(exc: Exception) -> bool:
 
 def _sqlite_admit(
     conn: sqlite3.Connection, steps: list[tuple[AdmitRequest, datetime]]
-) -> list[AdmitResult]:
+) -> list[Decision]:
     """Admit requests in order, as if one by one: each is decided on the periods' money as the
     ones before it left it. The batch's transaction holds SQLite's write lock, so what it reads
     stays true until its commit: the keys are read once, in one query, the decisions are made
@@ -106,20 +116,21 @@ def _sqlite_admit(
     held: dict[int, int] = {}  # period id -> what this batch reserved on it
     reservations: list[tuple[Any, ...]] = []
     rejections: list[tuple[Any, ...]] = []
-    results: list[AdmitResult] = []
+    results: list[Decision] = []
     for req, now in steps:
         found = keys.get(req.key_hash)
         if found is None:
-            results.append(AdmitResult(None, None, []))
+            results.append(KeyRefused(None, "unknown"))
             continue
         key, periods = found
-        if AdmitResult(key, None, []).refusal(now) or not model_allowed(key.models, req.model):
-            results.append(AdmitResult(key, None, []))
+        refusal = key_refusal(key, now, req.model)
+        if refusal is not None:
+            results.append(KeyRefused(key, refusal))
             continue
         now_text = _sqlite_time(now)
         expired = [(r[6], r[8]) for r in periods if r[10] is not None and r[10] <= now_text]
         if expired:
-            results.append(AdmitResult(key, None, expired))
+            results.append(PeriodsExpired(key, expired))
             continue
         states = [money[r[8]] for r in periods]  # ascending period id
         take = amount_to_reserve(states, req.amount, req.min_amount)
@@ -129,7 +140,7 @@ def _sqlite_admit(
                 (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
                 + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text, 0)
             )
-            results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
+            results.append(Rejected(key, refused, req.amount))
             continue
         started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
         after = []
@@ -141,7 +152,7 @@ def _sqlite_admit(
                 (req.request_id, st.period_id, take, key.id, req.model, req.endpoint)
                 + (req.stream, started, expires)
             )
-        results.append(AdmitResult(key, Admission(True, after, take), []))
+        results.append(Admitted(key, after, take))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
@@ -395,7 +406,7 @@ class SqliteHotLedger:
             if not step.future.done():
                 step.future.set_exception(exc)
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
         return await self._submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
 
     def settle_soon(
