@@ -38,6 +38,7 @@ from app.errors import (
     UpstreamUnreachable,
     error_response,
 )
+from app.keys.credentials import presented_key
 from app.keys.service import KeyService, hash_key
 from app.ledger.contract import (
     LEDGER_ERRORS,
@@ -63,7 +64,6 @@ from app.proxy.charging import outcome_of_body, outcome_of_stream
 from app.proxy.headers import (
     add_identity,
     budget_headers,
-    presented_key,
     response_headers,
     retry_after,
     rfc3339,
