@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -194,6 +195,10 @@ class Outcome:
     status_code: int | None = None
 
 
+# Told the kinds of each batch's steps as it starts (HotLedger.observe_batches).
+BatchObserver = Callable[[list[str]], None]
+
+
 class HotLedger(Protocol):
     async def admit(self, req: AdmitRequest, now: datetime) -> Decision: ...
 
@@ -203,6 +208,16 @@ class HotLedger(Protocol):
         """Queue the settlement; the future has its periods' state after it (None: nothing was
         held any more, the sweeper released it). It runs to its end whatever happens to its
         caller: await it shielded (asyncio.shield), never cancel it."""
+        ...
+
+    @property
+    def queued_steps(self) -> int:
+        """Steps (admits and settles) waiting for the next batch."""
+        ...
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Call `observer` with the kinds of each batch's steps ("admit", "settle"), in queue
+        order, as the batch starts: to watch group commit at work (tests, diagnostics)."""
         ...
 
     async def close(self) -> None: ...

@@ -20,6 +20,7 @@ from app.ledger.contract import (
     BATCH_STEPS,
     AdmitRequest,
     Admitted,
+    BatchObserver,
     Decision,
     KeyContext,
     KeyRefused,
@@ -238,12 +239,11 @@ class PostgresHotLedger:
     (_PG_SETTLE), then its admits in another (_PG_ADMIT), one round trip and one WAL flush
     each. All steps of a key serialize on its period rows anyway (each holds their locks
     through its commit); batching shares that commit instead of queueing in PostgreSQL's lock
-    manager (bench, 32 connections on one key: ~560 -> ~1850 req/s), and a statement over the
-    whole batch writes each period once instead of once per step (PostgreSQL CPU per request
-    0.23-0.25 -> 0.14-0.15 ms; +19-22 % requests/s). Batching across keys, not per key: with
-    32 connections on 32 keys, per-key batches held one step each (~840 req/s, PostgreSQL CPU
-    1.0 ms and the gateway's 0.76 ms per request: a planned statement and a round trip per
-    step); one batch for all keys ~1900 req/s, 0.17 and 0.38 ms, as for one key.
+    manager, and a statement over the
+    whole batch writes each period once instead of once per step. Batching across keys, not
+    per key: with many connections on many keys, per-key batches would hold one step each (a
+    planned statement and a round trip per step); one batch for all keys costs per request
+    what one key's does (bench/RESULTS.md has the figures).
 
     Lock order: every statement locks the periods it touches in ascending id order. A step's
     error (a deadlock all the same, a duplicate request id) rolls its transaction back: those
@@ -260,6 +260,14 @@ class PostgresHotLedger:
         self._lock = asyncio.Lock()
         self._queue: list[_PgStep] | None = None  # while a batch runs: the steps for the next
         self._draining: asyncio.Task[None] | None = None
+        self._observers: list[BatchObserver] = []
+
+    @property
+    def queued_steps(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
 
     async def _acquire_pool(self) -> Any:
         if self._pool is None:
@@ -313,6 +321,8 @@ class PostgresHotLedger:
         """Run a batch: its settles (what they free is there for the admits), then its admits,
         each kind in one transaction of its own (one round trip each: on a busy event loop a
         round trip costs more than a commit)."""
+        for observe in self._observers:
+            observe(["admit" if s.query is _ADMIT else "settle" for s in batch])
         settles = [s for s in batch if s.query is _SETTLE]
         admits = [s for s in batch if s.query is _ADMIT]
         pool = await self._acquire_pool()

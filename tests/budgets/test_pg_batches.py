@@ -43,14 +43,17 @@ def record_batches(gw: Gateway) -> list[list[str]]:
     ledger = gw.state.gateway.hot
     assert isinstance(ledger, PostgresHotLedger)
     batches: list[list[str]] = []
-    real = ledger._execute
-
-    async def recording(batch: list[Any]) -> None:
-        batches.append(["admit" if s.query is hotpath._ADMIT else "settle" for s in batch])
-        await real(batch)
-
-    ledger._execute = recording  # type: ignore[method-assign]
+    ledger.observe_batches(batches.append)
     return batches
+
+
+async def until_queued(gw: Gateway, steps: int) -> None:
+    """Until `steps` steps wait for the ledger's next batch."""
+    for _ in range(1000):
+        if gw.state.gateway.hot.queued_steps >= steps:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{gw.state.gateway.hot.queued_steps} steps queued, not {steps}")
 
 
 @asynccontextmanager
@@ -98,7 +101,7 @@ async def test_steps_arriving_during_a_batch_share_the_next_transaction(
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 5)
         assert not first.done() and not any(f.done() for f in rest)
     flights = await asyncio.gather(first, *rest)
     assert all(f.admitted for f in flights)
@@ -120,7 +123,7 @@ async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
         # The same request id again: its reservation collides with the first's.
         dup = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_first"))
         c = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_c"))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 3)
     results = await asyncio.gather(first, a, dup, c, return_exceptions=True)
     assert batches == [["admit"], ["admit"] * 3]
     assert isinstance(results[2], asyncpg.UniqueViolationError), results[2]
@@ -147,7 +150,7 @@ async def test_settles_and_admits_queued_together_run_in_one_batch(
             for f in flights
         ]
         admits = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 6)
     await first
     states = await asyncio.gather(*settles)
     assert all(s is not None and s[0].spend >= 2 * CENT for s in states), states
@@ -166,11 +169,11 @@ async def test_a_lost_connection_fails_its_batch_only(gw: Gateway, postgres_url:
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         (pid,) = await until_waiting(postgres_url)
         queued = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 3)
         assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
             await asyncio.wait_for(first, 10)
-        await asyncio.sleep(0.05)
+        await until_waiting(postgres_url)  # the next batch, on another connection
     # The next batch ran on another connection, once the rows were free.
     flights = await asyncio.wait_for(asyncio.gather(*queued), 10)
     assert all(f.admitted for f in flights)
@@ -238,7 +241,7 @@ async def test_a_batch_that_does_not_all_fit_is_decided_one_step_at_a_time_in_or
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], c * CENT)) for c in cents]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, len(cents))
     assert (await first).admitted
     # held 1: +2 = 3, +2 = 5, +2 > 6 no, +1 = 6, then the budget is reached: no, no
     admitted = [f.admitted for f in await asyncio.gather(*rest)]
@@ -264,7 +267,7 @@ async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], 2 * CENT)) for _ in range(4)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 4)
     assert (await first).admitted  # the budget is reached with it
     flights = await asyncio.gather(*rest)
     assert not any(f.admitted for f in flights)
@@ -299,7 +302,7 @@ async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
             asyncio.ensure_future(hot.admit(admit_request(gw, k["key"], 2 * CENT), gw.clock.now()))
             for k in order
         ]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, len(order))
     assert (await first).admitted
     results = await asyncio.gather(*rest)
     assert [r.key.alias for r in results] == [k["alias"] for k in order]  # type: ignore[union-attr]
@@ -341,7 +344,7 @@ async def test_a_key_whose_period_ended_does_not_hold_up_its_batch_mates(
         fresh = asyncio.ensure_future(
             hot.admit(admit_request(gw, other["key"], CENT), gw.clock.now())
         )
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 2)
     assert (await first).admitted
     result = await stale
     assert isinstance(result, PeriodsExpired) and len(result.expired) == 1
@@ -367,7 +370,7 @@ async def test_an_unknown_key_in_a_batch_is_unauthenticated_and_its_mates_admitt
             hot.admit(admit_request(gw, "sk-bg-" + "0" * 40, CENT), gw.clock.now())
         )
         known = asyncio.ensure_future(admit(gw, key["key"], CENT))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 2)
     assert (await first).admitted
     result = await unknown
     assert result == KeyRefused(None, "unknown")
@@ -388,7 +391,7 @@ async def test_a_batch_admits_each_step_for_its_own_model(gw: Gateway, postgres_
         allowed = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(2)]
         other = admit_request(gw, key["key"], CENT, model="gpt-other")
         refused = asyncio.ensure_future(hot.admit(other, gw.clock.now()))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 3)
     assert (await first).admitted
     assert all(f.admitted for f in await asyncio.gather(*allowed))
     result = await refused
@@ -412,7 +415,7 @@ async def test_a_settle_batch_leaves_out_a_request_settled_already(
         await until_waiting(postgres_url)
         again = asyncio.ensure_future(settle(gw, two.info, done))
         last = asyncio.ensure_future(settle(gw, three.info, done))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 2)
     assert await first is not None
     assert await again is None
     states = await last
