@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
-from app.body import is_json_media, read_body, too_large
+from app.body import declares_more_than, is_json_media, read_body, too_large
 from app.budgets.state import PeriodState, tightest
 from app.clock import Clock
 from app.config import Settings
@@ -350,8 +350,7 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declares_more_than(request.scope, limit):
             raise too_large(limit)
         return await read_body(request.receive, limit, self.settings.body_timeout_seconds)
 
