@@ -157,6 +157,8 @@ class KeyService:
             conn,
             {
                 "id": budget_id,
+                "owner_kind": "key",
+                "owner_id": key_id,
                 "key_id": key_id,
                 "kind": kind,
                 "max_budget": _nanos(s.max_budget),
