@@ -36,3 +36,6 @@ class Budget(Base):
     schedule_anchor: Mapped[datetime | None] = mapped_column(UTCDateTime)  # effective anchor
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set when its owner is deleted (or the limit removed): it applies to no request any more;
+    # its periods and charges stay, as history.
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

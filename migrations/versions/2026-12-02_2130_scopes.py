@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "0009"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -31,6 +30,7 @@ def upgrade() -> None:
         sa.Column("metadata", sa.JSON(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_owners")),
         sa.UniqueConstraint("kind", "scope", "name", name=op.f("uq_owners_kind")),
     )
@@ -55,6 +55,7 @@ def upgrade() -> None:
             sa.Column("unit", sa.String(length=16), nullable=False, server_default="usd")
         )
         batch_op.add_column(sa.Column("models", sa.JSON(none_as_null=True), nullable=True))
+        batch_op.add_column(sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.alter_column("key_id", existing_type=sa.String(length=40), nullable=True)
     op.execute("UPDATE budgets SET owner_id = key_id")
     with op.batch_alter_table("budgets", schema=None) as batch_op:
@@ -68,15 +69,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Budgets of other owners than keys cannot be kept by the older schema: they go, with
+    # Budgets the older schema cannot hold (other owners, other units, narrowed to models) go, with
     # their periods, charges and alerts.
-    others = "SELECT id FROM budgets WHERE owner_kind <> 'key'"
+    others = (
+        "SELECT id FROM budgets WHERE owner_kind <> 'key' OR unit <> 'usd' OR models IS NOT NULL"
+    )
     periods = f"SELECT id FROM budget_periods WHERE budget_id IN ({others})"
     op.execute(f"DELETE FROM budget_alerts WHERE budget_id IN ({others})")
     op.execute(f"DELETE FROM ledger_charges WHERE period_id IN ({periods})")
     op.execute(f"DELETE FROM reservations WHERE period_id IN ({periods})")
     op.execute(f"DELETE FROM budget_periods WHERE budget_id IN ({others})")
-    op.execute("DELETE FROM budgets WHERE owner_kind <> 'key'")
+    op.execute(f"DELETE FROM budgets WHERE id IN ({others})")
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
         batch_op.drop_column("tags")
         batch_op.drop_column("end_user_id")
@@ -85,6 +88,7 @@ def downgrade() -> None:
     with op.batch_alter_table("budgets", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_budgets_owner_id"))
         batch_op.alter_column("key_id", existing_type=sa.String(length=40), nullable=False)
+        batch_op.drop_column("retired_at")
         batch_op.drop_column("models")
         batch_op.drop_column("unit")
         batch_op.drop_column("owner_id")
