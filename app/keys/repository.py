@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, and_, case, insert, select, update
@@ -11,11 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.budgets.state import BudgetRef
 from app.ledger.contract import KeyContext
-from app.models import ApiKey, Budget, BudgetPeriod
+from app.models import ApiKey, Budget, BudgetPeriod, Owner
 
 K: Table = ApiKey.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
+OWN: Table = Owner.__table__  # type: ignore[assignment]
 
 
 def new_id(prefix: str) -> str:
@@ -82,11 +84,17 @@ async def get_key(conn: AsyncConnection, key_id: str) -> Row[Any] | None:
 
 
 async def list_keys(
-    conn: AsyncConnection, alias: str | None, after_id: str | None, limit: int
+    conn: AsyncConnection,
+    alias: str | None,
+    after_id: str | None,
+    limit: int,
+    team_id: str | None = None,
 ) -> list[Row[Any]]:
     q = select(K).order_by(K.c.id).limit(limit)
     if alias is not None:
         q = q.where(K.c.alias == alias)
+    if team_id is not None:
+        q = q.where(K.c.team_id == team_id)
     if after_id is not None:
         q = q.where(K.c.id > after_id)
     return list((await conn.execute(q)).all())
@@ -96,8 +104,16 @@ async def update_key(conn: AsyncConnection, key_id: str, values: dict[str, Any])
     await conn.execute(update(K).where(K.c.id == key_id).values(**values))
 
 
-async def budgets_with_open_periods(conn: AsyncConnection, key_ids: list[str]) -> list[Row[Any]]:
-    """Each budget of the keys with its open period's money, primary budget first."""
+def _active_budgets_of(owner_kind: str, owner_ids: list[str]) -> Any:
+    """The owners' budgets that still apply (not retired)."""
+    return and_(B.c.owner_kind == owner_kind, B.c.owner_id.in_(owner_ids), B.c.retired_at.is_(None))
+
+
+async def budgets_with_open_periods(
+    conn: AsyncConnection, owner_ids: list[str], owner_kind: str = "key"
+) -> list[Row[Any]]:
+    """Each active budget of the owners (keys by default) with its open period's money,
+    primary budget first."""
     q = (
         select(
             B,
@@ -109,22 +125,43 @@ async def budgets_with_open_periods(conn: AsyncConnection, key_ids: list[str]) -
         )
         .select_from(B)
         .outerjoin(P, and_(P.c.budget_id == B.c.id, P.c.closed_at.is_(None)))
-        .where(B.c.key_id.in_(key_ids))
-        .order_by(B.c.key_id, B.c.kind.desc(), B.c.created_at, B.c.id)  # "primary" > "window"
+        .where(_active_budgets_of(owner_kind, owner_ids))
+        # "primary" > "parallel" > "window"
+        .order_by(B.c.owner_id, B.c.kind.desc(), B.c.created_at, B.c.id)
     )
     return list((await conn.execute(q)).all())
 
 
-async def primary_budget_id(conn: AsyncConnection, key_id: str) -> str | None:
-    row = (
-        await conn.execute(select(B.c.id).where(B.c.key_id == key_id, B.c.kind == "primary"))
-    ).first()
+async def primary_budget_id(
+    conn: AsyncConnection, owner_id: str, owner_kind: str = "key"
+) -> str | None:
+    q = select(B.c.id).where(_active_budgets_of(owner_kind, [owner_id]), B.c.kind == "primary")
+    row = (await conn.execute(q)).first()
     return None if row is None else str(row.id)
 
 
-async def budget_ids(conn: AsyncConnection, key_id: str) -> list[str]:
-    rows = await conn.execute(select(B.c.id).where(B.c.key_id == key_id).order_by(B.c.id))
+async def parallel_budget_id(conn: AsyncConnection, owner_kind: str, owner_id: str) -> str | None:
+    q = select(B.c.id).where(_active_budgets_of(owner_kind, [owner_id]), B.c.kind == "parallel")
+    row = (await conn.execute(q)).first()
+    return None if row is None else str(row.id)
+
+
+async def budget_ids(
+    conn: AsyncConnection,
+    owner_id: str,
+    owner_kind: str = "key",
+    kinds: tuple[str, ...] = ("primary", "window"),
+) -> list[str]:
+    """The owner's active budgets of these kinds, by id (the ledger's lock order)."""
+    q = select(B.c.id).where(_active_budgets_of(owner_kind, [owner_id]), B.c.kind.in_(kinds))
+    rows = await conn.execute(q.order_by(B.c.id))
     return [str(r) for r in rows.scalars()]
+
+
+async def active_owner_exists(conn: AsyncConnection, kind: str, owner_id: str) -> bool:
+    """A team or user a key may belong to: it exists and is not deleted."""
+    q = select(OWN.c.id).where(OWN.c.id == owner_id, OWN.c.kind == kind, OWN.c.deleted_at.is_(None))
+    return (await conn.execute(q)).first() is not None
 
 
 async def update_budget(conn: AsyncConnection, budget_id: str, values: dict[str, Any]) -> None:
@@ -148,11 +185,24 @@ async def update_open_period_limit(
     )
 
 
-async def list_periods(conn: AsyncConnection, key_id: str, limit: int) -> list[Row[Any]]:
+async def close_open_period(
+    conn: AsyncConnection, budget_id: str, now: datetime, reason: str
+) -> None:
+    await conn.execute(
+        update(P)
+        .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
+        .values(closed_at=now, close_reason=reason)
+    )
+
+
+async def list_periods(
+    conn: AsyncConnection, owner_id: str, limit: int, owner_kind: str = "key"
+) -> list[Row[Any]]:
+    """The owner's periods, newest first; retired budgets' too (history)."""
     q = (
-        select(P, B.c.kind)
+        select(P, B.c.kind, B.c.unit)
         .join(B, B.c.id == P.c.budget_id)
-        .where(B.c.key_id == key_id)
+        .where(B.c.owner_kind == owner_kind, B.c.owner_id == owner_id)
         .order_by(P.c.period_start.desc(), P.c.id.desc())
         .limit(limit)
     )

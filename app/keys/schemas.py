@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -120,6 +120,36 @@ class BudgetSettings(BaseModel):
         return _aware(v)
 
 
+class BudgetEntry(BudgetSettings):
+    """An extra budget (a window, a model budget, an end-user template entry): its amounts
+    (max_budget, soft_budget) are in its unit -- dollars for usd, whole counts otherwise."""
+
+    unit: Literal["usd", "tokens", "requests"] = "usd"
+    models: list[str] | None = Field(
+        default=None, max_length=1000, description="the models it applies to; null: every model"
+    )
+
+    _storable = field_validator("models")(_storable)
+
+    @field_validator("models")
+    @classmethod
+    def _every_model(cls, v: list[str] | None) -> list[str] | None:
+        return v or None  # [] is every model, like null
+
+
+def _narrowed(entries: list[BudgetEntry]) -> list[BudgetEntry]:
+    if any(not e.models for e in entries):
+        raise ValueError("each model budget names its models (non-empty 'models')")
+    return entries
+
+
+Budgets: Any = Field(default_factory=list, max_length=20)
+ModelBudgets = Annotated[list[BudgetEntry], Field(max_length=20), AfterValidator(_narrowed)]
+EndUserTemplate = Annotated[list[BudgetEntry] | None, Field(max_length=20)]
+ParallelLimit = Annotated[int | None, Field(ge=0, le=1_000_000)]
+OwnerId = Annotated[str | None, Field(max_length=40)]
+
+
 class KeyCreate(BudgetSettings):
     alias: str | None = Field(default=None, max_length=255)
     key: SecretStr | None = Field(
@@ -130,9 +160,14 @@ class KeyCreate(BudgetSettings):
     expires_at: datetime | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     shrink_to_fit: bool | None = None  # None: BUDGETGATE_SHRINK_TO_FIT decides
-    budgets: list[BudgetSettings] = Field(default_factory=list, max_length=20)
+    budgets: list[BudgetEntry] = Budgets
+    model_budgets: ModelBudgets = Budgets
+    team_id: OwnerId = None
+    user_id: OwnerId = None
+    max_parallel_requests: ParallelLimit = None
+    end_user_budget: EndUserTemplate = None
 
-    _storable = field_validator("alias", "models", "metadata")(_storable)
+    _storable = field_validator("alias", "models", "metadata", "team_id", "user_id")(_storable)
 
     @field_validator("expires_at")
     @classmethod
@@ -163,8 +198,12 @@ class KeyUpdate(BaseModel):
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
     shrink_to_fit: bool | None = None
+    team_id: OwnerId = None
+    user_id: OwnerId = None
+    max_parallel_requests: ParallelLimit = None
+    end_user_budget: EndUserTemplate = None
 
-    _storable = field_validator("alias", "models", "metadata")(_storable)
+    _storable = field_validator("alias", "models", "metadata", "team_id", "user_id")(_storable)
     _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
     _anchor = field_validator("budget_anchor", "expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
 
@@ -175,16 +214,20 @@ class KeyUpdate(BaseModel):
 
 
 class BudgetOut(BaseModel):
+    """A budget and its open period; amounts in its unit (dollars for usd, counts otherwise)."""
+
     budget_id: str
-    max_budget: float | None
+    unit: str = "usd"
+    models: list[str] | None = None
+    max_budget: float | int | None
     budget_duration: str | None
-    soft_budget: float | None
+    soft_budget: float | int | None
     budget_timezone: str
     budget_anchor: datetime | None
     alert_at: list[float]
-    spend: float
-    reserved: float
-    remaining: float | None
+    spend: float | int
+    reserved: float | int
+    remaining: float | int | None
     period_start: datetime
     reset_at: datetime | None
 
@@ -212,6 +255,10 @@ class KeyOut(BaseModel):
     period_start: datetime
     reset_at: datetime | None
     budgets: list[BudgetOut] | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    max_parallel_requests: int | None = None
+    end_user_budget: list[dict[str, Any]] | None = None
 
 
 class KeyCreated(KeyOut):
@@ -225,11 +272,12 @@ class KeyList(BaseModel):
 
 class PeriodOut(BaseModel):
     budget_id: str
+    unit: str = "usd"
     period_start: datetime
     period_end: datetime | None
-    spend: float
-    reserved: float
-    max_budget: float | None
+    spend: float | int
+    reserved: float | int
+    max_budget: float | int | None
     closed_at: datetime | None
     close_reason: str | None
 

@@ -6,20 +6,30 @@ import base64
 import hashlib
 import secrets
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.budgets.schedule import Schedule
 from app.config import Settings
 from app.errors import InvalidField, NotFound, Unauthorized
 from app.keys import repository as repo
+from app.keys.budgets import (
+    BUDGET_FIELDS,
+    BudgetOwner,
+    budget_out,
+    create_budget,
+    create_windows,
+    dollars,
+    parallel_limit,
+    period_out,
+    reset_budgets,
+    set_parallel_limit,
+    update_budget,
+)
 from app.keys.repository import new_id
 from app.keys.schemas import (
-    BudgetOut,
-    BudgetSettings,
+    BudgetEntry,
     KeyCreate,
     KeyCreated,
     KeyOut,
@@ -27,11 +37,10 @@ from app.keys.schemas import (
     PeriodOut,
 )
 from app.ledger.contract import KeyContext, key_refusal
-from app.ledger.periods import BudgetRepository, schedule_of
-from app.pricing.money import dollars_to_nanos
+from app.ledger.periods import BudgetRepository
 
 MANAGED_KEY_PREFIX = "sk-bg-"
-SCHEDULE_FIELDS = ("budget_duration", "budget_timezone", "budget_anchor")
+__all__ = ["KeyService", "dollars", "iso", "render_key"]  # dollars: for the older importers
 
 
 def hash_key(key: str) -> str:
@@ -40,25 +49,6 @@ def hash_key(key: str) -> str:
 
 def display_prefix(key: str) -> str:
     return key[: min(10, len(key) // 3)]
-
-
-def dollars(nanos: int | None) -> float | None:
-    """Nano-dollars to a JSON number: exact for every amount the ledger holds (< 2^53 nanos
-    would do; float's shortest repr gives back the 9-decimal value)."""
-    return None if nanos is None else float(Decimal(nanos).scaleb(-9))
-
-
-def _nanos(value: Decimal | None) -> int | None:
-    return None if value is None else dollars_to_nanos(value, nearest=True)
-
-
-def _basis_points(fractions: list[Decimal] | None) -> list[int] | None:
-    """Alert thresholds as stored (app.models.Budget.alert_at_bp); none is NULL."""
-    return [int(f.scaleb(4)) for f in fractions] if fractions else None
-
-
-def _fractions(basis_points: list[int] | None) -> list[float]:
-    return [float(Decimal(bp).scaleb(-4)) for bp in basis_points or []]
 
 
 class KeyService:
@@ -119,7 +109,9 @@ class KeyService:
         )
         now = self.clock.now()
         key_id = new_id("key")
+        owner = BudgetOwner("key", key_id)
         async with self.engine.begin() as conn:
+            await _check_owners(conn, body.team_id, body.user_id)
             if await repo.key_hash_exists(conn, hash_key(plaintext)):
                 raise InvalidField("key: this key is already registered", param="key")
             await repo.insert_key(
@@ -135,45 +127,20 @@ class KeyService:
                     "expires_at": body.expires_at,
                     "metadata": body.metadata,
                     "shrink_to_fit": body.shrink_to_fit,
+                    "team_id": body.team_id,
+                    "user_id": body.user_id,
+                    "end_user_budget": template_of(body.end_user_budget),
                     "created_at": now,
                     "updated_at": now,
                     "revoked_at": None,
                 },
             )
-            await self._create_budget(conn, key_id, "primary", body, now)
-            for window in body.budgets:
-                await self._create_budget(conn, key_id, "window", window, now)
+            await create_budget(conn, self.budgets, owner, "primary", body, now)
+            await create_windows(conn, self.budgets, owner, body.budgets + body.model_budgets, now)
+            if body.max_parallel_requests is not None:
+                await set_parallel_limit(conn, self.budgets, owner, body.max_parallel_requests, now)
         out = await self.get(key_id)
         return KeyCreated(**out.model_dump(), key=plaintext)
-
-    async def _create_budget(
-        self, conn: AsyncConnection, key_id: str, kind: str, s: BudgetSettings, now: datetime
-    ) -> None:
-        _check_soft(s.soft_budget, s.max_budget)
-        _check_alert_at(s.alert_at, s.max_budget)
-        schedule = Schedule.create(s.budget_duration, s.budget_timezone, s.budget_anchor, now)
-        budget_id = new_id("bud")
-        await repo.insert_budget(
-            conn,
-            {
-                "id": budget_id,
-                "owner_kind": "key",
-                "owner_id": key_id,
-                "key_id": key_id,
-                "kind": kind,
-                "max_budget": _nanos(s.max_budget),
-                "soft_budget": _nanos(s.soft_budget),
-                "alert_at_bp": _basis_points(s.alert_at),
-                "budget_duration": s.budget_duration,
-                "budget_timezone": s.budget_timezone,
-                "budget_anchor": s.budget_anchor,
-                "schedule_anchor": schedule.anchor,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        start, end = schedule.period_at(now)
-        await self.budgets.open_first_period(conn, budget_id, start, end)
 
     async def get(self, key_id: str) -> KeyOut:
         await self.budgets.roll_expired_periods_of_keys([key_id])  # show the current period
@@ -186,11 +153,11 @@ class KeyService:
         return render_key(key, budgets, self.clock.now())
 
     async def list_keys(
-        self, alias: str | None, cursor: str | None, limit: int
+        self, alias: str | None, cursor: str | None, limit: int, team_id: str | None = None
     ) -> tuple[list[KeyOut], str | None]:
         after = decode_cursor(cursor) if cursor else None
         async with self.engine.connect() as conn:
-            keys = await repo.list_keys(conn, alias, after, limit + 1)
+            keys = await repo.list_keys(conn, alias, after, limit + 1, team_id)
             await conn.rollback()
         page = keys[:limit]
         # Outside any held connection: the SQLite pool has only one.
@@ -213,11 +180,14 @@ class KeyService:
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
+            await _check_owners(conn, changes.get("team_id"), changes.get("user_id"))
             key_values: dict[str, Any] = {
                 f: changes[f]
-                for f in ("alias", "models", "expires_at", "shrink_to_fit")
+                for f in ("alias", "models", "expires_at", "shrink_to_fit", "team_id", "user_id")
                 if f in changes
             }
+            if "end_user_budget" in changes:
+                key_values["end_user_budget"] = template_of(body.end_user_budget)
             if "metadata" in changes:
                 key_values["metadata"] = changes["metadata"] or {}
             if "models" in key_values and key_values["models"] is None:
@@ -225,52 +195,13 @@ class KeyService:
             if key_values:
                 await repo.update_key(conn, key_id, {**key_values, "updated_at": now})
             budget_id = await repo.primary_budget_id(conn, key_id)
-            if budget_id is not None and changes.keys() & {
-                "max_budget",
-                "soft_budget",
-                "alert_at",
-                *SCHEDULE_FIELDS,
-            }:
-                await self._update_budget(conn, budget_id, changes, now)
+            if budget_id is not None and changes.keys() & BUDGET_FIELDS:
+                await update_budget(conn, self.budgets, budget_id, changes, now)
+            if "max_parallel_requests" in changes:
+                await set_parallel_limit(
+                    conn, self.budgets, BudgetOwner("key", key_id), body.max_parallel_requests, now
+                )
         return await self.get(key_id)
-
-    async def _update_budget(
-        self, conn: AsyncConnection, budget_id: str, changes: dict[str, Any], now: datetime
-    ) -> None:
-        budget = await self.budgets.lock_budget(conn, budget_id)
-        values: dict[str, Any] = {"updated_at": now}
-        if "max_budget" in changes:
-            values["max_budget"] = _nanos(changes["max_budget"])
-        if "soft_budget" in changes:
-            values["soft_budget"] = _nanos(changes["soft_budget"])
-            # A soft budget set above the max is a mistake; a max lowered under the soft budget
-            # is not (max_budget 0 freezes a key, whatever its soft budget).
-            _check_soft(values["soft_budget"], values.get("max_budget", budget.max_budget))
-        if "alert_at" in changes:
-            values["alert_at_bp"] = _basis_points(changes["alert_at"])
-            _check_alert_at(changes["alert_at"], values.get("max_budget", budget.max_budget))
-        duration = changes.get("budget_duration", budget.budget_duration)
-        timezone = changes.get("budget_timezone") or budget.budget_timezone
-        anchor = changes.get("budget_anchor", budget.budget_anchor)
-        # Re-sent but unchanged schedule settings are no change: re-deriving the default
-        # anchor "as of now" would move it (1d, 30d, 1mo in a later month) and wipe the spend.
-        if changes.keys() & set(SCHEDULE_FIELDS) and (duration, timezone, anchor) != (
-            budget.budget_duration,
-            budget.budget_timezone,
-            budget.budget_anchor,
-        ):
-            schedule = Schedule.create(duration, timezone, anchor, now)
-            values.update(
-                budget_duration=duration,
-                budget_timezone=timezone,
-                budget_anchor=anchor,
-                schedule_anchor=schedule.anchor,
-            )
-            if schedule != schedule_of(budget):
-                await self.budgets.rebound_open_period(conn, budget_id, schedule)
-        await repo.update_budget(conn, budget_id, values)
-        if "max_budget" in values:
-            await repo.update_open_period_limit(conn, budget_id, values["max_budget"])
 
     async def revoke(self, key_id: str) -> KeyOut:
         now = self.clock.now()
@@ -289,16 +220,7 @@ class KeyService:
         async with self.engine.begin() as conn:
             if await repo.get_key(conn, key_id) is None:
                 raise NotFound(f"no key with id '{key_id}'")
-            # The ledger's lock order: every budget row first (by id), then the period rows by
-            # ascending id, as admission and settlement take them; else a reset deadlocks with
-            # a request holding one of these periods.
-            budgets = [
-                await self.budgets.lock_budget(conn, budget_id)
-                for budget_id in await repo.budget_ids(conn, key_id)
-            ]
-            open_ids = await self.budgets.open_period_ids(conn, [b.id for b in budgets])
-            for budget in sorted(budgets, key=lambda b: open_ids.get(b.id, 0)):
-                await self.budgets.close_and_reopen(conn, budget.id, "manual", schedule_of(budget))
+            await reset_budgets(conn, self.budgets, BudgetOwner("key", key_id))
         return await self.get(key_id)
 
     async def periods(self, key_id: str, limit: int) -> list[PeriodOut]:
@@ -308,34 +230,35 @@ class KeyService:
                 raise NotFound(f"no key with id '{key_id}'")
             rows = await repo.list_periods(conn, key_id, limit)
             await conn.rollback()
-        return [
-            PeriodOut(
-                budget_id=r.budget_id,
-                period_start=r.period_start,
-                period_end=r.period_end,
-                spend=dollars(r.spend) or 0.0,
-                reserved=dollars(r.reserved) or 0.0,
-                max_budget=dollars(r.max_budget),
-                closed_at=r.closed_at,
-                close_reason=r.close_reason,
-            )
-            for r in rows
-        ]
+        return [period_out(r) for r in rows]
 
 
-def _check_soft(soft: Decimal | int | None, max_budget: Decimal | int | None) -> None:
-    if soft is not None and max_budget is not None and soft > max_budget:
-        raise InvalidField("soft_budget: must not be greater than max_budget", param="soft_budget")
+async def _check_owners(conn: AsyncConnection, team_id: str | None, user_id: str | None) -> None:
+    """A key's team and user must exist and not be deleted."""
+    for field, kind, owner_id in (("team_id", "team", team_id), ("user_id", "user", user_id)):
+        if owner_id is not None and not await repo.active_owner_exists(conn, kind, owner_id):
+            raise InvalidField(f"{field}: no {kind} with id '{owner_id}'", param=field)
 
 
-def _check_alert_at(alert_at: list[Decimal] | None, max_budget: Decimal | int | None) -> None:
-    """Thresholds on an unlimited budget would never fire: refused when set. (A limit removed
-    later leaves them dormant until one is set again.)"""
-    if alert_at and max_budget is None:
-        raise InvalidField(
-            "alert_at: thresholds are fractions of max_budget: set a max_budget too",
-            param="alert_at",
-        )
+def template_of(entries: list[BudgetEntry] | None) -> list[dict[str, Any]] | None:
+    """An end-user template as stored (JSON: amounts as strings, exact)."""
+    return None if entries is None else [e.model_dump(mode="json") for e in entries]
+
+
+def template_out(stored: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """A stored end-user template as the API shows it (amounts as numbers)."""
+    if stored is None:
+        return None
+    entries = [BudgetEntry.model_validate(e) for e in stored]
+    return [
+        {
+            **e.model_dump(mode="json"),
+            "max_budget": None if e.max_budget is None else float(e.max_budget),
+            "soft_budget": None if e.soft_budget is None else float(e.soft_budget),
+            "alert_at": [float(f) for f in e.alert_at or []],
+        }
+        for e in entries
+    ]
 
 
 def iso(when: datetime) -> str:
@@ -346,33 +269,13 @@ def iso(when: datetime) -> str:
     )
 
 
-def _budget_out(b: Row[Any]) -> BudgetOut:
-    remaining = (
-        None if b.max_budget is None else max(b.max_budget - (b.spend or 0) - (b.reserved or 0), 0)
-    )
-    return BudgetOut(
-        budget_id=b.id,
-        max_budget=dollars(b.max_budget),
-        budget_duration=b.budget_duration,
-        soft_budget=dollars(b.soft_budget),
-        budget_timezone=b.budget_timezone,
-        budget_anchor=b.budget_anchor,
-        alert_at=_fractions(b.alert_at_bp),
-        spend=dollars(b.spend or 0) or 0.0,
-        reserved=dollars(b.reserved or 0) or 0.0,
-        remaining=dollars(remaining),
-        period_start=b.period_start,
-        reset_at=b.period_end,
-    )
-
-
 def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
     """The key object; its status is "expired" (not stored: derived) once an active key's
     expires_at has passed."""
     expired = key.expires_at is not None and key.expires_at <= now
     primary = next(b for b in budgets if b.kind == "primary")
-    windows = [_budget_out(b) for b in budgets if b.kind != "primary"]
-    p = _budget_out(primary)
+    windows = [budget_out(b) for b in budgets if b.kind == "window"]
+    p = budget_out(primary)
     return KeyOut(
         id=key.id,
         alias=key.alias,
@@ -396,6 +299,10 @@ def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
         period_start=p.period_start,
         reset_at=p.reset_at,
         budgets=windows or None,
+        team_id=key.team_id,
+        user_id=key.user_id,
+        max_parallel_requests=parallel_limit(budgets),
+        end_user_budget=template_out(key.end_user_budget),
     )
 
 

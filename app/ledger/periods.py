@@ -236,10 +236,13 @@ class BudgetRepository:
         )
 
     async def roll_expired_periods_of_keys(self, key_ids: list[str]) -> int:
-        """Roll the keys' open periods whose end has passed, before they are shown or changed:
+        return await self.roll_expired_periods_of("key", key_ids)
+
+    async def roll_expired_periods_of(self, owner_kind: str, owner_ids: list[str]) -> int:
+        """Roll the owners' open periods whose end has passed, before they are shown or changed:
         a read must not report an exhausted budget until a reset time already gone, and a
         settings change must not rewrite a period that is over. Cheap when nothing is due."""
-        if not key_ids:
+        if not owner_ids:
             return 0
         now = self.clock.now()
         async with self.engine.connect() as conn:
@@ -247,7 +250,12 @@ class BudgetRepository:
                 await conn.execute(
                     select(P.c.id, P.c.budget_id)
                     .join(B, B.c.id == P.c.budget_id)
-                    .where(B.c.key_id.in_(key_ids), P.c.closed_at.is_(None), P.c.period_end <= now)
+                    .where(
+                        B.c.owner_kind == owner_kind,
+                        B.c.owner_id.in_(owner_ids),
+                        P.c.closed_at.is_(None),
+                        P.c.period_end <= now,
+                    )
                     .order_by(P.c.id)
                 )
             ).all()

@@ -32,8 +32,17 @@ KEY_FIELDS = {
     "reset_at",
 }
 # Beyond SPEC 7's list: the key's mode, its extra windows (null when there are none), its
-# shrink_to_fit (SPEC 10) and its alert thresholds (SPEC 12).
-OPTIONAL_FIELDS = {"mode", "budgets", "shrink_to_fit", "alert_at"}
+# shrink_to_fit (SPEC 10), its alert thresholds (SPEC 12) and its scopes (SPEC 11).
+OPTIONAL_FIELDS = {
+    "mode",
+    "budgets",
+    "shrink_to_fit",
+    "alert_at",
+    "team_id",
+    "user_id",
+    "max_parallel_requests",
+    "end_user_budget",
+}
 
 
 def assert_key_object(obj: dict, *, with_key: bool = False) -> None:
