@@ -40,6 +40,8 @@ from app.ledger.periods import BudgetRepository
 from app.logs import configure_logging
 from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head
+from app.owners.router import router as owners_router
+from app.owners.service import OwnerService
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
 from app.proxy.asgi import ProxyApp
@@ -114,6 +116,7 @@ def create_app(
         app.state.engine = engine
         app.state.budgets = budgets
         app.state.key_service = keys
+        app.state.owner_service = OwnerService(engine, budgets)
         hot = create_hot_ledger(settings)
         alerts = AlertService.from_settings(engine, clock, settings)
         app.state.alerts = alerts
@@ -159,6 +162,7 @@ def create_app(
     app.state.clock = clock
     install_error_handlers(app)
     app.include_router(admin_router)
+    app.include_router(owners_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

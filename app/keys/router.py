@@ -64,18 +64,25 @@ Keys = Annotated[KeyService, Depends(key_service)]
 _ERROR = {"model": ErrorResponse}
 _BAD_JSON: dict[int | str, dict[str, Any]] = {400: {**_ERROR, "description": "Malformed JSON"}}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "Unknown id"}}
-# strict_content_type=False: `curl -d '{...}'` (form content-type) is read as JSON too.
-router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    dependencies=[Depends(require_admin), Depends(reject_nul)],
-    strict_content_type=False,
-    responses={
-        401: {**_ERROR, "description": "Missing or wrong admin key"},
-        422: {**_ERROR, "description": "Invalid field (the message names it)"},
-        503: {**_ERROR, "description": "Admin API disabled, or ledger database unreachable"},
-    },
-)
+
+
+def admin_router_options() -> dict[str, Any]:
+    """What every admin router shares: the prefix, the admin key, the documented errors."""
+    # strict_content_type=False: `curl -d '{...}'` (form content-type) is read as JSON too.
+    return {
+        "prefix": "/admin",
+        "tags": ["admin"],
+        "dependencies": [Depends(require_admin), Depends(reject_nul)],
+        "strict_content_type": False,
+        "responses": {
+            401: {**_ERROR, "description": "Missing or wrong admin key"},
+            422: {**_ERROR, "description": "Invalid field (the message names it)"},
+            503: {**_ERROR, "description": "Admin API disabled, or ledger database unreachable"},
+        },
+    }
+
+
+router = APIRouter(**admin_router_options())
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, responses=_BAD_JSON)
@@ -89,8 +96,9 @@ async def list_keys(
     alias: str | None = None,
     cursor: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    team_id: str | None = None,
 ) -> KeyList:
-    data, next_cursor = await keys.list_keys(alias, cursor, limit)
+    data, next_cursor = await keys.list_keys(alias, cursor, limit, team_id)
     return KeyList(data=data, next_cursor=next_cursor)
 
 

@@ -310,11 +310,12 @@ def encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> str:
+def decode_cursor(cursor: str, id_prefix: str = "key") -> str:
+    """A listing's cursor: the last id of the page before (encode_cursor), of this prefix."""
     try:
-        key_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        last_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
-        key_id = ""
-    if not key_id.startswith("key_"):  # cursors are key ids (encode_cursor)
+        last_id = ""
+    if not last_id.startswith(f"{id_prefix}_"):
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor")
-    return key_id
+    return last_id
