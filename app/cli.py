@@ -410,7 +410,9 @@ def keys_reset(key_id: str, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def usage(
-    group_by: Annotated[str, typer.Option(help="key, model or day")] = "key",
+    group_by: Annotated[
+        str, typer.Option(help="key, team, user, end_user, tag, model or day")
+    ] = "key",
     since: Annotated[datetime | None, typer.Option()] = None,
     until: Annotated[datetime | None, typer.Option()] = None,
     as_json: JsonOpt = False,
@@ -419,8 +421,8 @@ def usage(
     from app.keys.service import dollars
     from app.ledger import repository as ledger
 
-    if group_by not in ("key", "model", "day"):
-        typer.echo("error: --group-by must be key, model or day", err=True)
+    if group_by not in ledger.USAGE_GROUPS:
+        typer.echo(f"error: --group-by must be one of {', '.join(ledger.USAGE_GROUPS)}", err=True)
         raise typer.Exit(2)
 
     async def report(s: Any) -> list[dict[str, Any]]:

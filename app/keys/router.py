@@ -166,12 +166,14 @@ async def ledger_entries(
 @router.get("/usage")
 async def usage_report(
     request: Request,
-    group_by: Literal["key", "model", "day"] = "key",
+    group_by: Literal["key", "team", "user", "end_user", "tag", "model", "day"] = "key",
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> JSONResponse:
-    rows = await ledger.usage(request.app.state.engine, group_by, as_utc(since), as_utc(until))
-    total = sum(r["cost_nanos"] for r in rows)
+    engine = request.app.state.engine
+    rows = await ledger.usage(engine, group_by, as_utc(since), as_utc(until))
+    # By tag an entry counts in each of its tags' groups: the total counts it once.
+    total = await ledger.usage_total(engine, as_utc(since), as_utc(until))
     for r in rows:
         r["spend"] = dollars(r.pop("cost_nanos"))
     return JSONResponse({"group_by": group_by, "data": rows, "total_spend": dollars(total)})

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Date, Table, cast, func, literal_column, or_, select
+from sqlalchemy import Date, Table, cast, func, literal_column, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
@@ -104,14 +104,34 @@ async def list_entries(
     return page, next_cursor
 
 
+# usage(group_by=...): the ledger entry column each scope is read from (SPEC 11).
+USAGE_COLUMNS = {
+    "key": L.c.key_id,
+    "model": L.c.model,
+    "team": L.c.team_id,
+    "user": L.c.user_id,
+    "end_user": L.c.end_user_id,
+}
+USAGE_GROUPS = (*USAGE_COLUMNS, "tag", "day")
+
+
 async def usage(
     engine: AsyncEngine, group_by: str, since: datetime | None, until: datetime | None
 ) -> list[dict[str, Any]]:
+    """Spend, requests and tokens per group. By tag, an entry with two tags counts in both
+    groups (and an untagged one in the null group), so the groups may sum to more than the
+    ledger: see usage_total."""
     group: Any
-    if group_by == "key":
-        group = L.c.key_id
-    elif group_by == "model":
-        group = L.c.model
+    tags: Any = None
+    if group_by in USAGE_COLUMNS:
+        group = USAGE_COLUMNS[group_by]
+    elif group_by == "tag":
+        if engine.dialect.name == "postgresql":
+            elements = func.json_array_elements_text(L.c.tags).table_valued("value")
+            tags = elements.render_derived(name="tag")
+        else:
+            tags = func.json_each(L.c.tags).table_valued("value").alias("tag")
+        group = tags.c.value
     else:
         group = (
             func.date(L.c.finished_at)
@@ -130,10 +150,9 @@ async def usage(
         .group_by(group)
         .order_by(group)
     )
-    if since is not None:
-        q = q.where(L.c.finished_at >= since)
-    if until is not None:
-        q = q.where(L.c.finished_at < until)
+    if tags is not None:
+        q = q.select_from(L).outerjoin(tags, true())
+    q = _within(q, since, until)
     async with engine.connect() as conn:
         rows = (await conn.execute(q)).all()
         await conn.rollback()
@@ -147,6 +166,23 @@ async def usage(
         }
         for r in rows
     ]
+
+
+async def usage_total(engine: AsyncEngine, since: datetime | None, until: datetime | None) -> int:
+    """The ledger's spend in nano-dollars (each entry once, whatever its tags)."""
+    q = _within(select(func.coalesce(func.sum(L.c.cost), 0)).select_from(L), since, until)
+    async with engine.connect() as conn:
+        total = (await conn.execute(q)).scalar_one()
+        await conn.rollback()
+    return int(total)
+
+
+def _within(q: Any, since: datetime | None, until: datetime | None) -> Any:
+    if since is not None:
+        q = q.where(L.c.finished_at >= since)
+    if until is not None:
+        q = q.where(L.c.finished_at < until)
+    return q
 
 
 @dataclass(frozen=True)
