@@ -106,6 +106,9 @@ class BudgetFigures(Protocol):
     key_id: str
     alias: str | None
     window: str
+    scope: str  # who owns the budget: key, team, user, end_user, tag
+    owner_id: str
+    owner_name: str | None
     spend: int  # nano-dollars
     max_budget: int | None
 
@@ -119,7 +122,7 @@ class _BudgetCollector:
         self.budgets = budgets
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["key_id", "alias", "window"]
+        labels = ["scope", "owner_id", "owner_name", "key_id", "alias", "window"]
         spend = GaugeMetricFamily(
             "budgetgate_budget_spend_dollars", "Spend in the budget's open period", labels=labels
         )
@@ -129,7 +132,7 @@ class _BudgetCollector:
             labels=labels,
         )
         for b in self.budgets:
-            values = [b.key_id, b.alias or "", b.window]
+            values = [b.scope, b.owner_id, b.owner_name or "", b.key_id, b.alias or "", b.window]
             spend.add_metric(values, b.spend / 1e9)
             if b.max_budget is not None:
                 remaining.add_metric(values, max(b.max_budget - b.spend, 0) / 1e9)

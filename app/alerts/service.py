@@ -60,10 +60,19 @@ from app.alerts.webhook import Webhook, WebhookFormat
 from app.budgets.state import PeriodState
 from app.clock import Clock
 from app.config import Settings
+from app.keys.budgets import shown_amount
 from app.keys.repository import new_id
 from app.keys.service import dollars, iso
 from app.ledger.contract import KeyContext
-from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
+from app.models import (
+    ApiKey,
+    Budget,
+    BudgetAlert,
+    BudgetPeriod,
+    LedgerCharge,
+    LedgerEntry,
+    Owner,
+)
 
 A: Table = BudgetAlert.__table__  # type: ignore[assignment]
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
@@ -71,6 +80,7 @@ C: Table = LedgerCharge.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 K: Table = ApiKey.__table__  # type: ignore[assignment]
+OWN: Table = Owner.__table__  # type: ignore[assignment]
 
 log = logging.getLogger("budgetgate.alerts")
 
@@ -92,8 +102,13 @@ RECENT_OVERRUNS = timedelta(hours=1)
 
 
 def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState) -> dict[str, Any]:
-    """What both events tell about the key and the period."""
+    """What every event tells about the key and the period (a key's budget; _period_details
+    names other owners)."""
     return {
+        "scope": "key",
+        "owner_id": key_id,
+        "owner_name": alias,
+        "unit": "usd",
         "key_id": key_id,
         "alias": alias,
         "key_prefix": key_prefix,
@@ -104,10 +119,31 @@ def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState
     }
 
 
-def _periods_with_keys(*columns: Any) -> Select[Any]:
-    """Periods with what every alert tells about them and their key (see _period_details), and
-    `columns`."""
+def _owner_columns() -> tuple[Any, ...]:
+    """Who owns the budget `B`: its scope (key, team, user, end_user, tag), id, name, unit."""
     return (
+        B.c.owner_kind,
+        B.c.owner_id,
+        B.c.unit,
+        OWN.c.name.label("owner_name"),
+        OWN.c.scope.label("owner_scope"),
+        K.c.id.label("key_id"),
+        K.c.alias,
+        K.c.key_prefix,
+    )
+
+
+def _joined_owners(q: Select[Any]) -> Select[Any]:
+    """`q` (from `B`) with the budget's key or owners row: the other is NULL."""
+    return q.outerjoin(K, K.c.id == B.c.key_id).outerjoin(
+        OWN, and_(OWN.c.id == B.c.owner_id, B.c.owner_kind != "key")
+    )
+
+
+def _periods_with_keys(*columns: Any) -> Select[Any]:
+    """Periods with what every alert tells about them and their owner (see _period_details),
+    and `columns`."""
+    return _joined_owners(
         select(
             P.c.id,
             P.c.budget_id,
@@ -115,15 +151,28 @@ def _periods_with_keys(*columns: Any) -> Select[Any]:
             P.c.period_end,
             P.c.spend,
             P.c.max_budget,
-            K.c.id.label("key_id"),
-            K.c.alias,
-            K.c.key_prefix,
+            *_owner_columns(),
             *columns,
         )
         .select_from(P)
         .join(B, B.c.id == P.c.budget_id)
-        .join(K, K.c.id == B.c.key_id)
     )
+
+
+def _owner_details(row: Row[Any]) -> dict[str, Any]:
+    """The owner of a budget, as events name it (a key keeps its own fields too)."""
+    is_key = row.owner_kind == "key"
+    return {
+        "scope": row.owner_kind,
+        "owner_id": row.owner_id,
+        "owner_name": row.alias if is_key else row.owner_name,
+        # An end user's team (team:<id>) or key (key:<id>): the same name may be in both.
+        **({"owner_scope": row.owner_scope} if row.owner_kind == "end_user" else {}),
+        "unit": row.unit,
+        "key_id": row.key_id,
+        "alias": row.alias,
+        "key_prefix": row.key_prefix,
+    }
 
 
 def _period_details(row: Row[Any]) -> tuple[PeriodState, dict[str, Any]]:
@@ -131,7 +180,11 @@ def _period_details(row: Row[Any]) -> tuple[PeriodState, dict[str, Any]]:
     state = PeriodState(
         row.budget_id, row.id, row.period_start, row.period_end, row.max_budget, row.spend, 0
     )
-    return state, _details(row.key_id, row.alias, row.key_prefix, state)
+    details = _details(row.key_id, row.alias, row.key_prefix, state)
+    details.update(_owner_details(row))
+    details["spend"] = shown_amount(row.spend, row.unit)
+    details["max_budget"] = shown_amount(row.max_budget, row.unit)
+    return state, details
 
 
 class AlertService:
@@ -221,7 +274,7 @@ class AlertService:
         recorded = 0
         for r in await self._read(query):
             state, details = _period_details(r)
-            details["soft_budget"] = dollars(r.soft_budget)
+            details["soft_budget"] = shown_amount(r.soft_budget, r.unit)
             recorded += await self._record("soft_budget", state, details)
         return recorded
 
@@ -280,6 +333,15 @@ class AlertService:
 
     async def _exhausted(self, state: PeriodState, details: dict[str, Any]) -> None:
         try:
+            # The budget that refused may be the key's team's, user's, end user's or a tag's.
+            owner = await self._read(
+                _joined_owners(select(*_owner_columns()).where(B.c.id == state.budget_id))
+            )
+            if owner:
+                details.update(_owner_details(owner[0]))
+                details["spend"] = shown_amount(state.spend, owner[0].unit)
+                details["max_budget"] = shown_amount(state.max_budget, owner[0].unit)
+                details["reserved"] = shown_amount(state.reserved, owner[0].unit)
             if await self._record("exhausted", state, details):
                 await self.deliver_due()
         except Exception as exc:  # the ledger is down: the next refusal records it

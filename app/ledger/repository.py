@@ -12,7 +12,15 @@ from sqlalchemy import Date, Table, cast, func, literal_column, or_, select, tru
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
-from app.models import ApiKey, Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
+from app.models import (
+    ApiKey,
+    Budget,
+    BudgetPeriod,
+    LedgerCharge,
+    LedgerEntry,
+    Owner,
+    Reservation,
+)
 
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
 C: Table = LedgerCharge.__table__  # type: ignore[assignment]
@@ -38,29 +46,62 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 @dataclass
 class OpenBudget:
-    key_id: str
+    key_id: str  # "" for a budget of another owner
     alias: str | None
     window: str  # the budget's duration, or "lifetime"
     spend: int
     max_budget: int | None
+    scope: str = "key"  # who owns it: key, team, user, end_user, tag
+    owner_id: str = ""
+    owner_name: str | None = None
 
 
 async def open_budgets(engine: AsyncEngine) -> list[OpenBudget]:
-    """Every active key's budgets in their open periods (for the opt-in budget gauges)."""
+    """The dollar budgets, in their open periods, of every active key and every owner not
+    deleted (for the opt-in budget gauges)."""
     K: Table = ApiKey.__table__  # type: ignore[assignment]
+    OWN: Table = Owner.__table__  # type: ignore[assignment]
     async with engine.connect() as conn:
         rows = (
             await conn.execute(
-                select(K.c.id, K.c.alias, B.c.budget_duration, P.c.spend, P.c.max_budget)
-                .join(B, B.c.key_id == K.c.id)
+                select(
+                    B.c.owner_kind,
+                    B.c.owner_id,
+                    K.c.id,
+                    K.c.alias,
+                    OWN.c.name,
+                    B.c.budget_duration,
+                    P.c.spend,
+                    P.c.max_budget,
+                )
+                .select_from(B)
                 .join(P, P.c.budget_id == B.c.id)
-                .where(K.c.status == "active", P.c.closed_at.is_(None))
-                .order_by(K.c.id, B.c.kind, B.c.id)
+                .outerjoin(K, K.c.id == B.c.key_id)
+                .outerjoin(OWN, (OWN.c.id == B.c.owner_id) & (B.c.owner_kind != "key"))
+                .where(
+                    P.c.closed_at.is_(None),
+                    B.c.retired_at.is_(None),
+                    B.c.unit == "usd",
+                    or_(
+                        K.c.status == "active",
+                        (B.c.owner_kind != "key") & OWN.c.deleted_at.is_(None),
+                    ),
+                )
+                .order_by(B.c.owner_kind, B.c.owner_id, B.c.kind, B.c.id)
             )
         ).all()
         await conn.rollback()
     return [
-        OpenBudget(r.id, r.alias, r.budget_duration or "lifetime", r.spend, r.max_budget)
+        OpenBudget(
+            r.id or "",
+            r.alias,
+            r.budget_duration or "lifetime",
+            r.spend,
+            r.max_budget,
+            r.owner_kind,
+            r.owner_id,
+            r.alias if r.owner_kind == "key" else r.name,
+        )
         for r in rows
     ]
 
@@ -273,16 +314,22 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
                     f"{p.peak_max_budget} + the overruns recorded in it {p.overruns}"
                 )
 
+        # Every budget, whoever owns it; a retired one (its owner deleted, its limit removed)
+        # has its last period closed and none open.
         open_counts = (
             await conn.execute(
-                select(B.c.id, func.count(P.c.id).label("open"))
+                select(B.c.id, B.c.retired_at, func.count(P.c.id).label("open"))
                 .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
-                .group_by(B.c.id)
+                .group_by(B.c.id, B.c.retired_at)
             )
         ).all()
         for b in open_counts:
-            if b.open != 1:
-                report.problems.append(f"budget {b.id}: {b.open} open periods (expected exactly 1)")
+            expected = 0 if b.retired_at is not None else 1
+            if b.open != expected:
+                report.problems.append(
+                    f"budget {b.id}: {b.open} open periods (expected exactly {expected}"
+                    + (", it is retired)" if expected == 0 else ")")
+                )
 
         report.entries_checked = (
             await conn.execute(select(func.count()).select_from(L))
