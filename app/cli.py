@@ -489,6 +489,24 @@ def reconcile(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+# -- teams, users, end-users, tags (app/owners/cli.py) ----------------------------------------
+
+
+def _register_owner_commands() -> None:
+    from app.owners.cli import CliHelpers, owner_apps
+    from app.owners.service import OwnerService
+
+    def run(fn: Callable[[OwnerService], Awaitable[T]]) -> T:
+        return _run_with_services(lambda keys: fn(OwnerService(keys.engine, keys.budgets)))
+
+    helpers = CliHelpers(run, _body, _print_rows, _dollars, _json_object, _alert_at)
+    for name, sub_app in owner_apps(helpers):
+        app.add_typer(sub_app, name=name)
+
+
+_register_owner_commands()
+
+
 def main() -> None:  # pragma: no cover
     app()
 
