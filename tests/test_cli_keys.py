@@ -135,7 +135,8 @@ def test_keys_tables_and_errors(cli: Any) -> None:
     assert "expires_at" in cli("keys", "create", "--expires-at", "tomorrow", code=2)
     assert "alert_at.1" in cli("keys", "create", "--max-budget", "1", "--alert-at", "0.5,2", code=2)
     assert "set a max_budget" in cli("keys", "create", "--alert-at", "0.5", code=1)
-    cli("usage", "--group-by", "team", code=2)
+    assert "--group-by must be one of" in cli("usage", "--group-by", "project", code=2)
+    assert cli("usage", "--group-by", "team").split()[:2] == ["team", "requests"]
 
 
 def test_version(cli: Any) -> None:
