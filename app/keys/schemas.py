@@ -182,18 +182,32 @@ class KeyCreate(BudgetSettings):
         return v
 
 
-class KeyUpdate(BaseModel):
-    """Any subset of a key's settings; fields not sent are left as they are."""
+class BudgetUpdate(BaseModel):
+    """Any subset of a budget's settings (a key's or an owner's primary budget); fields not
+    sent are left as they are."""
 
     model_config = ConfigDict(extra="forbid")
 
-    alias: str | None = Field(default=None, max_length=255)
     max_budget: BudgetAmount = Dollars
     soft_budget: BudgetAmount = Dollars
     budget_duration: str | None = None
     budget_timezone: str | None = None
     budget_anchor: datetime | None = None
     alert_at: AlertAt = AlertAtField
+
+    _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
+    _anchor = field_validator("budget_anchor")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _timezone(cls, v: str | None) -> str | None:
+        return None if v is None else BudgetSettings._timezone(v)
+
+
+class KeyUpdate(BudgetUpdate):
+    """Any subset of a key's settings; fields not sent are left as they are."""
+
+    alias: str | None = Field(default=None, max_length=255)
     models: list[str] | None = Field(default=None, max_length=1000)
     expires_at: datetime | None = None
     metadata: dict[str, Any] | None = None
@@ -204,13 +218,7 @@ class KeyUpdate(BaseModel):
     end_user_budget: EndUserTemplate = None
 
     _storable = field_validator("alias", "models", "metadata", "team_id", "user_id")(_storable)
-    _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
-    _anchor = field_validator("budget_anchor", "expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
-
-    @field_validator("budget_timezone")
-    @classmethod
-    def _timezone(cls, v: str | None) -> str | None:
-        return None if v is None else BudgetSettings._timezone(v)
+    _expires = field_validator("expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
 
 
 class BudgetOut(BaseModel):

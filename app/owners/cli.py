@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from pydantic import Json, TypeAdapter, ValidationError
 
 from app.owners.schemas import (
     EndUserCreate,
@@ -92,15 +93,16 @@ _JSON_LISTS = ("budgets", "end_user_budget")
 _DOLLARS = ("max_budget", "soft_budget")
 
 
+_JSON_LIST: TypeAdapter[list[Any]] = TypeAdapter(Json[list[Any]])
+
+
 def _json_list(option: str, value: str) -> list[Any]:
+    """A JSON list option (each entry is validated with the body)."""
     try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if not isinstance(parsed, list):
+        return _JSON_LIST.validate_python(value)
+    except ValidationError:
         typer.echo(f"error: --{option.replace('_', '-')}: not a JSON list: {value!r}", err=True)
-        raise typer.Exit(2)
-    return parsed
+        raise typer.Exit(2) from None
 
 
 def _fields(given: dict[str, Any], helpers: CliHelpers) -> dict[str, Any]:

@@ -53,13 +53,9 @@ async def list_owners(
 ) -> list[Row[Any]]:
     """Owners of a kind, by id; deleted ones too (their history stays readable)."""
     q = select(OWN).where(OWN.c.kind == kind).order_by(OWN.c.id).limit(limit)
-    if name is not None:
-        q = q.where(OWN.c.name == name)
-    if scope is not None:
-        q = q.where(OWN.c.scope == scope)
-    if after_id is not None:
-        q = q.where(OWN.c.id > after_id)
-    return list((await conn.execute(q)).all())
+    given = [(OWN.c.name, name), (OWN.c.scope, scope)]
+    q = q.where(*(column == value for column, value in given if value is not None))
+    return list((await conn.execute(q if after_id is None else q.where(OWN.c.id > after_id))).all())
 
 
 async def update_owner(conn: AsyncConnection, owner_id: str, values: dict[str, Any]) -> None:

@@ -56,42 +56,32 @@ def _owner_routes(
     out: type[OwnerOut],
 ) -> None:
     """POST, GET (list and one), PATCH, DELETE, /reset and /periods for one kind of owner."""
-    tag = f"admin: {path}"
+    one = f"/{path}/{{owner_id}}"
+    shared: dict[str, Any] = {"response_model": out, "tags": [f"admin: {path}"]}
+    known = {**shared, "responses": _NOT_FOUND | _CONFLICT}
 
-    @router.post(f"/{path}", status_code=201, response_model=out, responses=_CONFLICT, tags=[tag])
+    @router.post(f"/{path}", status_code=201, responses=_CONFLICT, **shared)
     async def create(body: create_body, owners: Owners) -> Any:  # type: ignore[valid-type]
         return await owners.create(kind, body)
 
-    @router.get(f"/{path}/{{owner_id}}", response_model=out, responses=_NOT_FOUND, tags=[tag])
+    @router.get(one, **known)
     async def get(owner_id: str, owners: Owners) -> Any:
         return await owners.get(kind, owner_id)
 
-    @router.patch(
-        f"/{path}/{{owner_id}}",
-        response_model=out,
-        responses=_NOT_FOUND | _CONFLICT,
-        tags=[tag],
-    )
+    @router.patch(one, **known)
     async def update(owner_id: str, body: update_body, owners: Owners) -> Any:  # type: ignore[valid-type]
         return await owners.update(kind, owner_id, body)
 
-    @router.delete(
-        f"/{path}/{{owner_id}}", response_model=out, responses=_NOT_FOUND | _CONFLICT, tags=[tag]
-    )
+    @router.delete(one, **known)
     async def delete(owner_id: str, owners: Owners) -> Any:
         return await owners.delete(kind, owner_id)
 
-    @router.post(
-        f"/{path}/{{owner_id}}/reset",
-        response_model=out,
-        responses=_NOT_FOUND | _CONFLICT,
-        tags=[tag],
-    )
+    @router.post(f"{one}/reset", **known)
     async def reset(owner_id: str, owners: Owners) -> Any:
         return await owners.reset(kind, owner_id)
 
     @router.get(
-        f"/{path}/{{owner_id}}/periods", response_model=PeriodList, responses=_NOT_FOUND, tags=[tag]
+        f"{one}/periods", response_model=PeriodList, responses=_NOT_FOUND, tags=shared["tags"]
     )
     async def periods(
         owner_id: str, owners: Owners, limit: Annotated[int, Query(ge=1, le=1000)] = 100
@@ -99,31 +89,18 @@ def _owner_routes(
         return PeriodList(data=await owners.periods(kind, owner_id, limit))
 
 
-# The listings differ by their filters, so each kind's is written out.
+def _list_route(path: str, kind: str, name_param: str, page: type[Any]) -> None:
+    """GET /admin/<path>: the owners of a kind, by id, filtered by name (`alias` or `name`)."""
 
-
-@router.get("/teams", response_model=TeamList, tags=["admin: teams"])
-async def list_teams(
-    owners: Owners, alias: str | None = None, cursor: str | None = None, limit: Limit = 100
-) -> TeamList:
-    data, next_cursor = await owners.list_owners("team", cursor, limit, name=alias)
-    return TeamList(data=data, next_cursor=next_cursor)  # type: ignore[arg-type]
-
-
-@router.get("/users", response_model=UserList, tags=["admin: users"])
-async def list_users(
-    owners: Owners, alias: str | None = None, cursor: str | None = None, limit: Limit = 100
-) -> UserList:
-    data, next_cursor = await owners.list_owners("user", cursor, limit, name=alias)
-    return UserList(data=data, next_cursor=next_cursor)  # type: ignore[arg-type]
-
-
-@router.get("/tags", response_model=TagList, tags=["admin: tags"])
-async def list_tags(
-    owners: Owners, name: str | None = None, cursor: str | None = None, limit: Limit = 100
-) -> TagList:
-    data, next_cursor = await owners.list_owners("tag", cursor, limit, name=name)
-    return TagList(data=data, next_cursor=next_cursor)  # type: ignore[arg-type]
+    @router.get(f"/{path}", response_model=page, tags=[f"admin: {path}"])
+    async def list_owners(
+        owners: Owners,
+        name: Annotated[str | None, Query(alias=name_param)] = None,
+        cursor: str | None = None,
+        limit: Limit = 100,
+    ) -> Any:
+        data, next_cursor = await owners.list_owners(kind, cursor, limit, name=name)
+        return page(data=data, next_cursor=next_cursor)
 
 
 @router.get("/end-users", response_model=EndUserList, tags=["admin: end-users"])
@@ -140,6 +117,9 @@ async def list_end_users(
     return EndUserList(data=data, next_cursor=next_cursor)  # type: ignore[arg-type]
 
 
+_list_route("teams", "team", "alias", TeamList)
+_list_route("users", "user", "alias", UserList)
+_list_route("tags", "tag", "name", TagList)
 _owner_routes("teams", "team", TeamCreate, TeamUpdate, TeamOut)
 _owner_routes("users", "user", UserCreate, UserUpdate, UserOut)
 _owner_routes("end-users", "end_user", EndUserCreate, EndUserUpdate, EndUserOut)

@@ -5,17 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.keys.schemas import (
-    AlertAt,
-    AlertAtField,
-    BudgetAmount,
     BudgetEntry,
     BudgetOut,
     Budgets,
     BudgetSettings,
-    Dollars,
+    BudgetUpdate,
     EndUserTemplate,
     OwnerId,
     ParallelLimit,
@@ -71,29 +68,14 @@ class EndUserCreate(OwnerCreate):
         return self
 
 
-class OwnerUpdate(BaseModel):
+class OwnerUpdate(BudgetUpdate):
     """Any subset of an owner's settings; fields not sent are left as they are. `budgets`
     replaces the extra windows (the old ones are retired, with their history)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    max_budget: BudgetAmount = Dollars
-    soft_budget: BudgetAmount = Dollars
-    budget_duration: str | None = None
-    budget_timezone: str | None = None
-    budget_anchor: datetime | None = None
-    alert_at: AlertAt = AlertAtField
     metadata: dict[str, Any] | None = None
     budgets: list[BudgetEntry] | None = Field(default=None, max_length=20)
 
     _storable = field_validator("metadata")(_storable)
-    _duration = field_validator("budget_duration", mode="before")(BudgetSettings._duration.__func__)  # type: ignore[attr-defined]
-    _anchor = field_validator("budget_anchor")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]
-
-    @field_validator("budget_timezone")
-    @classmethod
-    def _timezone(cls, v: str | None) -> str | None:
-        return None if v is None else BudgetSettings._timezone(v)
 
 
 class TeamUpdate(OwnerUpdate):
