@@ -85,6 +85,21 @@ def check_alert_at(alert_at: list[Decimal] | None, max_budget: Decimal | int | N
         )
 
 
+def check_template(entries: list[BudgetEntry] | None) -> None:
+    """An end-user template (`end_user_budget`) is checked when it is set, so that no end
+    user's first request finds it invalid."""
+    for i, e in enumerate(entries or []):
+        try:
+            check_soft(e.soft_budget, e.max_budget)
+            check_alert_at(e.alert_at, e.max_budget)
+            stored_amount(e.max_budget, e.unit, "max_budget")
+            stored_amount(e.soft_budget, e.unit, "soft_budget")
+        except InvalidField as exc:
+            raise InvalidField(
+                f"end_user_budget.{i}.{exc.message}", param="end_user_budget"
+            ) from None
+
+
 async def create_budget(
     conn: AsyncConnection,
     budgets: BudgetRepository,

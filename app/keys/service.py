@@ -18,6 +18,7 @@ from app.keys.budgets import (
     BUDGET_FIELDS,
     BudgetOwner,
     budget_out,
+    check_template,
     create_budget,
     create_windows,
     dollars,
@@ -107,6 +108,7 @@ class KeyService:
             if body.key
             else MANAGED_KEY_PREFIX + secrets.token_urlsafe(32)
         )
+        check_template(body.end_user_budget)
         now = self.clock.now()
         key_id = new_id("key")
         owner = BudgetOwner("key", key_id)
@@ -174,6 +176,7 @@ class KeyService:
 
     async def update(self, key_id: str, body: KeyUpdate) -> KeyOut:
         changes = body.model_dump(exclude_unset=True)
+        check_template(body.end_user_budget)
         # A period that is over keeps the limit it was held to: roll it before changing.
         await self.budgets.roll_expired_periods_of_keys([key_id])
         now = self.clock.now()

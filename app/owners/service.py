@@ -16,8 +16,7 @@ from app.keys.budgets import (
     BUDGET_FIELDS,
     BudgetOwner,
     budget_out,
-    check_alert_at,
-    check_soft,
+    check_template,
     create_budget,
     create_windows,
     parallel_limit,
@@ -25,7 +24,6 @@ from app.keys.budgets import (
     reset_budgets,
     retire_budget,
     set_parallel_limit,
-    stored_amount,
     update_budget,
 )
 from app.keys.repository import new_id
@@ -60,21 +58,6 @@ class Conflict(AppError):
 def end_user_scope(team_id: str | None, key_id: str | None) -> str:
     """An end user's scope: its key's team, or the key when it has none."""
     return f"team:{team_id}" if team_id is not None else f"key:{key_id}"
-
-
-def check_template(entries: list[BudgetEntry] | None) -> None:
-    """An end-user template is checked when set, so that no end user's first request finds it
-    invalid."""
-    for i, e in enumerate(entries or []):
-        try:
-            check_soft(e.soft_budget, e.max_budget)
-            check_alert_at(e.alert_at, e.max_budget)
-            stored_amount(e.max_budget, e.unit, "max_budget")
-            stored_amount(e.soft_budget, e.unit, "soft_budget")
-        except InvalidField as exc:
-            raise InvalidField(
-                f"end_user_budget.{i}.{exc.message}", param="end_user_budget"
-            ) from None
 
 
 async def create_owner_budgets(
