@@ -43,6 +43,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 router = APIRouter(**admin_router_options())
 _ERROR = {"model": ErrorResponse}
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {**_ERROR, "description": "Unknown id"}}
+_BAD_JSON: dict[int | str, dict[str, Any]] = {400: {**_ERROR, "description": "Malformed JSON"}}
 _CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {**_ERROR, "description": "Name taken, owner deleted, or a team/user with active keys"}
 }
@@ -60,7 +61,7 @@ def _owner_routes(
     shared: dict[str, Any] = {"response_model": out, "tags": [f"admin: {path}"]}
     known = {**shared, "responses": _NOT_FOUND | _CONFLICT}
 
-    @router.post(f"/{path}", status_code=201, responses=_CONFLICT, **shared)
+    @router.post(f"/{path}", status_code=201, responses=_BAD_JSON | _CONFLICT, **shared)
     async def create(body: create_body, owners: Owners) -> Any:  # type: ignore[valid-type]
         return await owners.create(kind, body)
 
@@ -68,7 +69,7 @@ def _owner_routes(
     async def get(owner_id: str, owners: Owners) -> Any:
         return await owners.get(kind, owner_id)
 
-    @router.patch(one, **known)
+    @router.patch(one, **known | {"responses": known["responses"] | _BAD_JSON})
     async def update(owner_id: str, body: update_body, owners: Owners) -> Any:  # type: ignore[valid-type]
         return await owners.update(kind, owner_id, body)
 
