@@ -259,3 +259,49 @@ async def test_reset_closes_the_periods_early_like_a_key(gateway: Gateway) -> No
     assert len(manual) == 2  # the primary and the window; not the parallel limit
     assert {p["unit"] for p in manual} == {"usd", "requests"}
     assert sum(p["closed_at"] is None for p in periods) == 3
+
+
+async def test_patch_budgets_replaces_the_windows_keeping_their_history(gateway: Gateway) -> None:
+    user = await create(
+        gateway, "users", alias="ann", budgets=[{"max_budget": 3, "budget_duration": "1d"}]
+    )
+    r = await gateway.admin(
+        "PATCH",
+        f"/admin/users/{user['id']}",
+        json={"budgets": [{"max_budget": 7, "unit": "requests", "models": ["bg-test"]}]},
+    )
+    assert r.status_code == 200, r.text
+    (window,) = r.json()["budgets"]
+    assert (window["max_budget"], window["unit"], window["models"]) == (7, "requests", ["bg-test"])
+    assert window["budget_id"] != user["budgets"][0]["budget_id"]
+    periods = (await gateway.admin("GET", f"/admin/users/{user['id']}/periods")).json()["data"]
+    old = [p for p in periods if p["budget_id"] == user["budgets"][0]["budget_id"]]
+    assert len(old) == 1 and old[0]["close_reason"] == "retired" and old[0]["max_budget"] == 3.0
+
+
+async def test_a_key_s_parallel_limit_is_not_a_window_and_survives_a_reset(
+    gateway: Gateway,
+) -> None:
+    key = await gateway.create_key(alias="k", max_budget=1, max_parallel_requests=2)
+    assert key["max_parallel_requests"] == 2 and key["budgets"] is None
+    r = await gateway.admin("PATCH", f"/admin/keys/{key['id']}", json={"max_parallel_requests": 5})
+    assert r.json()["max_parallel_requests"] == 5
+    gateway.clock.advance(60)
+    r = await gateway.admin("POST", f"/admin/keys/{key['id']}/reset")
+    assert r.json()["max_parallel_requests"] == 5
+    periods = (await gateway.admin("GET", f"/admin/keys/{key['id']}/periods")).json()["data"]
+    assert sorted((p["unit"], p["close_reason"] or "open") for p in periods) == [
+        ("parallel", "open"),
+        ("usd", "manual"),
+        ("usd", "open"),
+    ]
+    r = await gateway.admin(
+        "PATCH", f"/admin/keys/{key['id']}", json={"max_parallel_requests": None}
+    )
+    assert r.json()["max_parallel_requests"] is None
+    bad = await gateway.admin(
+        "PATCH",
+        f"/admin/keys/{key['id']}",
+        json={"end_user_budget": [{"max_budget": 5, "unit": "tokens", "soft_budget": 0.5}]},
+    )
+    assert_openai_error(bad, 422, param="end_user_budget")
