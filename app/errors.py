@@ -79,6 +79,10 @@ class BudgetExceeded(AppError):
     status, type, code = 429, "budget_exceeded", "budget_exceeded"
 
 
+class ParallelLimitExceeded(AppError):
+    status, type, code = 429, "parallel_limit_exceeded", "parallel_limit_exceeded"
+
+
 class UpstreamUnreachable(AppError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
 
