@@ -438,7 +438,8 @@ def usage(
 def reconcile(as_json: JsonOpt = False) -> None:
     """Check the ledger invariants; exit 1 with a report if any is broken. Overruns (requests
     charged more than they reserved) are listed; they do not fail the check."""
-    from app.keys.service import dollars, iso
+    from app.kit.money import dollars
+    from app.kit.times import rfc3339 as iso
     from app.ledger import repository as ledger
     from app.pricing.money import nanos_to_dollars
 

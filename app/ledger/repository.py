@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import Date, Table, cast, func, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
+from app.kit.cursors import decode_cursor, encode_cursor
 from app.models import ApiKey, Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
@@ -21,18 +20,13 @@ B: Table = Budget.__table__  # type: ignore[assignment]
 R: Table = Reservation.__table__  # type: ignore[assignment]
 
 
-def encode_cursor(finished_at: datetime, request_id: str) -> str:
-    raw = orjson.dumps([finished_at.isoformat(), request_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _entry_after(cursor: str) -> tuple[datetime, str]:
+    """The (finished_at, request_id) an entry-list cursor names: the last entry of the page
+    before."""
     try:
-        stamp, request_id = orjson.loads(
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        )
-        return datetime.fromisoformat(stamp), str(request_id)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        stamp, request_id = decode_cursor(cursor, 2)
+        return datetime.fromisoformat(stamp), request_id
+    except ValueError:  # InvalidCursor, or a stamp that is not a time
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
 
 
@@ -90,7 +84,7 @@ async def list_entries(
     if until is not None:
         q = q.where(L.c.finished_at < until)
     if cursor is not None:
-        stamp, request_id = decode_cursor(cursor)
+        stamp, request_id = _entry_after(cursor)
         q = q.where(
             or_(L.c.finished_at < stamp, (L.c.finished_at == stamp) & (L.c.request_id < request_id))
         )
@@ -99,7 +93,9 @@ async def list_entries(
         await conn.rollback()
     page = rows[:limit]
     next_cursor = (
-        encode_cursor(page[-1].finished_at, page[-1].request_id) if len(rows) > limit else None
+        encode_cursor(page[-1].finished_at.isoformat(), page[-1].request_id)
+        if len(rows) > limit
+        else None
     )
     return page, next_cursor
 

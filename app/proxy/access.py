@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
+from app.kit.money import dollars
 from app.metrics import OVERRUNS, REJECTIONS, REQUESTS, SPEND, UPSTREAM_SECONDS
 
 log = logging.getLogger("budgetgate.access")
@@ -55,11 +56,6 @@ class AccessRecord:
 current_access: ContextVar[AccessRecord | None] = ContextVar("current_access", default=None)
 
 
-def _dollars(nanos: int | None) -> float | None:
-    # For reading, not for sums: the ledger keeps the exact amount.
-    return None if nanos is None else nanos / 1e9
-
-
 def finish(record: AccessRecord, status: int) -> None:
     """Write the access line and count the request."""
     record.status = status
@@ -84,8 +80,8 @@ def finish(record: AccessRecord, status: int) -> None:
                 "model": record.model,
                 "status": status,
                 "outcome": record.outcome,
-                "cost": _dollars(record.cost),
-                "reservation": _dollars(record.reservation),
+                "cost": dollars(record.cost),
+                "reservation": dollars(record.reservation),
                 "upstream_status": record.upstream_status,
                 "latency_ms": round(latency * 1000, 3),
                 "upstream_latency_ms": (
