@@ -371,7 +371,13 @@ def _format(fmt: OutputFormat, as_json: bool) -> OutputFormat:
 
 
 def _print_json(value: Any) -> None:
-    typer.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode())
+    options = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME
+    typer.echo(orjson.dumps(value, option=options, default=_json_default).decode())
+
+
+def _json_default(value: Any) -> str:
+    # Times as the admin API writes them (RFC 3339, `Z`), so that the two outputs compare.
+    return rfc3339(value) if isinstance(value, datetime) else str(value)
 
 
 def _print_rows(
@@ -425,7 +431,9 @@ def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
+        return orjson.dumps(
+            value, option=orjson.OPT_PASSTHROUGH_DATETIME, default=_json_default
+        ).decode()
     return _cell(value)
 
 
@@ -630,8 +638,11 @@ def keys_periods(
     as_json: JsonOpt = False,
 ) -> None:
     """The key's budget periods, newest first (JSON: as GET /admin/keys/{id}/periods)."""
+    from app.keys.schemas import PeriodList
+
     rows = _against_ledger(database_url, lambda ledger: ledger.reads.periods(key_id, limit))
-    _print_rows(rows, PERIOD_COLUMNS, _format(fmt, as_json), json_value={"data": rows})
+    as_api = PeriodList.model_validate({"data": rows}).model_dump(mode="json")
+    _print_rows(rows, PERIOD_COLUMNS, _format(fmt, as_json), json_value=as_api)
 
 
 # -- the ledger -----------------------------------------------------------------------------
