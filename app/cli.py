@@ -553,16 +553,25 @@ def keys_list(
     _print_rows(rows, KEY_COLUMNS, _format(fmt, as_json))
 
 
-@keys_app.command("show")
-def keys_show(
-    key_id: str,
-    database_url: DatabaseUrlOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    as_json: JsonOpt = False,
+def _key_command(
+    name: str, summary: str, action: Callable[[KeyService, str], Awaitable[Any]]
 ) -> None:
-    """Show one key with its current period."""
-    key = _against_ledger(database_url, lambda ledger: ledger.keys.get(key_id))
-    _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
+    """`budgetgate keys NAME KEY_ID`: one call of the key service, printing the key object."""
+
+    def command(
+        key_id: str,
+        database_url: DatabaseUrlOpt = None,
+        fmt: FormatOpt = OutputFormat.table,
+        as_json: JsonOpt = False,
+    ) -> None:
+        key = _against_ledger(database_url, lambda ledger: action(ledger.keys, key_id))
+        _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
+
+    command.__doc__ = summary
+    keys_app.command(name)(command)
+
+
+_key_command("show", "Show one key with its current period.", lambda keys, key_id: keys.get(key_id))
 
 
 @keys_app.command("update")
@@ -605,28 +614,16 @@ def keys_update(
     _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
 
 
-@keys_app.command("revoke")
-def keys_revoke(
-    key_id: str,
-    database_url: DatabaseUrlOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    as_json: JsonOpt = False,
-) -> None:
-    """Revoke a key: later requests get 401; its history is kept."""
-    key = _against_ledger(database_url, lambda ledger: ledger.keys.revoke(key_id))
-    _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
-
-
-@keys_app.command("reset")
-def keys_reset(
-    key_id: str,
-    database_url: DatabaseUrlOpt = None,
-    fmt: FormatOpt = OutputFormat.table,
-    as_json: JsonOpt = False,
-) -> None:
-    """Close the key's current periods early; the new ones end at the same boundary."""
-    key = _against_ledger(database_url, lambda ledger: ledger.keys.reset(key_id))
-    _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
+_key_command(
+    "revoke",
+    "Revoke a key: later requests get 401; its history is kept.",
+    lambda keys, key_id: keys.revoke(key_id),
+)
+_key_command(
+    "reset",
+    "Close the key's current periods early; the new ones end at the same boundary.",
+    lambda keys, key_id: keys.reset(key_id),
+)
 
 
 @keys_app.command("periods")
