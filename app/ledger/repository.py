@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, Table, cast, func, literal_column, or_, select
+from sqlalchemy import Date, Select, Table, cast, func, literal_column, or_, select
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
@@ -172,6 +174,38 @@ class ReconcileReport:
         return not self.problems
 
 
+# Invariants that each row of a query breaks, and how each is reported.
+_BROKEN: list[tuple[Select[Any], Callable[[Row[Any]], str]]] = [
+    (
+        select(B.c.id, func.count(P.c.id).label("open"))
+        .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
+        .group_by(B.c.id)
+        .having(func.count(P.c.id) != 1),
+        lambda b: f"budget {b.id}: {b.open} open periods (expected exactly 1)",
+    ),
+    (
+        select(C.c.request_id, C.c.period_id, C.c.amount, L.c.cost)
+        .join(L, L.c.request_id == C.c.request_id)
+        .where(C.c.amount != L.c.cost),
+        lambda w: (
+            f"entry {w.request_id}: charged {w.amount} to period {w.period_id} "
+            f"but its cost is {w.cost}"
+        ),
+    ),
+    (
+        select(C.c.request_id, P.c.budget_id, func.count().label("n"))
+        .join(P, P.c.id == C.c.period_id)
+        .group_by(C.c.request_id, P.c.budget_id)
+        .having(func.count() > 1),
+        lambda t: f"entry {t.request_id}: charged {t.n} times to budget {t.budget_id}",
+    ),
+    (
+        select(R.c.request_id).where(R.c.request_id.in_(select(L.c.request_id))),
+        lambda s: f"entry {s.request_id}: settled but still holds a reservation",
+    ),
+]
+
+
 async def reconcile(engine: AsyncEngine) -> ReconcileReport:
     """SPEC 6 invariants: each period's spend = the sum of its charges; its reserved = the sum
     of its open reservations; its spend at most the highest max_budget it admitted under plus
@@ -233,50 +267,11 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
                     f"{p.peak_max_budget} + the overruns recorded in it {p.overruns}"
                 )
 
-        open_counts = (
-            await conn.execute(
-                select(B.c.id, func.count(P.c.id).label("open"))
-                .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
-                .group_by(B.c.id)
-            )
-        ).all()
-        for b in open_counts:
-            if b.open != 1:
-                report.problems.append(f"budget {b.id}: {b.open} open periods (expected exactly 1)")
-
         report.entries_checked = (
             await conn.execute(select(func.count()).select_from(L))
         ).scalar_one()
-        wrong = (
-            await conn.execute(
-                select(C.c.request_id, C.c.period_id, C.c.amount, L.c.cost)
-                .join(L, L.c.request_id == C.c.request_id)
-                .where(C.c.amount != L.c.cost)
-            )
-        ).all()
-        for w in wrong:
-            report.problems.append(
-                f"entry {w.request_id}: charged {w.amount} to period {w.period_id} but its cost is {w.cost}"
-            )
-        twice = (
-            await conn.execute(
-                select(C.c.request_id, P.c.budget_id, func.count().label("n"))
-                .join(P, P.c.id == C.c.period_id)
-                .group_by(C.c.request_id, P.c.budget_id)
-                .having(func.count() > 1)
-            )
-        ).all()
-        for t in twice:
-            report.problems.append(
-                f"entry {t.request_id}: charged {t.n} times to budget {t.budget_id}"
-            )
-        settled_but_held = (
-            await conn.execute(
-                select(R.c.request_id).where(R.c.request_id.in_(select(L.c.request_id)))
-            )
-        ).all()
-        for s in settled_but_held:
-            report.problems.append(f"entry {s.request_id}: settled but still holds a reservation")
+        for query, describe in _BROKEN:
+            report.problems.extend(describe(r) for r in (await conn.execute(query)).all())
         overruns = await conn.execute(
             select(L.c.request_id, L.c.key_id, L.c.cost, L.c.overrun, L.c.finished_at)
             .where(L.c.overrun > literal_column("0"))  # (the partial index's predicate)
