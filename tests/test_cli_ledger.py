@@ -139,6 +139,7 @@ async def _traffic(
             "ledger_a": (await gw.admin("GET", "/admin/ledger", params={"key_id": a["id"]})).json(),
             "usage": (await gw.admin("GET", "/admin/usage", params={"group_by": "model"})).json(),
             "periods": (await gw.admin("GET", f"/admin/keys/{a['id']}/periods")).json(),
+            "reconcile": (await gw.admin("GET", "/admin/reconcile")).json(),
         }
     return a, api
 
@@ -195,6 +196,7 @@ async def test_ledger_commands_show_what_the_admin_api_shows(
 
     # reconcile: the report in JSON, the overruns in CSV (none here), a text report.
     report = await json_of("reconcile")
+    assert report == api["reconcile"]
     assert report["ok"] is True and report["entries_checked"] == 4
     assert (await asyncio.to_thread(cli, "reconcile", "--format", "csv")).splitlines() == [
         "request_id,key_id,reservation,cost,overrun,finished_at"

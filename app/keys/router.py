@@ -14,7 +14,7 @@ from app.config import Settings
 from app.errors import AdminDisabled, ErrorResponse, InvalidField, Unauthorized
 from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyUpdate, PeriodList
 from app.keys.service import KeyService
-from app.ledger.reads import LedgerReads, UsageGroup
+from app.ledger.reads import LedgerReads, UsageGroup, reconcile_out
 from app.proxy.headers import presented_key
 
 
@@ -137,3 +137,10 @@ async def usage_report(
     until: datetime | None = None,
 ) -> JSONResponse:
     return JSONResponse(await reads.usage(group_by, since, until))
+
+
+@router.get("/reconcile")
+async def reconcile_report(reads: Ledger) -> dict[str, Any]:
+    """The ledger invariants (SPEC 6), as `budgetgate reconcile --format json` reports them:
+    `ok` false and each broken invariant under `problems`; overruns listed, not problems."""
+    return reconcile_out(await reads.reconcile())
