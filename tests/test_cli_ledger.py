@@ -9,10 +9,13 @@ import asyncio
 import csv
 import io
 import os
+import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from typer.testing import CliRunner
@@ -22,6 +25,7 @@ from app.clock import ManualClock
 from app.config import get_settings
 from tests.conftest import START, make_settings, running_gateway
 from tests.pgcluster import PgCluster
+from tests.procs import base_env, budgetgate_bin, free_port
 from tests.servers import ServerThread
 
 # Every command that reads or writes the ledger, with arguments that make it do so.
@@ -42,8 +46,8 @@ LEDGER_COMMANDS = [
 def run_cli(*args: str, database_url: str | None = None, code: int = 0) -> str:
     """The command in-process, with no BUDGETGATE_ setting but the database URL (if any)."""
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("BUDGETGATE_")}
-    if database_url is not None:
-        env["BUDGETGATE_DATABASE_URL"] = database_url
+    # Always named, so that the runner puts it back: `serve --database-url` sets it.
+    env["BUDGETGATE_DATABASE_URL"] = database_url
     get_settings.cache_clear()
     try:
         result = CliRunner().invoke(cli_app, list(args), env=env)
@@ -91,10 +95,41 @@ def test_every_ledger_command_takes_database_url(tmp_path: Path) -> None:
 
 def test_a_database_that_cannot_be_used_is_one_line_and_exit_1(tmp_path: Path) -> None:
     unreachable = "postgresql+asyncpg://someone:hunter2@127.0.0.1:1/ledger"
-    for command in [*LEDGER_COMMANDS, ["migrate"]]:
+    for command in [*LEDGER_COMMANDS, ["migrate"], ["serve"]]:
         out = run_cli(*command, "--database-url", unreachable, code=1)
         assert "cannot use the ledger database (postgresql+asyncpg://127.0.0.1:1/ledger)" in out
         assert "hunter2" not in out and "someone" not in out and "Traceback" not in out
+
+
+def test_serve_names_its_sqlite_file_and_takes_database_url(tmp_path: Path) -> None:
+    chosen = tmp_path / "chosen.db"
+    port = free_port()
+    serve = subprocess.Popen(
+        [budgetgate_bin(), "serve", "--port", str(port), "--database-url", f"sqlite:///{chosen}"],
+        env=base_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 45
+        while not _healthy(port):
+            assert serve.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+    finally:
+        serve.terminate()
+        _, stderr = serve.communicate(timeout=30)
+    assert f"budgetgate: ledger database: SQLite {chosen}" in stderr, stderr
+    assert chosen.exists() and not (tmp_path / "budgetgate.db").exists()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -108,7 +143,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 
 def test_an_unmigrated_postgresql_says_run_migrate(pg_cluster: PgCluster) -> None:
     url = pg_cluster.create_database(f"bg_bare_{uuid.uuid4().hex[:8]}")
-    for command in LEDGER_COMMANDS:
+    for command in [*LEDGER_COMMANDS, ["serve"]]:
         out = run_cli(*command, database_url=url, code=1)
         assert "is not at the latest migration: run `budgetgate migrate`" in out, (command, out)
         assert "Traceback" not in out and "SELECT" not in out
