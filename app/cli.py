@@ -299,10 +299,10 @@ class Ledger:
 
 
 def _against_ledger(database_url: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> T:
-    from app.budgets.repository import BudgetRepository
     from app.clock import SystemClock
     from app.db import create_engine
     from app.keys.service import KeyService
+    from app.ledger.periods import BudgetRepository
     from app.ledger.reads import LedgerReads
     from app.main import prepare_schema
 

@@ -12,10 +12,10 @@ from starlette.datastructures import Headers
 
 from app.config import Settings
 from app.errors import AdminDisabled, ErrorResponse, InvalidField, Unauthorized
+from app.keys.credentials import presented_key
 from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyUpdate, PeriodList
 from app.keys.service import KeyService
 from app.ledger.reads import LedgerReads, UsageGroup, reconcile_out
-from app.proxy.headers import presented_key
 
 
 def require_admin(request: Request) -> None:
