@@ -12,7 +12,6 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import NotFound
-from app.keys import repository as keys
 from app.kit.money import dollars
 from app.kit.times import rfc3339, to_utc
 from app.ledger import repository as ledger
@@ -63,11 +62,9 @@ class LedgerReads:
     async def periods(self, key_id: str, limit: int) -> list[dict[str, Any]]:
         """The key's periods (every budget's), newest first; NotFound for an unknown key."""
         await self.budgets.roll_expired_periods_of_keys([key_id])
-        async with self.engine.connect() as conn:
-            if await keys.get_key(conn, key_id) is None:
-                raise NotFound(f"no key with id '{key_id}'")
-            rows = await keys.list_periods(conn, key_id, limit)
-            await conn.rollback()
+        rows = await ledger.key_periods(self.engine, key_id, limit)
+        if rows is None:
+            raise NotFound(f"no key with id '{key_id}'")
         return [period_out(r) for r in rows]
 
     async def reconcile(self) -> ReconcileReport:

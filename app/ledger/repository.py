@@ -102,6 +102,25 @@ async def list_entries(
     return page, next_cursor
 
 
+async def key_periods(engine: AsyncEngine, key_id: str, limit: int) -> list[Row[Any]] | None:
+    """The key's periods (every budget's), newest first; None for an unknown key."""
+    K: Table = ApiKey.__table__  # type: ignore[assignment]
+    async with engine.connect() as conn:
+        if (await conn.execute(select(K.c.id).where(K.c.id == key_id))).first() is None:
+            await conn.rollback()
+            return None
+        rows = await conn.execute(
+            select(P, B.c.kind)
+            .join(B, B.c.id == P.c.budget_id)
+            .where(B.c.key_id == key_id)
+            .order_by(P.c.period_start.desc(), P.c.id.desc())
+            .limit(limit)
+        )
+        page = list(rows.all())
+        await conn.rollback()
+    return page
+
+
 async def usage(
     engine: AsyncEngine, group_by: str, since: datetime | None, until: datetime | None
 ) -> list[dict[str, Any]]:
