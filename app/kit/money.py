@@ -8,6 +8,7 @@ point except the JSON number, which is correctly rounded from the exact decimal.
 from __future__ import annotations
 
 from decimal import ROUND_CEILING, Decimal
+from typing import overload
 
 __all__ = [
     "NANOS_PER_DOLLAR",
@@ -26,8 +27,14 @@ def _exact(nanos: int) -> Decimal:
     return Decimal(f"{nanos}E-9")
 
 
+@overload
+def dollars(nanos: int) -> float: ...
+@overload
+def dollars(nanos: None) -> None: ...
+@overload
+def dollars(nanos: int | None) -> float | None: ...
 def dollars(nanos: int | None) -> float | None:
-    """A JSON number of dollars (the admin API, alerts, logs): the float nearest the exact
+    """Dollars as a float (the admin API, alerts, logs, metrics): the float nearest the exact
     amount, whose shortest repr gives back the 9-decimal value for every amount of up to 15
     significant digits (all under $1,000,000)."""
     return None if nanos is None else float(_exact(nanos))

@@ -95,7 +95,7 @@ def finish(record: AccessRecord, status: int) -> None:
     model = (record.model if record.priced_model else "other") if record.model else "none"
     REQUESTS.labels(record.route, model, str(status), record.outcome or "none").inc()
     if record.cost:
-        SPEND.labels(model).inc(record.cost / 1e9)
+        SPEND.labels(model).inc(dollars(record.cost))
         if record.reservation is not None and record.cost > record.reservation:
             OVERRUNS.inc()  # the ledger records the same excess on the entry
     if record.rejected_by is not None:
