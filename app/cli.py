@@ -225,6 +225,7 @@ def _serve(host: str, port: int, workers: int) -> None:
 def _on_ledger_errors(run: Callable[[], T], settings: Settings) -> T:
     """Run `run`; a ledger database that cannot be used ends the command with one line that
     says why (exit 1), never a traceback or an SQL statement."""
+    from alembic.script.revision import RevisionError
     from alembic.util import CommandError
 
     from app.errors import AppError
@@ -240,7 +241,7 @@ def _on_ledger_errors(run: Callable[[], T], settings: Settings) -> T:
         )
     except AppError as exc:
         _fail(f"error: {exc.message}")
-    except CommandError as exc:  # e.g. a revision this version does not know
+    except (CommandError, RevisionError) as exc:  # e.g. a revision this version does not know
         _fail(f"budgetgate: cannot migrate the ledger database ({where}): {exc}")
     except (SQLAlchemyError, OSError) as exc:
         _fail(f"budgetgate: cannot use the ledger database ({where}): {_database_error(exc)}")

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import os
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -130,6 +131,18 @@ def _healthy(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_schema_from_a_later_version_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    run_cli("migrate", database_url=url)
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    db.close()
+    for command in (["migrate"], ["keys", "list"], ["reconcile"]):
+        out = run_cli(*command, database_url=url, code=1)
+        assert "cannot migrate the ledger database" in out and "'9999'" in out, out
+        assert "Traceback" not in out
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
