@@ -31,6 +31,8 @@ from app.kit.money import format_dollars_nanos
 from app.kit.times import InvalidTime, parse_time, rfc3339
 
 if TYPE_CHECKING:
+    from alembic.script import Script
+
     from app.keys.service import KeyService
     from app.ledger.reads import LedgerReads, UsageGroup
 
@@ -263,7 +265,7 @@ def migrate(database_url: DatabaseUrlOpt = None) -> None:
         finally:
             await engine.dispose()
 
-    def run() -> list[Any]:
+    def run() -> list[Script]:
         pending = pending_revisions(settings.database_url, asyncio.run(revisions()))
         upgrade_to_head(settings.database_url)
         return pending
