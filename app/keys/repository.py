@@ -146,14 +146,3 @@ async def update_open_period_limit(
         .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
         .values(max_budget=max_budget, peak_max_budget=peak)
     )
-
-
-async def list_periods(conn: AsyncConnection, key_id: str, limit: int) -> list[Row[Any]]:
-    q = (
-        select(P, B.c.kind)
-        .join(B, B.c.id == P.c.budget_id)
-        .where(B.c.key_id == key_id)
-        .order_by(P.c.period_start.desc(), P.c.id.desc())
-        .limit(limit)
-    )
-    return list((await conn.execute(q)).all())
