@@ -12,7 +12,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from decimal import ROUND_CEILING, Decimal
 
 import aiohttp
 import orjson
@@ -41,6 +40,7 @@ from app.errors import (
 )
 from app.keys.credentials import presented_key
 from app.keys.service import KeyService, hash_key
+from app.kit.money import format_dollars_up
 from app.ledger.contract import (
     LEDGER_ERRORS,
     AdmitRequest,
@@ -427,9 +427,9 @@ class Gateway:
         if state.unit == "usd":
             message = (
                 f"Budget exceeded for {_budget_name(key, state)}: spend "
-                f"${format_dollars_4(used)} + this request up to "
-                f"${format_dollars_4(rejected.amount)} would pass max_budget "
-                f"${format_dollars_4(limit)}; {resets}"
+                f"${format_dollars_up(used)} + this request up to "
+                f"${format_dollars_up(rejected.amount)} would pass max_budget "
+                f"${format_dollars_up(limit)}; {resets}"
             )
         else:
             message = (
@@ -623,8 +623,3 @@ def _budget_name(key: KeyContext, state: PeriodState) -> str:
 
 def _not_allowed(key: KeyContext, model: str | None) -> str:
     return f"model '{model}' is not allowed for key {key.label}; allowed: {', '.join(key.models)}"
-
-
-def format_dollars_4(nanos: int) -> str:
-    """Dollars to four places for messages (rounded up: never shows less than was used)."""
-    return f"{Decimal(nanos).scaleb(-9).quantize(Decimal('0.0001'), rounding=ROUND_CEILING)}"
