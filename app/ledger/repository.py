@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Date, Select, Table, cast, func, literal_column, or_, select
+from sqlalchemy import Date, Select, Table, case, cast, func, literal_column, or_, select
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -193,6 +193,21 @@ class ReconcileReport:
         return not self.problems
 
 
+# What an entry is due in a period of each unit (NULL: any amount, a tokens charge of an entry
+# that reported no usage).
+_EXPECTED = case(
+    (B.c.unit == "usd", L.c.cost),
+    (B.c.unit == "requests", literal_column("1")),
+    (B.c.unit == "parallel", literal_column("0")),
+    else_=case(
+        (
+            L.c.prompt_tokens.is_(None) & L.c.completion_tokens.is_(None),
+            None,
+        ),
+        else_=func.coalesce(L.c.prompt_tokens, 0) + func.coalesce(L.c.completion_tokens, 0),
+    ),
+)
+
 # Invariants that each row of a query breaks, and how each is reported.
 _BROKEN: list[tuple[Select[Any], Callable[[Row[Any]], str]]] = [
     (
@@ -203,12 +218,16 @@ _BROKEN: list[tuple[Select[Any], Callable[[Row[Any]], str]]] = [
         lambda b: f"budget {b.id}: {b.open} open periods (expected exactly 1)",
     ),
     (
-        select(C.c.request_id, C.c.period_id, C.c.amount, L.c.cost)
+        # Each charge is the entry's in the period's unit (unit_charge): its cost, its tokens
+        # (any, when it reported none: what it held), one request, nothing for a parallel limit.
+        select(C.c.request_id, C.c.period_id, C.c.amount, B.c.unit, _EXPECTED.label("expected"))
         .join(L, L.c.request_id == C.c.request_id)
-        .where(C.c.amount != L.c.cost),
+        .join(P, P.c.id == C.c.period_id)
+        .join(B, B.c.id == P.c.budget_id)
+        .where(C.c.amount != func.coalesce(_EXPECTED, C.c.amount)),
         lambda w: (
             f"entry {w.request_id}: charged {w.amount} to period {w.period_id} "
-            f"but its cost is {w.cost}"
+            f"but it is due {w.expected} ({w.unit})"
         ),
     ),
     (
