@@ -25,6 +25,7 @@ from app.config import Settings, get_settings
 from app.db import create_engine
 from app.errors import (
     AppError,
+    ErrorResponse,
     Unauthorized,
     UnsupportedMediaType,
     error_response,
@@ -32,7 +33,6 @@ from app.errors import (
 )
 from app.keys.router import check_admin_key
 from app.keys.router import router as admin_router
-from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
 from app.ledger import repository as ledger
 from app.ledger.contract import create_hot_ledger

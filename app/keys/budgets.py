@@ -13,10 +13,11 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.budgets.schedule import Schedule
+from app.budgets.state import shown_amount
 from app.errors import InvalidField
 from app.keys import repository as repo
 from app.keys.repository import new_id
-from app.keys.schemas import BudgetEntry, BudgetOut, BudgetSettings, PeriodOut
+from app.keys.schemas import BudgetEntry, BudgetOut, BudgetSettings
 from app.ledger.periods import BudgetRepository, schedule_of
 from app.pricing.money import dollars_to_nanos
 
@@ -37,12 +38,6 @@ class BudgetOwner:
         return self.id if self.kind == "key" else None
 
 
-def dollars(nanos: int | None) -> float | None:
-    """Nano-dollars to a JSON number: exact for every amount the ledger holds (< 2^53 nanos
-    would do; float's shortest repr gives back the 9-decimal value)."""
-    return None if nanos is None else float(Decimal(nanos).scaleb(-9))
-
-
 def stored_amount(value: Decimal | int | None, unit: str, field: str) -> int | None:
     """An amount as the ledger stores it: nano-dollars for usd, a whole count otherwise."""
     if value is None:
@@ -52,13 +47,6 @@ def stored_amount(value: Decimal | int | None, unit: str, field: str) -> int | N
     if Decimal(value) != Decimal(value).to_integral_value():
         raise InvalidField(f"{field}: a {unit} budget counts whole {unit}", param=field)
     return int(value)
-
-
-def shown_amount(value: int | None, unit: str) -> float | int | None:
-    """An amount as the API shows it: dollars for usd, the count otherwise."""
-    if value is None:
-        return None
-    return dollars(value) if unit == "usd" else int(value)
 
 
 def _basis_points(fractions: list[Decimal] | None) -> list[int] | None:
@@ -275,17 +263,3 @@ def budget_out(b: Row[Any]) -> BudgetOut:
 def parallel_limit(budgets: list[Row[Any]]) -> int | None:
     """`max_parallel_requests` from an owner's active budget rows."""
     return next((int(b.max_budget) for b in budgets if b.kind == "parallel"), None)
-
-
-def period_out(r: Row[Any]) -> PeriodOut:
-    return PeriodOut(
-        budget_id=r.budget_id,
-        unit=r.unit,
-        period_start=r.period_start,
-        period_end=r.period_end,
-        spend=shown_amount(r.spend, r.unit) or 0,
-        reserved=shown_amount(r.reserved, r.unit) or 0,
-        max_budget=shown_amount(r.max_budget, r.unit),
-        closed_at=r.closed_at,
-        close_reason=r.close_reason,
-    )

@@ -193,17 +193,3 @@ async def close_open_period(
         .where(P.c.budget_id == budget_id, P.c.closed_at.is_(None))
         .values(closed_at=now, close_reason=reason)
     )
-
-
-async def list_periods(
-    conn: AsyncConnection, owner_id: str, limit: int, owner_kind: str = "key"
-) -> list[Row[Any]]:
-    """The owner's periods, newest first; retired budgets' too (history)."""
-    q = (
-        select(P, B.c.kind, B.c.unit)
-        .join(B, B.c.id == P.c.budget_id)
-        .where(B.c.owner_kind == owner_kind, B.c.owner_id == owner_id)
-        .order_by(P.c.period_start.desc(), P.c.id.desc())
-        .limit(limit)
-    )
-    return list((await conn.execute(q)).all())

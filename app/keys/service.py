@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import secrets
 from datetime import datetime
@@ -21,9 +20,7 @@ from app.keys.budgets import (
     check_template,
     create_budget,
     create_windows,
-    dollars,
     parallel_limit,
-    period_out,
     reset_budgets,
     set_parallel_limit,
     update_budget,
@@ -35,13 +32,13 @@ from app.keys.schemas import (
     KeyCreated,
     KeyOut,
     KeyUpdate,
-    PeriodOut,
 )
+from app.kit.cursors import InvalidCursor, decode_cursor, encode_cursor
+from app.kit.times import rfc3339
 from app.ledger.contract import KeyContext, key_refusal
 from app.ledger.periods import BudgetRepository
 
 MANAGED_KEY_PREFIX = "sk-bg-"
-__all__ = ["KeyService", "dollars", "iso", "render_key"]  # dollars: for the older importers
 
 
 def hash_key(key: str) -> str:
@@ -85,7 +82,7 @@ class KeyService:
         if ctx is None or reason == "unknown":
             return Unauthorized("invalid API key")
         if reason == "expired" and ctx.expires_at is not None:
-            return Unauthorized(f"API key {ctx.label} expired at {iso(ctx.expires_at)}")
+            return Unauthorized(f"API key {ctx.label} expired at {rfc3339(ctx.expires_at)}")
         return Unauthorized(f"API key {ctx.label} has been revoked")
 
     # -- admin ------------------------------------------------------------------------------
@@ -157,7 +154,7 @@ class KeyService:
     async def list_keys(
         self, alias: str | None, cursor: str | None, limit: int, team_id: str | None = None
     ) -> tuple[list[KeyOut], str | None]:
-        after = decode_cursor(cursor) if cursor else None
+        after = id_after(cursor, "key") if cursor else None
         async with self.engine.connect() as conn:
             keys = await repo.list_keys(conn, alias, after, limit + 1, team_id)
             await conn.rollback()
@@ -226,15 +223,6 @@ class KeyService:
             await reset_budgets(conn, self.budgets, BudgetOwner("key", key_id))
         return await self.get(key_id)
 
-    async def periods(self, key_id: str, limit: int) -> list[PeriodOut]:
-        await self.budgets.roll_expired_periods_of_keys([key_id])
-        async with self.engine.connect() as conn:
-            if await repo.get_key(conn, key_id) is None:
-                raise NotFound(f"no key with id '{key_id}'")
-            rows = await repo.list_periods(conn, key_id, limit)
-            await conn.rollback()
-        return [period_out(r) for r in rows]
-
 
 async def _check_owners(conn: AsyncConnection, team_id: str | None, user_id: str | None) -> None:
     """A key's team and user must exist and not be deleted."""
@@ -262,14 +250,6 @@ def template_out(stored: list[dict[str, Any]] | None) -> list[dict[str, Any]] | 
         }
         for e in entries
     ]
-
-
-def iso(when: datetime) -> str:
-    return (
-        when.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if when.microsecond == 0
-        else when.isoformat().replace("+00:00", "Z")
-    )
 
 
 def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
@@ -309,15 +289,11 @@ def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
     )
 
 
-def encode_cursor(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, id_prefix: str = "key") -> str:
-    """A listing's cursor: the last id of the page before (encode_cursor), of this prefix."""
+def id_after(cursor: str, id_prefix: str) -> str:
+    """The id a list cursor names (the last row of the page before), of this prefix."""
     try:
-        last_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
+        (last_id,) = decode_cursor(cursor, 1)
+    except InvalidCursor:
         last_id = ""
     if not last_id.startswith(f"{id_prefix}_"):
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor")

@@ -72,6 +72,8 @@ class KeyContext:
     expires_at: datetime | None
     budgets: list[BudgetRef]
     shrink_to_fit: bool | None = None  # None: BUDGETGATE_SHRINK_TO_FIT decides
+    team_id: str | None = None
+    user_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -106,13 +108,16 @@ class AdmitRequest:
     model: str | None  # metered requests: checked against the key's allow-list
     endpoint: str
     stream: bool
-    amount: int  # nano-dollars to hold in every budget's current period
+    amount: int  # nano-dollars to hold in every dollar budget's current period
     started_at: datetime
     expires_at: datetime  # when the sweeper may release the reservation
     # Shrink to fit: when `amount` does not fit, hold the largest amount that fits every
     # budget if it is at least this much (Admitted.amount says what was held). None: all or
     # nothing.
     min_amount: int | None = None
+    tokens: int = 0  # what to hold in a `tokens` budget: the request's input + output bound
+    end_user_id: str | None = None  # the end user it names (already known to the ledger)
+    tags: tuple[str, ...] = ()  # the tags it carries
 
     @property
     def least(self) -> int:
@@ -181,6 +186,10 @@ class RequestInfo:
     endpoint: str
     stream: bool
     started_at: datetime
+    team_id: str | None = None
+    user_id: str | None = None
+    end_user_id: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,13 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     status_code: int | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        """Input + output tokens, as reported (None: no usage reported)."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
 # Told the kinds of each batch's steps as it starts (HotLedger.observe_batches).

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.budgets.periods import parse_duration
 from app.budgets.schedule import Schedule
-from app.budgets.state import PeriodState
+from app.budgets.state import PeriodState, unit_charge
 from app.clock import Clock
 from app.ledger.contract import ConcurrentChange, Outcome, RequestInfo
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
@@ -75,8 +75,10 @@ class BudgetRepository:
         req: RequestInfo,
         result: Outcome,
         now: datetime,
-        period_ids: list[int] | None = None,
+        charges: dict[int, int] | None = None,
     ) -> None:
+        """The request's ledger entry, and what it charged each period (period id -> amount,
+        in the period's unit)."""
         await conn.execute(
             insert(L).values(
                 request_id=req.request_id,
@@ -94,12 +96,12 @@ class BudgetRepository:
                 finished_at=now,
             )
         )
-        if period_ids:
+        if charges:
             await conn.execute(
                 insert(C),
                 [
-                    {"request_id": req.request_id, "period_id": pid, "amount": result.cost}
-                    for pid in period_ids
+                    {"request_id": req.request_id, "period_id": pid, "amount": amount}
+                    for pid, amount in charges.items()
                 ],
             )
 
@@ -324,13 +326,29 @@ class BudgetRepository:
                 ).all()
                 if not rows:
                     continue
-                # (the same amount is held in each of the request's periods)
-                cost = min(r.amount for r in rows)
+                units = dict(
+                    (
+                        await conn.execute(
+                            select(P.c.id, B.c.unit)
+                            .join(B, B.c.id == P.c.budget_id)
+                            .where(P.c.id.in_([r.period_id for r in rows]))
+                        )
+                    ).all()
+                )
+                holds = [(units[r.period_id], r.amount) for r in rows]
+                # (the same dollars are held in each of the request's dollar periods)
+                cost = min((a for unit, a in holds if unit == "usd"), default=0)
+                charges = {
+                    r.period_id: unit_charge(units[r.period_id], cost, None, r.amount) for r in rows
+                }
                 for r in sorted(rows, key=lambda r: r.period_id):
                     await conn.execute(
                         update(P)
                         .where(P.c.id == r.period_id)
-                        .values(reserved=P.c.reserved - r.amount, spend=P.c.spend + cost)
+                        .values(
+                            reserved=P.c.reserved - r.amount,
+                            spend=P.c.spend + charges[r.period_id],
+                        )
                     )
                 first = rows[0]
                 req = RequestInfo(
@@ -342,11 +360,7 @@ class BudgetRepository:
                     first.started_at,
                 )
                 await self._insert_entry(
-                    conn,
-                    req,
-                    Outcome("abandoned", cost, "reservation"),
-                    now,
-                    [r.period_id for r in rows],
+                    conn, req, Outcome("abandoned", cost, "reservation"), now, charges
                 )
                 swept += 1
         return swept

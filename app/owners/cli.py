@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any
 
-import orjson
 import typer
 from pydantic import Json, TypeAdapter, ValidationError
 
@@ -35,14 +34,20 @@ from app.owners.service import OwnerService, end_user_scope
 
 @dataclass(frozen=True)
 class CliHelpers:
-    """What app.cli lends the owners' commands."""
+    """What app.cli lends the owners' commands, so that they behave as its own."""
 
-    run: Callable[[Callable[[OwnerService], Awaitable[Any]]], Any]
+    # (--database-url, a call of the owner service) -> its result, or exit 1 naming the problem
+    run: Callable[[str | None, Callable[[OwnerService], Awaitable[Any]]], Any]
     body: Callable[..., Any]  # (model, **fields) -> a validated body, or exit 2 naming the field
-    print_rows: Callable[[list[dict[str, Any]], list[str], bool], None]
+    print_rows: Callable[..., None]  # (rows, columns, format, json_value=None)
     dollars: Callable[[str | None], Decimal | None]
     json_object: Callable[[str | None], dict[str, Any] | None]
     alert_at: Callable[[str | None], list[str] | None]
+    database_url_option: Any  # the Annotated types and default of the shared options
+    format_option: Any
+    default_format: Any
+    json_option: Any
+    output_format: Callable[[Any, bool], Any]  # (--format, --json) -> the format
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,6 @@ _KINDS = (
     _Kind("tag", "tags", "tag", "name", TagCreate, TagUpdate),
 )  # fmt: skip
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 _OPTIONS: dict[str, Any] = {
     "max_budget": Annotated[str | None, typer.Option(help="dollars")],
     "budget_duration": Annotated[str | None, typer.Option(help="30s, 1h, 1d, 1w, 1mo, 1y ...")],
@@ -90,6 +94,8 @@ _OPTIONS: dict[str, Any] = {
     ],
 }
 _JSON_LISTS = ("budgets", "end_user_budget")
+_PERIOD_COLUMNS = ["budget_id", "unit", "period_start", "period_end", "spend", "reserved",
+                   "max_budget", "closed_at", "close_reason"]  # fmt: skip
 _DOLLARS = ("max_budget", "soft_budget")
 
 
@@ -148,21 +154,22 @@ def _owner_app(k: _Kind, helpers: CliHelpers) -> typer.Typer:
     if k.kind == "end_user":
         columns[2:2] = ["team_id", "key_id"]
     owner_id_arg = _param("owner_id", Annotated[str, typer.Argument(help=f"the {k.label}'s id")])
-    as_json = _param("as_json", JsonOpt, False)
+    output = [
+        _param("database_url", helpers.database_url_option),
+        _param("fmt", helpers.format_option, helpers.default_format),
+        _param("as_json", helpers.json_option, False),
+    ]
     budget_options = [_param(n, _OPTIONS[n]) for n in (*_DOLLARS[:1], "budget_duration",
                       *_DOLLARS[1:], "budget_timezone", "budget_anchor", "alert_at", "metadata",
                       "budgets", *k.extra)]  # fmt: skip
 
-    def show(out: Any, as_json: bool) -> None:
+    def show(out: Any, fmt: Any, as_json: bool) -> None:
         row = out.model_dump(mode="json")
-        if as_json:
-            typer.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2).decode())
-        else:
-            helpers.print_rows([row], columns, False)
+        helpers.print_rows([row], columns, helpers.output_format(fmt, as_json), json_value=row)
 
-    def create(as_json: bool = False, **given: Any) -> None:
+    def create(database_url: str | None, fmt: Any, as_json: bool, **given: Any) -> None:
         body = helpers.body(k.create_body, **_fields(given, helpers))
-        show(helpers.run(lambda s: s.create(k.kind, body)), as_json)
+        show(helpers.run(database_url, lambda s: s.create(k.kind, body)), fmt, as_json)
 
     naming = [
         _param(
@@ -174,20 +181,22 @@ def _owner_app(k: _Kind, helpers: CliHelpers) -> typer.Typer:
                    _param("key_id", Annotated[str | None, typer.Option(help="its key (scope), for a key without a team")])]  # fmt: skip
     article = "an" if k.label[0] in "aeiou" else "a"
     create.__doc__ = f"Create {article} {k.label}; the budget options set its budget (dollars)."
-    sub.command("create")(_with_signature(create, [*naming, *budget_options, as_json]))
+    sub.command("create")(_with_signature(create, [*naming, *budget_options, *output]))
 
-    def update(owner_id: str, as_json: bool = False, **given: Any) -> None:
+    def update(
+        owner_id: str, database_url: str | None, fmt: Any, as_json: bool, **given: Any
+    ) -> None:
         body = helpers.body(k.update_body, **_fields(given, helpers))
-        show(helpers.run(lambda s: s.update(k.kind, owner_id, body)), as_json)
+        show(helpers.run(database_url, lambda s: s.update(k.kind, owner_id, body)), fmt, as_json)
 
     renaming = [] if k.name_field not in k.update_body.model_fields else [
         _param(k.name_field, Annotated[str | None, typer.Option(help=f"a new {k.name_field}")])]  # fmt: skip
     update.__doc__ = f"Change {article} {k.label}'s settings (only the options given)."
     sub.command("update")(
-        _with_signature(update, [owner_id_arg, *renaming, *budget_options, as_json])
+        _with_signature(update, [owner_id_arg, *renaming, *budget_options, *output])
     )
 
-    def list_owners(as_json: bool = False, **filters: Any) -> None:
+    def list_owners(database_url: str | None, fmt: Any, as_json: bool, **filters: Any) -> None:
         name = filters.get(k.name_field)
         team_id, key_id = filters.get("team_id"), filters.get("key_id")
         scope = end_user_scope(team_id, key_id) if team_id or key_id else None
@@ -200,8 +209,8 @@ def _owner_app(k: _Kind, helpers: CliHelpers) -> typer.Typer:
                 if cursor is None:
                     return out
 
-        rows = [o.model_dump(mode="json") for o in helpers.run(every_page)]
-        helpers.print_rows(rows, columns, as_json)
+        rows = [o.model_dump(mode="json") for o in helpers.run(database_url, every_page)]
+        helpers.print_rows(rows, columns, helpers.output_format(fmt, as_json))
 
     filters = [
         _param(k.name_field, Annotated[str | None, typer.Option(help=f"only this {k.name_field}")])
@@ -209,14 +218,15 @@ def _owner_app(k: _Kind, helpers: CliHelpers) -> typer.Typer:
     if k.kind == "end_user":
         filters += naming[1:]
     list_owners.__doc__ = f"List {k.command} (deleted ones too)."
-    sub.command("list")(_with_signature(list_owners, [*filters, as_json]))
+    sub.command("list")(_with_signature(list_owners, [*filters, *output]))
 
     def one(action: str, doc: str) -> None:
-        def command(owner_id: str, as_json: bool = False) -> None:
-            show(helpers.run(lambda s: getattr(s, action)(k.kind, owner_id)), as_json)
+        def command(owner_id: str, database_url: str | None, fmt: Any, as_json: bool) -> None:
+            out = helpers.run(database_url, lambda s: getattr(s, action)(k.kind, owner_id))
+            show(out, fmt, as_json)
 
         command.__doc__ = doc
-        sub.command(action)(_with_signature(command, [owner_id_arg, as_json]))
+        sub.command(action)(_with_signature(command, [owner_id_arg, *output]))
 
     one("get", f"Show one {k.label} with its budgets' current periods.")
     one("delete", f"Delete {article} {k.label} (softly: its budgets retired, its history kept).")
@@ -225,17 +235,17 @@ def _owner_app(k: _Kind, helpers: CliHelpers) -> typer.Typer:
         f"Close the {k.label}'s current periods early; the new ones end at the same boundary.",
     )
 
-    def periods(owner_id: str, limit: int = 100, as_json: bool = False) -> None:
-        rows = [
-            p.model_dump(mode="json")
-            for p in helpers.run(lambda s: s.periods(k.kind, owner_id, limit))
-        ]
-        helpers.print_rows(rows, ["budget_id", "unit", "period_start", "period_end", "spend",
-                                  "reserved", "max_budget", "closed_at", "close_reason"], as_json)  # fmt: skip
+    def periods(
+        owner_id: str, limit: int, database_url: str | None, fmt: Any, as_json: bool
+    ) -> None:
+        rows = helpers.run(database_url, lambda s: s.periods(k.kind, owner_id, limit))
+        as_api = {"data": [p.model_dump(mode="json") for p in rows]}
+        helpers.print_rows(as_api["data"], _PERIOD_COLUMNS, helpers.output_format(fmt, as_json),
+                           json_value=as_api["data"])  # fmt: skip
 
     periods.__doc__ = f"The {k.label}'s budget periods, newest first."
     limit = _param("limit", Annotated[int, typer.Option(min=1, max=1000, help="how many")], 100)
-    sub.command("periods")(_with_signature(periods, [owner_id_arg, limit, as_json]))
+    sub.command("periods")(_with_signature(periods, [owner_id_arg, limit, *output]))
     return sub
 
 

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from app.errors import ErrorResponse
 from app.keys.router import admin_router_options
-from app.keys.schemas import ErrorResponse, PeriodList
+from app.keys.schemas import PeriodList
 from app.owners.schemas import (
     EndUserCreate,
     EndUserList,

@@ -11,25 +11,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import AppError, InvalidField, NotFound
-from app.keys import repository as budget_rows
-from app.keys.budgets import (
-    BUDGET_FIELDS,
-    BudgetOwner,
-    budget_out,
-    check_template,
-    create_budget,
-    create_windows,
-    parallel_limit,
-    period_out,
-    reset_budgets,
-    retire_budget,
-    set_parallel_limit,
-    update_budget,
-)
+from app.keys import budgets as owned
+from app.keys import repository as budget_sql
 from app.keys.repository import new_id
 from app.keys.schemas import BudgetEntry, BudgetSettings, PeriodOut
-from app.keys.service import decode_cursor, encode_cursor, template_of, template_out
+from app.keys.service import id_after, template_of, template_out
+from app.kit.cursors import encode_cursor
+from app.ledger import repository as ledger
 from app.ledger.periods import BudgetRepository
+from app.ledger.reads import period_out
 from app.owners import repository as repo
 from app.owners.schemas import (
     EndUserCreate,
@@ -63,14 +53,14 @@ def end_user_scope(team_id: str | None, key_id: str | None) -> str:
 async def create_owner_budgets(
     conn: AsyncConnection,
     budgets: BudgetRepository,
-    owner: BudgetOwner,
+    owner: owned.BudgetOwner,
     primary: BudgetSettings | None,
     windows: list[BudgetEntry],
     now: datetime,
 ) -> None:
     if primary is not None:
-        await create_budget(conn, budgets, owner, "primary", primary, now)
-    await create_windows(conn, budgets, owner, windows, now)
+        await owned.create_budget(conn, budgets, owner, "primary", primary, now)
+    await owned.create_windows(conn, budgets, owner, windows, now)
 
 
 def template_budgets(
@@ -97,9 +87,9 @@ class OwnerService:
         name = str(getattr(body, name_field))
         now = self.clock.now()
         owner_id = new_id(prefix)
-        owner = BudgetOwner(kind, owner_id)
+        owner = owned.BudgetOwner(kind, owner_id)
         template = getattr(body, "end_user_budget", None)
-        check_template(template)
+        owned.check_template(template)
         async with self.engine.begin() as conn:
             scope = await self._scope_of(conn, body)
             inserted = await repo.insert_owner_if_new(
@@ -126,7 +116,7 @@ class OwnerService:
             await create_owner_budgets(conn, self.budgets, owner, body, body.budgets, now)
             parallel = getattr(body, "max_parallel_requests", None)
             if parallel is not None:
-                await set_parallel_limit(conn, self.budgets, owner, parallel, now)
+                await owned.set_parallel_limit(conn, self.budgets, owner, parallel, now)
         return await self.get(kind, owner_id)
 
     @staticmethod
@@ -134,7 +124,7 @@ class OwnerService:
         if not isinstance(body, EndUserCreate):
             return ""
         if body.team_id is not None:
-            if not await budget_rows.active_owner_exists(conn, "team", body.team_id):
+            if not await budget_sql.active_owner_exists(conn, "team", body.team_id):
                 raise InvalidField(f"team_id: no team with id '{body.team_id}'", param="team_id")
         elif body.key_id is not None and not await repo.key_exists(conn, body.key_id):
             raise InvalidField(f"key_id: no key with id '{body.key_id}'", param="key_id")
@@ -146,7 +136,7 @@ class OwnerService:
         await self.budgets.roll_expired_periods_of(kind, [owner_id])  # show the current period
         async with self.engine.connect() as conn:
             row = await self._owner(conn, kind, owner_id)
-            budgets = await budget_rows.budgets_with_open_periods(conn, [owner_id], kind)
+            budgets = await budget_sql.budgets_with_open_periods(conn, [owner_id], kind)
             await conn.rollback()
         return render_owner(row, budgets)
 
@@ -159,7 +149,7 @@ class OwnerService:
         name: str | None = None,
         scope: str | None = None,
     ) -> tuple[list[OwnerOut], str | None]:
-        after = decode_cursor(cursor, KINDS[kind][0]) if cursor else None
+        after = id_after(cursor, KINDS[kind][0]) if cursor else None
         async with self.engine.connect() as conn:
             rows = await repo.list_owners(conn, kind, after, limit + 1, name=name, scope=scope)
             await conn.rollback()
@@ -168,7 +158,7 @@ class OwnerService:
         # Outside any held connection: the SQLite pool has only one.
         await self.budgets.roll_expired_periods_of(kind, ids)
         async with self.engine.connect() as conn:
-            budgets = await budget_rows.budgets_with_open_periods(conn, ids, kind)
+            budgets = await budget_sql.budgets_with_open_periods(conn, ids, kind)
             await conn.rollback()
         by_owner: dict[str, list[Row[Any]]] = {}
         for b in budgets:
@@ -180,9 +170,9 @@ class OwnerService:
         await self.budgets.roll_expired_periods_of(kind, [owner_id])
         async with self.engine.connect() as conn:
             await self._owner(conn, kind, owner_id)
-            rows = await budget_rows.list_periods(conn, owner_id, limit, kind)
             await conn.rollback()
-        return [period_out(r) for r in rows]
+        rows = await ledger.owner_periods(self.engine, kind, owner_id, limit)
+        return [PeriodOut.model_validate(period_out(r)) for r in rows]
 
     async def _owner(self, conn: AsyncConnection, kind: str, owner_id: str) -> Row[Any]:
         row = await repo.get_owner(conn, kind, owner_id)
@@ -204,9 +194,9 @@ class OwnerService:
         # A period that is over keeps the limit it was held to: roll it before changing.
         await self.budgets.roll_expired_periods_of(kind, [owner_id])
         now = self.clock.now()
-        owner = BudgetOwner(kind, owner_id)
+        owner = owned.BudgetOwner(kind, owner_id)
         if "end_user_budget" in changes:
-            check_template(getattr(body, "end_user_budget", None))
+            owned.check_template(getattr(body, "end_user_budget", None))
         try:
             async with self.engine.begin() as conn:
                 await self._live_owner(conn, kind, owner_id)
@@ -230,28 +220,28 @@ class OwnerService:
     async def _update_budgets(
         self,
         conn: AsyncConnection,
-        owner: BudgetOwner,
+        owner: owned.BudgetOwner,
         body: OwnerUpdate,
         changes: dict[str, Any],
         now: datetime,
     ) -> None:
-        if changes.keys() & BUDGET_FIELDS:
-            budget_id = await budget_rows.primary_budget_id(conn, owner.id, owner.kind)
+        if changes.keys() & owned.BUDGET_FIELDS:
+            budget_id = await budget_sql.primary_budget_id(conn, owner.id, owner.kind)
             if budget_id is not None:
-                await update_budget(conn, self.budgets, budget_id, changes, now)
+                await owned.update_budget(conn, self.budgets, budget_id, changes, now)
             else:  # an end user first seen without a template: its budget set explicitly
                 settings = BudgetSettings.model_validate(
-                    {k: v for k, v in changes.items() if k in BUDGET_FIELDS and v is not None}
+                    {k: v for k, v in changes.items() if k in owned.BUDGET_FIELDS and v is not None}
                 )
-                await create_budget(conn, self.budgets, owner, "primary", settings, now)
+                await owned.create_budget(conn, self.budgets, owner, "primary", settings, now)
         if body.budgets is not None:
-            for budget_id in await budget_rows.budget_ids(
+            for budget_id in await budget_sql.budget_ids(
                 conn, owner.id, owner.kind, kinds=("window",)
             ):
-                await retire_budget(conn, self.budgets, budget_id, now)
-            await create_windows(conn, self.budgets, owner, body.budgets, now)
+                await owned.retire_budget(conn, self.budgets, budget_id, now)
+            await owned.create_windows(conn, self.budgets, owner, body.budgets, now)
         if "max_parallel_requests" in changes:
-            await set_parallel_limit(
+            await owned.set_parallel_limit(
                 conn, self.budgets, owner, changes["max_parallel_requests"], now
             )
 
@@ -271,10 +261,10 @@ class OwnerService:
                     )
             if row.deleted_at is None:
                 await repo.update_owner(conn, owner_id, {"deleted_at": now, "updated_at": now})
-                for budget_id in await budget_rows.budget_ids(
+                for budget_id in await budget_sql.budget_ids(
                     conn, owner_id, kind, kinds=("primary", "window", "parallel")
                 ):
-                    await retire_budget(conn, self.budgets, budget_id, now)
+                    await owned.retire_budget(conn, self.budgets, budget_id, now)
         return await self.get(kind, owner_id)
 
     async def reset(self, kind: str, owner_id: str) -> OwnerOut:
@@ -282,15 +272,15 @@ class OwnerService:
         await self.budgets.roll_expired_periods_of(kind, [owner_id])  # reset the current period
         async with self.engine.begin() as conn:
             await self._live_owner(conn, kind, owner_id)
-            await reset_budgets(conn, self.budgets, BudgetOwner(kind, owner_id))
+            await owned.reset_budgets(conn, self.budgets, owned.BudgetOwner(kind, owner_id))
         return await self.get(kind, owner_id)
 
 
 def render_owner(row: Row[Any], budgets: list[Row[Any]]) -> OwnerOut:
     """The owner's object: its primary budget flat (null when it has none), its windows under
     `budgets`, and what its kind adds."""
-    primary = next((budget_out(b) for b in budgets if b.kind == "primary"), None)
-    windows = [budget_out(b) for b in budgets if b.kind == "window"]
+    primary = next((owned.budget_out(b) for b in budgets if b.kind == "primary"), None)
+    windows = [owned.budget_out(b) for b in budgets if b.kind == "window"]
     common: dict[str, Any] = {
         "id": row.id,
         "metadata": row.metadata or {},
@@ -309,7 +299,7 @@ def render_owner(row: Row[Any], budgets: list[Row[Any]]) -> OwnerOut:
         return TeamOut(
             **common,
             alias=row.name,
-            max_parallel_requests=parallel_limit(budgets),
+            max_parallel_requests=owned.parallel_limit(budgets),
             end_user_budget=template_out(row.end_user_budget),
         )
     if row.kind == "user":

@@ -10,6 +10,8 @@ from starlette.datastructures import Headers
 
 from app.budgets.state import PeriodState, tightest
 from app.keys.credentials import CLIENT_KEY_HEADERS
+from app.kit.money import format_dollars
+from app.kit.times import rfc3339
 
 # RFC 9110 hop-by-hop headers, plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -135,17 +137,6 @@ def add_identity(out: dict[str, str], key_id: str, alias: str | None) -> None:
 
 def response_headers(raw: list[tuple[str, str]]) -> dict[str, str]:
     return {k: v for k, v in raw if k.lower() not in _RESPONSE_DROP}
-
-
-def format_dollars(nanos: int) -> str:
-    """Nano-dollars as a decimal number of dollars, exact, without trailing zeros: 1.5, 0.0."""
-    whole, frac = divmod(abs(nanos), 1_000_000_000)
-    text = f"{'-' if nanos < 0 else ''}{whole}.{frac:09d}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
-
-
-def rfc3339(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def budget_headers(states: list[PeriodState], request_id: str) -> dict[str, str]:

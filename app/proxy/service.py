@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from decimal import ROUND_CEILING, Decimal
 
 import aiohttp
 import orjson
@@ -32,6 +31,7 @@ from app.errors import (
     BudgetExceeded,
     Forbidden,
     LedgerUnavailable,
+    ParallelLimitExceeded,
     Unauthorized,
     UnsupportedMediaType,
     UpstreamTimeout,
@@ -40,6 +40,7 @@ from app.errors import (
 )
 from app.keys.credentials import presented_key
 from app.keys.service import KeyService, hash_key
+from app.kit.money import format_dollars_up
 from app.ledger.contract import (
     LEDGER_ERRORS,
     AdmitRequest,
@@ -72,6 +73,7 @@ from app.proxy.headers import (
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered, set_output_bound
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
+from app.proxy.scopes import end_user_of, tags_of
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
@@ -89,6 +91,10 @@ KNOWN_KEYS_LIMIT = 100_000
 _UNSENDABLE = re.compile(rb"[\r\n\x00]")
 
 
+# (key id, end user name) -> the end user's id, created on first sight (None: not budgeted).
+EnsureEndUser = Callable[[str, str], Awaitable[str | None]]
+
+
 class Gateway:
     def __init__(
         self,
@@ -101,8 +107,13 @@ class Gateway:
         upstream: UpstreamClient,
         alerts: AlertService,
         tracer: Tracer | None = None,
+        ensure_end_user: EnsureEndUser | None = None,
     ) -> None:
         self.hot = hot
+        # (key id, end user name) -> the end user's id, once the ledger has it (end users are
+        # created on first sight; none is ever deleted, so the id stays right).
+        self.ensure_end_user = ensure_end_user
+        self._end_users: dict[tuple[str, str], str] = {}
         self.tracer = tracer or trace.NoOpTracer()
         self.alerts = alerts
         self.settings = settings
@@ -120,8 +131,9 @@ class Gateway:
         # Hashes of keys that authenticated in this process: only they may make the gateway
         # read a body before the ledger's admission (which checks the key again, atomically).
         # A key that fails there is forgotten, so an unknown key never gets a body buffered.
-        # With each, the key's shrink-to-fit choice as last seen (the admission reads it again).
-        self._known_keys: dict[str, bool | None] = {}
+        # With each, the key as last seen (the admission reads it again): its shrink-to-fit
+        # choice, its team (which scopes its end users).
+        self._known_keys: dict[str, KeyContext] = {}
 
     async def handle(self, request: Request, record: AccessRecord) -> Response:
         try:
@@ -155,7 +167,7 @@ class Gateway:
         if key_hash not in self._known_keys:
             key = await self.authenticate(request)
             self._remember(request, key, request_id)
-            self._known_keys[key_hash] = key.shrink_to_fit
+            self._known_keys[key_hash] = key
             if len(self._known_keys) > KNOWN_KEYS_LIMIT:
                 del self._known_keys[next(iter(self._known_keys))]
         try:
@@ -195,6 +207,10 @@ class Gateway:
             )
             if metered is not None:
                 query.check_model(metered.model)
+            end_user, tags = (
+                end_user_of(request.headers, metered),
+                tags_of(request.headers, metered),
+            )
             amount = await self._bound(request, metered)
             record.model, record.reservation = metered.model if metered else None, amount
             record.priced_model = amount > 0
@@ -206,6 +222,9 @@ class Gateway:
             raise
         model = metered.model if metered else None
         stream = bool(metered and metered.stream)
+        known = self._known_keys.get(key_hash)
+        end_user_id = await self._end_user(known, end_user) if end_user else None
+        record.end_user = end_user
 
         # Admit: the key checked again and every budget reserved, in one step on the ledger.
         admitting = time.perf_counter()
@@ -222,7 +241,10 @@ class Gateway:
                     amount,
                     started,
                     started + timedelta(seconds=self.settings.reservation_ttl_seconds),
-                    min_amount=self._least_amount(metered, self._known_keys.get(key_hash)),
+                    min_amount=self._least_amount(metered, known.shrink_to_fit if known else None),
+                    tokens=self.costs.token_bound(metered) if metered else 0,
+                    end_user_id=end_user_id,
+                    tags=tags,
                 ),
             )
         except Unauthorized:
@@ -233,12 +255,24 @@ class Gateway:
             LEDGER_SECONDS.labels("admit").observe(time.perf_counter() - admitting)
         key = decision.key
         self._remember(request, key, request_id)
+        record.team = key.team_id
         if isinstance(decision, Rejected):
             raise self._budget_exceeded(decision, request_id)
         admission = decision
         if key_hash in self._known_keys:
-            self._known_keys[key_hash] = key.shrink_to_fit
-        info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
+            self._known_keys[key_hash] = key
+        info = RequestInfo(
+            request_id,
+            key.id,
+            model,
+            endpoint,
+            stream,
+            started,
+            key.team_id,
+            key.user_id,
+            end_user_id,
+            tags,
+        )
         limited = None
         if metered is not None and admission.amount < amount:
             if not self._shrinks(key.shrink_to_fit):
@@ -354,23 +388,55 @@ class Gateway:
             raise too_large(limit)
         return await read_body(request.receive, limit, self.settings.body_timeout_seconds)
 
-    def _budget_exceeded(self, rejected: Rejected, request_id: str) -> BudgetExceeded:
+    async def _end_user(self, key: KeyContext | None, name: str) -> str | None:
+        """The id of the end user `name` of the key's team (or of the key), created with its
+        template's budgets on first sight; None when end users are not budgeted here."""
+        if key is None or self.ensure_end_user is None:
+            return None
+        found = self._end_users.get((key.id, name))
+        if found is None:
+            try:
+                found = await self.ensure_end_user(key.id, name)
+            except LEDGER_ERRORS as exc:
+                raise self._ledger_down(exc) from None
+            if found is None:
+                return None
+            if len(self._end_users) > KNOWN_KEYS_LIMIT:
+                del self._end_users[next(iter(self._end_users))]
+            self._end_users[(key.id, name)] = found
+        return found
+
+    def _budget_exceeded(self, rejected: Rejected, request_id: str) -> AppError:
         key, state = rejected.key, rejected.refusing
         self.alerts.exhausted_soon(key, state)
         record = current_access.get()
         if record is not None:
-            record.outcome, record.rejected_by = "rejected", "key"
-        used = state.spend + state.reserved
+            record.outcome, record.rejected_by = "rejected", state.owner_kind
+        if state.unit == "parallel":
+            return ParallelLimitExceeded(
+                f"Parallel request limit reached for {_budget_name(key, state)}: "
+                f"{state.reserved} requests in flight, max_parallel_requests {state.max_budget}",
+                headers={"x-request-id": request_id},
+            )
         resets = (
             f"the period resets at {rfc3339(state.period_end)}"
             if state.period_end is not None
             else "this budget does not reset"
         )
-        message = (
-            f"Budget exceeded for key {key.label}: spend ${format_dollars_4(used)} + this request "
-            f"up to ${format_dollars_4(rejected.amount)} would pass max_budget "
-            f"${format_dollars_4(state.max_budget or 0)}; {resets}"
-        )
+        used, limit = state.spend + state.reserved, state.max_budget or 0
+        if state.unit == "usd":
+            message = (
+                f"Budget exceeded for {_budget_name(key, state)}: spend "
+                f"${format_dollars_up(used)} + this request up to "
+                f"${format_dollars_up(rejected.amount)} would pass max_budget "
+                f"${format_dollars_up(limit)}; {resets}"
+            )
+        else:
+            message = (
+                f"Budget exceeded for {_budget_name(key, state)}: {used} {state.unit} spent or "
+                f"in flight, and this request would pass max_budget {limit} {state.unit}; "
+                f"{resets}"
+            )
         headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
         return BudgetExceeded(message, headers=headers)
 
@@ -544,10 +610,16 @@ def only_models(body: bytes, allowed: list[str]) -> bytes:
     return orjson.dumps(listing)
 
 
+def _budget_name(key: KeyContext, state: PeriodState) -> str:
+    """The budget that refused, as a 429 names it: its owner (the key by its label, never the
+    key itself) and, for an owner's budget or a key's extra window, its window."""
+    window = state.window or "lifetime"
+    if state.owner_kind == "key":
+        return f"key {key.label}" + ("" if state.unit == "usd" else f" ({window} {state.unit})")
+    scope = state.owner_kind.replace("_", " ")
+    unit = "" if state.unit in ("usd", "parallel") else f" {state.unit}"
+    return f"{scope} '{state.owner_name}' ({window}{unit})"
+
+
 def _not_allowed(key: KeyContext, model: str | None) -> str:
     return f"model '{model}' is not allowed for key {key.label}; allowed: {', '.join(key.models)}"
-
-
-def format_dollars_4(nanos: int) -> str:
-    """Dollars to four places for messages (rounded up: never shows less than was used)."""
-    return f"{Decimal(nanos).scaleb(-9).quantize(Decimal('0.0001'), rounding=ROUND_CEILING)}"
