@@ -18,6 +18,7 @@ async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
     """One pass of both jobs; returns (periods rolled, reservations swept)."""
     rolled = await budgets.close_expired_periods()
     swept = await budgets.sweep_expired_reservations()
+    await budgets.compact_short_periods()
     if rolled or swept:
         log.info("maintenance: %d periods rolled, %d abandoned requests released", rolled, swept)
     return rolled, swept
