@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     upstream_url: str = "http://127.0.0.1:4000"
     upstream_api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    # Signs in to the dashboard (/ui) read-only: no page that writes is served to it.
+    viewer_key: SecretStr | None = None
+    # A dashboard session ends this long after sign-in.
+    ui_session_minutes: float = Field(480.0, gt=0)
     key_mode: Literal["managed", "passthrough"] = "managed"
     prices_file: str | None = None
     unpriced_model: Literal["reject", "free"] = "reject"
@@ -94,6 +98,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "admin_key",
+        "viewer_key",
         "upstream_api_key",
         "prices_file",
         "alert_webhook_url",

@@ -5,6 +5,7 @@ from app.models.budget_alert import BudgetAlert
 from app.models.budget_period import BudgetPeriod
 from app.models.ledger_entry import LedgerCharge, LedgerEntry
 from app.models.reservation import Reservation
+from app.models.usage_daily import UsageDaily, UsageRollupDay
 
 __all__ = [
     "ApiKey",
@@ -15,4 +16,6 @@ __all__ = [
     "LedgerCharge",
     "LedgerEntry",
     "Reservation",
+    "UsageDaily",
+    "UsageRollupDay",
 ]
