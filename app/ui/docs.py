@@ -13,6 +13,20 @@ from fastapi.responses import HTMLResponse
 
 VENDOR = "/ui/static/vendor"
 
+# This origin only. Both bundles style themselves with inline styles; Swagger UI is started by
+# an inline script; ReDoc parses in a blob: worker and shows a "powered by" logo from its CDN,
+# which this policy blocks (ReDoc then leaves it out).
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def _offline(page: HTMLResponse) -> HTMLResponse:
+    page.headers["content-security-policy"] = DOCS_CSP
+    return page
+
 
 def add_docs_routes(app: FastAPI) -> None:
     """/docs and /redoc as FastAPI serves them, with the vendored assets (the app is created
@@ -21,15 +35,17 @@ def add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title=f"{title} - Swagger UI",
-            oauth2_redirect_url="/docs/oauth2-redirect",
-            swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
-            swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
-            swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
-            # No "valid" badge: it asks validator.swagger.io about the schema.
-            swagger_ui_parameters={"validatorUrl": None},
+        return _offline(
+            get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title=f"{title} - Swagger UI",
+                oauth2_redirect_url="/docs/oauth2-redirect",
+                swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
+                swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
+                swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
+                # No "valid" badge: it asks validator.swagger.io about the schema.
+                swagger_ui_parameters={"validatorUrl": None},
+            )
         )
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
@@ -38,10 +54,12 @@ def add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url="/openapi.json",
-            title=f"{title} - ReDoc",
-            redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
-            redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
-            with_google_fonts=False,
+        return _offline(
+            get_redoc_html(
+                openapi_url="/openapi.json",
+                title=f"{title} - ReDoc",
+                redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
+                redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
+                with_google_fonts=False,
+            )
         )
