@@ -262,9 +262,7 @@ LOCAL_PATHS = frozenset(
 
 
 def is_local(path: str) -> bool:
-    return (
-        path in LOCAL_PATHS or path == "/admin" or path.startswith("/admin/") or is_ui_path(path)
-    )
+    return path in LOCAL_PATHS or path == "/admin" or path.startswith("/admin/") or is_ui_path(path)
 
 
 class BudgetGateApp:

@@ -81,6 +81,8 @@ async def measure(url: str, rounds: int) -> dict[str, list[float]]:
 
     from app.config import Settings
     from app.main import create_app
+    from app.ui.owners import standings
+    from app.ui.reads import usage_by
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -109,6 +111,25 @@ async def measure(url: str, rounds: int) -> dict[str, list[float]]:
             assert csrf is not None
             r = await client.post("/ui/login", data={"csrf": csrf.group(1), "key": ADMIN_KEY})
             assert r.status_code == 303, r.text
+            engine = app.state.engine
+            since = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            since -= timedelta(days=29)
+            reads_of_the_overview = {
+                "  the overview's standings (open periods)": lambda: standings(engine, 25),
+                "  the overview's usage by day (rollup + today)": lambda: usage_by(
+                    engine, "day", since, None
+                ),
+                "  the overview's usage by model (rollup + today)": lambda: usage_by(
+                    engine, "model", since, None
+                ),
+            }
+            for name, read in reads_of_the_overview.items():
+                out[name] = []
+                for i in range(rounds + 2):
+                    t0 = time.perf_counter()
+                    await read()
+                    if i >= 2:
+                        out[name].append(time.perf_counter() - t0)
             for name, path in pages.items():
                 for i in range(rounds + 2):
                     t0 = time.perf_counter()

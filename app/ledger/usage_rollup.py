@@ -1,6 +1,7 @@
-"""The usage rollup: the ledger summed per UTC day, key and model (`usage_daily`) for days that
-are over, written once per day by the scheduler's pass, so that the dashboard and the usage
-explorer read a few rows per day instead of every entry.
+"""The usage rollup: the ledger summed per UTC day and key (`usage_daily_by_key`) and per UTC
+day and model (`usage_daily_by_model`) for days that are over, written once per day by the
+scheduler's pass, so that the dashboard and the usage explorer read a few rows per day (per
+key, or per model) instead of every entry.
 
 A day is rolled up once its end is `grace` in the past: an entry is stamped when it is written
 (settlement, its retries and the sweeper all stamp `finished_at` with the time of writing), so
@@ -14,17 +15,20 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
-from sqlalchemy import Date, Table, case, func, insert, literal, select
+from sqlalchemy import Date, Select, Table, case, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.models import LedgerEntry, UsageDaily, UsageRollupDay
+from app.models import LedgerEntry, UsageDailyByKey, UsageDailyByModel, UsageRollupDay
 
 log = logging.getLogger("budgetgate.rollup")
 
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
-U: Table = UsageDaily.__table__  # type: ignore[assignment]
+BY_KEY: Table = UsageDailyByKey.__table__  # type: ignore[assignment]
+BY_MODEL: Table = UsageDailyByModel.__table__  # type: ignore[assignment]
+MEASURES = ["requests", "rejections", "overruns", "spend", "prompt_tokens", "completion_tokens"]
 D: Table = UsageRollupDay.__table__  # type: ignore[assignment]
 
 # At most this many days per pass: a first pass over a long ledger is spread over passes.
@@ -81,14 +85,13 @@ async def roll_up_finished_days(engine: AsyncEngine, now: datetime, grace: timed
     return rolled
 
 
-async def _roll_up_day(engine: AsyncEngine, day: date, now: datetime) -> bool:
+def _summed(day: date, group: list[Any]) -> Select[Any]:
+    """One day's entries summed by `group`, the rollup's columns in order."""
     start, end = day_start(day), day_start(day + timedelta(days=1))
-    model = func.coalesce(L.c.model, literal(""))
-    summed = (
+    return (
         select(
             literal(day, Date),
-            L.c.key_id,
-            model,
+            *group,
             func.count(),
             func.sum(case((L.c.outcome == "rejected", 1), else_=0)),
             func.sum(case((L.c.overrun > 0, 1), else_=0)),
@@ -97,25 +100,25 @@ async def _roll_up_day(engine: AsyncEngine, day: date, now: datetime) -> bool:
             func.coalesce(func.sum(L.c.completion_tokens), 0),
         )
         .where(L.c.finished_at >= start, L.c.finished_at < end)
-        .group_by(L.c.key_id, model)
+        .group_by(*group)
     )
-    columns = [
-        "day",
-        "key_id",
-        "model",
-        "requests",
-        "rejections",
-        "overruns",
-        "spend",
-        "prompt_tokens",
-        "completion_tokens",
-    ]
+
+
+async def _roll_up_day(engine: AsyncEngine, day: date, now: datetime) -> bool:
+    model = func.coalesce(L.c.model, literal(""))
     try:
         async with engine.begin() as conn:
             # The marker first: a second replica on the same day stops here (or at its commit).
             await conn.execute(insert(D).values(day=day, entries=0, rolled_at=now))
-            await conn.execute(insert(U).from_select(columns, summed))
-            entries = select(func.coalesce(func.sum(U.c.requests), 0)).where(U.c.day == day)
+            await conn.execute(
+                insert(BY_KEY).from_select(["day", "key_id", *MEASURES], _summed(day, [L.c.key_id]))
+            )
+            await conn.execute(
+                insert(BY_MODEL).from_select(["day", "model", *MEASURES], _summed(day, [model]))
+            )
+            entries = select(func.coalesce(func.sum(BY_MODEL.c.requests), 0)).where(
+                BY_MODEL.c.day == day
+            )
             await conn.execute(
                 D.update().where(D.c.day == day).values(entries=entries.scalar_subquery())
             )

@@ -5,7 +5,7 @@ from app.models.budget_alert import BudgetAlert
 from app.models.budget_period import BudgetPeriod
 from app.models.ledger_entry import LedgerCharge, LedgerEntry
 from app.models.reservation import Reservation
-from app.models.usage_daily import UsageDaily, UsageRollupDay
+from app.models.usage_daily import UsageDailyByKey, UsageDailyByModel, UsageRollupDay
 
 __all__ = [
     "ApiKey",
@@ -16,6 +16,7 @@ __all__ = [
     "LedgerCharge",
     "LedgerEntry",
     "Reservation",
-    "UsageDaily",
+    "UsageDailyByKey",
+    "UsageDailyByModel",
     "UsageRollupDay",
 ]

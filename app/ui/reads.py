@@ -15,13 +15,21 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.ledger.repository import decode_cursor, encode_cursor
 from app.ledger.usage_rollup import _as_date, day_start, live_since
-from app.models import ApiKey, Budget, BudgetPeriod, LedgerEntry, UsageDaily
+from app.models import (
+    ApiKey,
+    Budget,
+    BudgetPeriod,
+    LedgerEntry,
+    UsageDailyByKey,
+    UsageDailyByModel,
+)
 
 K: Table = ApiKey.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
-U: Table = UsageDaily.__table__  # type: ignore[assignment]
+BY_KEY: Table = UsageDailyByKey.__table__  # type: ignore[assignment]
+BY_MODEL: Table = UsageDailyByModel.__table__  # type: ignore[assignment]
 
 GROUPS = ("key", "model", "day")
 
@@ -174,6 +182,17 @@ def _floor_day(when: datetime) -> datetime:
     return day_start(when.date())
 
 
+def _rollup_for(group_by: str, key_id: str | None) -> Table | None:
+    """The rollup that answers this grouping: per model (a few rows a day) when no key is
+    asked for, per key otherwise; none for one key's models (its entries are read through the
+    (key_id, finished_at) index)."""
+    if key_id is None and group_by in ("model", "day"):
+        return BY_MODEL
+    if group_by in ("key", "day"):
+        return BY_KEY
+    return None
+
+
 async def usage_by(
     engine: AsyncEngine,
     group_by: str,
@@ -186,15 +205,16 @@ async def usage_by(
     for the rest (the partial days at the edges and the days not rolled up yet)."""
     if group_by not in GROUPS:
         raise ValueError(f"group_by: one of {GROUPS}")
+    rollup = _rollup_for(group_by, key_id)
     async with engine.connect() as conn:
-        rolled_end = await live_since(conn)
+        rolled_end = await live_since(conn) if rollup is not None else None
         parts: list[UsageRow] = []
         live_ranges: list[tuple[datetime | None, datetime | None]] = [(since, until)]
-        if rolled_end is not None:
+        if rollup is not None and rolled_end is not None:
             r_start = None if since is None else _ceil_day(since)
             r_end = rolled_end if until is None else min(_floor_day(until), rolled_end)
             if r_start is None or r_start < r_end:
-                parts += await _rolled(conn, group_by, r_start, r_end, key_id)
+                parts += await _rolled(conn, rollup, group_by, r_start, r_end, key_id)
                 live_ranges = [(r_end, until)]
                 if r_start is not None and since is not None and since < r_start:
                     live_ranges.append((since, r_start))
@@ -209,29 +229,31 @@ async def usage_by(
 
 async def _rolled(
     conn: AsyncConnection,
+    rollup: Table,
     group_by: str,
     start: datetime | None,
     end: datetime,
     key_id: str | None,
 ) -> list[UsageRow]:
-    group: Any = {"key": U.c.key_id, "model": U.c.model, "day": U.c.day}[group_by]
+    group: Any = {"key": "key_id", "model": "model", "day": "day"}[group_by]
+    group = rollup.c[group]
     q = (
         select(
             group.label("group"),
-            func.sum(U.c.requests),
-            func.sum(U.c.rejections),
-            func.sum(U.c.overruns),
-            func.sum(U.c.spend),
-            func.sum(U.c.prompt_tokens),
-            func.sum(U.c.completion_tokens),
+            func.sum(rollup.c.requests),
+            func.sum(rollup.c.rejections),
+            func.sum(rollup.c.overruns),
+            func.sum(rollup.c.spend),
+            func.sum(rollup.c.prompt_tokens),
+            func.sum(rollup.c.completion_tokens),
         )
-        .where(U.c.day < end.date())
+        .where(rollup.c.day < end.date())
         .group_by(group)
     )
     if start is not None:
-        q = q.where(U.c.day >= start.date())
+        q = q.where(rollup.c.day >= start.date())
     if key_id is not None:
-        q = q.where(U.c.key_id == key_id)
+        q = q.where(rollup.c.key_id == key_id)
     rows = (await conn.execute(q)).all()
     out = []
     for r in rows:
@@ -385,13 +407,18 @@ async def search_keys(
 
 
 async def key_aliases(engine: AsyncEngine, key_ids: Iterable[str]) -> dict[str, str | None]:
-    ids = list(set(key_ids))
+    """The aliases of these keys (of every key when they are many: one read of the keys table
+    instead of a list of parameters longer than SQLite takes)."""
+    ids = set(key_ids)
     if not ids:
         return {}
+    q = select(K.c.id, K.c.alias)
+    if len(ids) <= 500:
+        q = q.where(K.c.id.in_(sorted(ids)))
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(K.c.id, K.c.alias).where(K.c.id.in_(ids)))).all()
+        rows = (await conn.execute(q)).all()
         await conn.rollback()
-    return {r.id: r.alias for r in rows}
+    return {r.id: r.alias for r in rows if r.id in ids}
 
 
 # -- ledger search ---------------------------------------------------------------------------

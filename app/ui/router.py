@@ -40,6 +40,7 @@ KEYS_PAGE = 50
 LEDGER_PAGE = 100
 OWNER_PERIODS = 24
 OWNER_ENTRIES = 25
+USAGE_ROWS = 200  # on the page; the CSV has every row
 
 
 class SignInRequired(Exception):
@@ -138,7 +139,10 @@ async def login(request: Request) -> Response:
             request,
             session,
             "login.html",
-            {"next": safe_next(form.get("next")), "error": "That key is neither the admin key nor the viewer key."},
+            {
+                "next": safe_next(form.get("next")),
+                "error": "That key is neither the admin key nor the viewer key.",
+            },
             status=401,
         )
     # A new session id on sign-in: a session id seen before it is worth nothing after.
@@ -477,22 +481,23 @@ def day_param(value: str | None, default: date) -> date:
 
 async def usage_rows(
     request: Request, group_by: str, first: date, last: date, key_id: str
-) -> tuple[list[reads.UsageRow], dict[str, str | None]]:
-    """Usage from `first` to `last` (whole UTC days, both included), and key aliases."""
-    engine = engine_of(request)
-    rows = await reads.usage_by(
-        engine,
+) -> list[reads.UsageRow]:
+    """Usage from `first` to `last` (whole UTC days, both included)."""
+    return await reads.usage_by(
+        engine_of(request),
         group_by,
         day_start(first),
         day_start(last + timedelta(days=1)),
         key_id or None,
     )
-    aliases = (
-        await reads.key_aliases(engine, [r.group for r in rows if r.group])
-        if group_by == "key"
-        else {}
-    )
-    return rows, aliases
+
+
+async def aliases_of(
+    request: Request, group_by: str, rows: list[reads.UsageRow]
+) -> dict[str, str | None]:
+    if group_by != "key":
+        return {}
+    return await reads.key_aliases(engine_of(request), [r.group for r in rows if r.group])
 
 
 def usage_params(request: Request) -> tuple[str, date, date, str]:
@@ -512,7 +517,10 @@ def usage_params(request: Request) -> tuple[str, date, date, str]:
 async def usage_page(request: Request) -> Response:
     session = signed_in(request)
     group_by, first, last, key_id = usage_params(request)
-    rows, aliases = await usage_rows(request, group_by, first, last, key_id)
+    rows = await usage_rows(request, group_by, first, last, key_id)
+    if group_by != "day":  # the biggest spenders first; days in their order
+        rows.sort(key=lambda r: (-r.spend, r.group or ""))
+    aliases = await aliases_of(request, group_by, rows[:USAGE_ROWS])
     query = urlencode(
         {
             "group_by": group_by,
@@ -526,7 +534,8 @@ async def usage_page(request: Request) -> Response:
         session,
         "usage.html",
         {
-            "rows": rows,
+            "rows": rows[:USAGE_ROWS],
+            "count": len(rows),
             "aliases": aliases,
             "total": reads.total(rows),
             "group_by": group_by,
@@ -544,7 +553,8 @@ async def usage_page(request: Request) -> Response:
 async def usage_csv(request: Request) -> Response:
     signed_in(request)
     group_by, first, last, key_id = usage_params(request)
-    rows, aliases = await usage_rows(request, group_by, first, last, key_id)
+    rows = await usage_rows(request, group_by, first, last, key_id)
+    aliases = await aliases_of(request, group_by, rows)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     header = [group_by] + (["alias"] if group_by == "key" else [])

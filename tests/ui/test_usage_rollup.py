@@ -8,10 +8,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.ledger import repository as ledger
 from app.ledger.usage_rollup import live_since, roll_up_finished_days
-from app.models import LedgerEntry, UsageDaily, UsageRollupDay
+from app.models import LedgerEntry, UsageDailyByKey, UsageDailyByModel, UsageRollupDay
 from app.ui import reads
 from tests.conftest import Gateway
 
@@ -87,13 +88,50 @@ RANGES = [
 ]
 
 
-async def assert_reads_equal_the_ledger(gateway: Gateway) -> None:
+async def one_key_from_the_ledger(
+    engine: AsyncEngine, group_by: str, since: datetime | None, until: datetime | None, key: str
+) -> list[dict]:
+    """GET /admin/usage's figures for one key's entries (the admin API filters by no key)."""
+    q = select(LedgerEntry.request_id).where(LedgerEntry.key_id == key)
+    async with engine.connect() as conn:
+        ids = set((await conn.execute(q)).scalars())
+    rows = await ledger.usage(engine, group_by, since, until)
+    if group_by == "key":
+        return [r for r in rows if r["key"] == key]
+    # per model / day for one key: sum the key's entries as the ledger holds them
+    entries, _ = await ledger.list_entries(engine, key, since, until, 100_000, None)
+    assert {e.request_id for e in entries} <= ids
+    out: dict[str | None, dict] = {}
+    for e in entries:
+        g = e.model if group_by == "model" else e.finished_at.date().isoformat()
+        r = out.setdefault(
+            g,
+            {
+                group_by: g,
+                "requests": 0,
+                "cost_nanos": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            },
+        )
+        r["requests"] += 1
+        r["cost_nanos"] += e.cost
+        r["prompt_tokens"] += e.prompt_tokens or 0
+        r["completion_tokens"] += e.completion_tokens or 0
+    return api_sorted(list(out.values()), group_by)
+
+
+async def assert_reads_equal_the_ledger(gateway: Gateway, key: str | None = None) -> None:
     engine = gateway.state.engine
     for since, until in RANGES:
         for group_by in reads.GROUPS:
             ours = as_api(await reads.usage_by(engine, group_by, since, until), group_by)
             theirs = api_sorted(await ledger.usage(engine, group_by, since, until), group_by)
             assert ours == theirs, (group_by, since, until)
+            if key is not None:
+                ours = as_api(await reads.usage_by(engine, group_by, since, until, key), group_by)
+                theirs = await one_key_from_the_ledger(engine, group_by, since, until, key)
+                assert ours == theirs, (group_by, since, until, key)
 
 
 async def test_usage_reads_equal_the_ledger_before_during_and_after_the_rollup(
@@ -103,13 +141,13 @@ async def test_usage_reads_equal_the_ledger_before_during_and_after_the_rollup(
     await seed(gateway, [k["id"] for k in created])
     engine = gateway.state.engine
 
-    await assert_reads_equal_the_ledger(gateway)  # nothing rolled up: all live
+    await assert_reads_equal_the_ledger(gateway, created[1]["id"])  # nothing rolled up: live
 
     # Up to Jan 10 only: a day is rolled once its end is GRACE in the past.
     assert await roll_up_finished_days(engine, datetime(2026, 1, 11, 0, 30, tzinfo=UTC), GRACE) == 5
     async with engine.connect() as conn:
         assert await live_since(conn) == datetime(2026, 1, 10, tzinfo=UTC)
-    await assert_reads_equal_the_ledger(gateway)
+    await assert_reads_equal_the_ledger(gateway, created[1]["id"])
 
     # Today's requests, through the gateway (its clock is at NOW): read live.
     for _ in range(3):
@@ -119,10 +157,11 @@ async def test_usage_reads_equal_the_ledger_before_during_and_after_the_rollup(
     assert await roll_up_finished_days(engine, NOW, GRACE) == 0  # each day once
     async with engine.connect() as conn:
         assert await live_since(conn) == datetime(2026, 1, 15, tzinfo=UTC)
-        summed = (await conn.execute(select(func.sum(UsageDaily.requests)))).scalar()
+        by_key = (await conn.execute(select(func.sum(UsageDailyByKey.requests)))).scalar()
+        by_model = (await conn.execute(select(func.sum(UsageDailyByModel.requests)))).scalar()
         entries = (await conn.execute(select(func.count()).select_from(LedgerEntry))).scalar()
-    assert summed == entries - 3  # today's three are not rolled up
-    await assert_reads_equal_the_ledger(gateway)
+    assert by_key == by_model == entries - 3  # today's three are not rolled up
+    await assert_reads_equal_the_ledger(gateway, created[0]["id"])
 
 
 async def test_a_day_is_rolled_up_once_by_racing_replicas(gateway: Gateway) -> None:
