@@ -191,7 +191,7 @@ def main() -> None:
     for name, values in timings.items():
         ms = sorted(1e3 * v for v in values)
         print(
-            f"  {name:<38} median {statistics.median(ms):7.1f} ms   "
+            f"  {name:<50} median {statistics.median(ms):7.1f} ms   "
             f"p95 {ms[int(0.95 * (len(ms) - 1))]:7.1f} ms   max {ms[-1]:7.1f} ms"
         )
 

@@ -66,9 +66,9 @@ class Standing:
 class StandingsSummary:
     owners: int = 0
     budgets: int = 0
-    spend: int = 0
+    spend: int = 0  # the primary budgets' (each key's own), so no spend is counted twice
     reserved: int = 0
-    limit: int = 0  # the sum of the limited budgets' max_budget
+    limit: int = 0  # the sum of the limited primary budgets' max_budget
     exhausted: int = 0  # budgets at or over their limit
     near: int = 0  # budgets at 80 % or more (exhausted ones included)
     top: list[Standing] = field(default_factory=list)
@@ -87,18 +87,31 @@ async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
     limit (unlimited ones after, by spend). Reads the open periods only (one per budget)."""
     ratio = _used_ratio()
     base = (
-        select(P.c.spend, P.c.reserved, P.c.max_budget, K.c.id, ratio.label("used"))
+        select(
+            P.c.spend,
+            P.c.reserved,
+            P.c.max_budget,
+            K.c.id,
+            ratio.label("used"),
+            (B.c.kind == "primary").label("primary"),
+        )
         .select_from(P)
         .join(B, B.c.id == P.c.budget_id)
         .join(K, K.c.id == B.c.key_id)
         .where(P.c.closed_at.is_(None), K.c.status == "active")
     ).subquery()
+    # Money over the primary budgets only: a key's extra windows count the same spend again.
+    primary = base.c.primary
+
+    def primary_sum(column: Any) -> Any:
+        return func.coalesce(func.sum(case((primary, column), else_=0)), 0)
+
     totals = select(
         func.count(func.distinct(base.c.id)),
         func.count(),
-        func.coalesce(func.sum(base.c.spend), 0),
-        func.coalesce(func.sum(base.c.reserved), 0),
-        func.coalesce(func.sum(base.c.max_budget), 0),
+        primary_sum(base.c.spend),
+        primary_sum(base.c.reserved),
+        primary_sum(base.c.max_budget),
         func.coalesce(func.sum(case((base.c.used >= 1.0, 1), else_=0)), 0),
         func.coalesce(func.sum(case((base.c.used >= 0.8, 1), else_=0)), 0),
     )
