@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, Float, Table, case, cast, func, or_, select
+from sqlalchemy import Date, Float, Table, case, cast, func, literal, or_, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -320,6 +320,69 @@ async def _live(
         UsageRow(None if r.group is None else str(r.group), *(int(v or 0) for v in r[1:]))
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class KeySpend:
+    key_id: str
+    spend: int
+    requests: int
+    rejections: int
+
+
+async def spend_by_key(
+    engine: AsyncEngine,
+    since: datetime,
+    until: datetime | None,
+    key_ids: list[str] | None = None,
+    limit: int | None = None,
+) -> list[KeySpend]:
+    """Spend per key in [since, until) (since and until on day boundaries), biggest first: the
+    rollup's whole days and the ledger's entries after them, summed in one query so that only
+    the `limit` biggest come back."""
+    async with engine.connect() as conn:
+        rolled_end = await live_since(conn)
+        parts: list[Any] = []
+        live_from = since
+        if rolled_end is not None and since < rolled_end:
+            r_end = rolled_end if until is None else min(until, rolled_end)
+            rolled = select(
+                BY_KEY.c.key_id,
+                BY_KEY.c.spend,
+                BY_KEY.c.requests,
+                BY_KEY.c.rejections,
+            ).where(BY_KEY.c.day >= since.date(), BY_KEY.c.day < r_end.date())
+            if key_ids is not None:
+                rolled = rolled.where(BY_KEY.c.key_id.in_(key_ids))
+            parts.append(rolled)
+            live_from = r_end
+        if until is None or live_from < until:
+            live = select(
+                L.c.key_id,
+                L.c.cost.label("spend"),
+                literal(1).label("requests"),
+                case((L.c.outcome == "rejected", 1), else_=0).label("rejections"),
+            ).where(L.c.finished_at >= live_from)
+            if until is not None:
+                live = live.where(L.c.finished_at < until)
+            if key_ids is not None:
+                live = live.where(L.c.key_id.in_(key_ids))
+            parts.append(live)
+        if not parts:
+            await conn.rollback()
+            return []
+        both = union_all(*parts).subquery()
+        spend = func.sum(both.c.spend)
+        q = (
+            select(both.c.key_id, spend, func.sum(both.c.requests), func.sum(both.c.rejections))
+            .group_by(both.c.key_id)
+            .order_by(spend.desc(), both.c.key_id)
+        )
+        if limit is not None:
+            q = q.limit(limit)
+        rows = (await conn.execute(q)).all()
+        await conn.rollback()
+    return [KeySpend(r[0], int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)) for r in rows]
 
 
 def total(rows: Iterable[UsageRow]) -> UsageRow:

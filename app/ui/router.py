@@ -35,6 +35,7 @@ from app.ui.session import COOKIE, Session
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 OVERVIEW_TOP = 25
+TOP_SPENDERS = 10
 CHART_DAYS = 30
 KEYS_PAGE = 50
 LEDGER_PAGE = 100
@@ -176,6 +177,14 @@ async def overview(request: Request) -> Response:
     by_day = reads.daily_series(await reads.usage_by(engine, "day", since, None), first, CHART_DAYS)
     by_model = await reads.usage_by(engine, "model", since, None)
     by_model.sort(key=lambda r: -r.spend)
+    week = day_start(today - timedelta(days=6))
+    top = await reads.spend_by_key(engine, week, None, limit=TOP_SPENDERS)
+    top_ids = [t.key_id for t in top]
+    before = {
+        t.key_id: t.spend
+        for t in await reads.spend_by_key(engine, week - timedelta(days=7), week, top_ids)
+    }
+    aliases = await reads.key_aliases(engine, top_ids)
     month = reads.total(by_day)
     last7 = reads.total(by_day[-7:])
     prev7 = reads.total(by_day[-14:-7])
@@ -193,6 +202,9 @@ async def overview(request: Request) -> Response:
             "last7": last7,
             "prev7": prev7,
             "change": change,
+            "top": top,
+            "top_before": before,
+            "aliases": aliases,
             "since": since,
             "now": now,
             "chart": {

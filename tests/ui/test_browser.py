@@ -98,6 +98,14 @@ def test_the_dashboard_end_to_end(browser: Any, live_gateway: LiveGateway) -> No
         figure(page, "fig-period-spend"), sum(Decimal(str(k["spend"])) for k in keys)
     )
     assert int(figure(page, "fig-429")) == rejected_today(gw) >= 1
+    week = gw.admin.get(
+        "/admin/usage", group_by="key", since=(today_start() - timedelta(days=6)).isoformat()
+    )["data"]
+    top = page.locator("#top-spenders tbody tr")
+    assert top.count() == len(week) == 3
+    biggest = max(week, key=lambda r: r["spend"])
+    assert top.first.get_attribute("data-owner") == biggest["key"]
+    assert to_the_cent(top.first.locator(".spend").inner_text(), biggest["spend"])
     # The nearest to its limit first: finance-bot ($0.10) is exhausted.
     first = page.locator("#nearest tbody tr").first
     assert first.get_attribute("data-owner") == gw.keys[1]["id"]

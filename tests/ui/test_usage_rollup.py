@@ -128,6 +128,16 @@ async def assert_reads_equal_the_ledger(gateway: Gateway, key: str | None = None
             ours = as_api(await reads.usage_by(engine, group_by, since, until), group_by)
             theirs = api_sorted(await ledger.usage(engine, group_by, since, until), group_by)
             assert ours == theirs, (group_by, since, until)
+            if group_by == "key" and since is not None and since == since.replace(hour=0):
+                # the overview's top spenders: the same sums, biggest first
+                top = await reads.spend_by_key(engine, since, until)
+                assert [(t.key_id, t.requests, t.spend) for t in top] == sorted(
+                    ((r["key"], r["requests"], r["cost_nanos"]) for r in theirs),
+                    key=lambda r: (-r[2], r[0]),
+                )
+                assert await reads.spend_by_key(engine, since, until, [theirs[0]["key"]]) == [
+                    t for t in top if t.key_id == theirs[0]["key"]
+                ]
             if key is not None:
                 ours = as_api(await reads.usage_by(engine, group_by, since, until, key), group_by)
                 theirs = await one_key_from_the_ledger(engine, group_by, since, until, key)
