@@ -11,9 +11,10 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from app.errors import AppError
+from app.ui.access import PageError, SignInRequired
 from app.ui.docs import add_docs_routes
 from app.ui.pages import HERE, redirect
-from app.ui.router import PageError, SignInRequired, page_error, router
+from app.ui.router import page_error, router
 from app.ui.session import SessionSigner
 
 PREFIX = "/ui"

@@ -1,27 +1,37 @@
 """The dashboard's routes (/ui): thin, each one call into a service or a reader, then a page.
 
 Every page needs a signed-in session (admin or viewer); every form POST needs the session's
-CSRF token; the pages that change keys need the admin role."""
+CSRF token; the pages that change keys need the admin role (app/ui/access.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
-from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from datetime import UTC, date, timedelta
+from decimal import Decimal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
-from app.errors import AppError, NotFound
+from app.errors import AppError
 from app.keys.schemas import KeyCreate, KeyUpdate
-from app.keys.service import KeyService
 from app.ledger.usage_rollup import day_start
 from app.ui import reads
-from app.ui.owners import owner_readers, standings
+from app.ui.access import (
+    PageError,
+    admin_only,
+    engine_of,
+    form_of,
+    keys_of,
+    now_of,
+    safe_next,
+    session_of,
+    signed_in,
+)
+from app.ui.export import usage_csv_text
+from app.ui.forms import DURATIONS, day_param, form_values, key_fields, validation_messages
+from app.ui.overview import CHART_DAYS, chart_dollars, read_overview
+from app.ui.owners import owner_readers
 from app.ui.pages import (
     SECURITY_HEADERS,
     clear_session_cookie,
@@ -30,82 +40,15 @@ from app.ui.pages import (
     set_session_cookie,
     signer_of,
 )
-from app.ui.session import COOKIE, Session
+from app.ui.session import Session
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
-OVERVIEW_TOP = 25
-TOP_SPENDERS = 10
-CHART_DAYS = 30
 KEYS_PAGE = 50
 LEDGER_PAGE = 100
 OWNER_PERIODS = 24
 OWNER_ENTRIES = 25
 USAGE_ROWS = 200  # on the page; the CSV has every row
-
-
-class SignInRequired(Exception):
-    """No signed-in session: the browser goes to the sign-in page."""
-
-    def __init__(self, next_url: str) -> None:
-        self.next_url = next_url
-
-
-class PageError(Exception):
-    """An error shown as a page (not the API's JSON error)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-# -- sessions --------------------------------------------------------------------------------
-
-
-def session_of(request: Request) -> Session | None:
-    return signer_of(request).load(request.cookies.get(COOKIE))
-
-
-def signed_in(request: Request) -> Session:
-    session = session_of(request)
-    if session is None or not session.signed_in:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise SignInRequired(target)
-    return session
-
-
-def admin_only(session: Session) -> None:
-    if not session.can_write:
-        raise PageError(403, "Signed in with the viewer key: this dashboard is read-only.")
-
-
-async def form_of(request: Request, session: Session) -> dict[str, str]:
-    """The posted form, once its CSRF token is checked against the session."""
-    body = (await request.body()).decode("utf-8", "replace")
-    form = dict(parse_qsl(body, keep_blank_values=True))
-    if not signer_of(request).csrf_ok(session, form.get("csrf")):
-        raise PageError(403, "The form's security token is missing or stale: reload the page.")
-    return form
-
-
-def safe_next(target: str | None) -> str:
-    """Only a dashboard path (never another site) is a place to go after sign-in."""
-    if target and target.startswith("/ui") and not target.startswith("//"):
-        return target
-    return "/ui/"
-
-
-def keys_of(request: Request) -> KeyService:
-    return request.app.state.key_service  # type: ignore[no-any-return]
-
-
-def engine_of(request: Request) -> Any:
-    return request.app.state.engine
-
-
-def now_of(request: Request) -> datetime:
-    return request.app.state.clock.now()  # type: ignore[no-any-return]
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -168,56 +111,8 @@ async def logout(request: Request) -> Response:
 @router.get("/", response_class=HTMLResponse)
 async def overview(request: Request) -> Response:
     session = signed_in(request)
-    engine = engine_of(request)
-    now = now_of(request)
-    today = now.astimezone(UTC).date()
-    first = today - timedelta(days=CHART_DAYS - 1)
-    since = day_start(first)
-    summary = await standings(engine, OVERVIEW_TOP)
-    by_day = reads.daily_series(await reads.usage_by(engine, "day", since, None), first, CHART_DAYS)
-    by_model = await reads.usage_by(engine, "model", since, None)
-    by_model.sort(key=lambda r: -r.spend)
-    week = day_start(today - timedelta(days=6))
-    top = await reads.spend_by_key(engine, week, None, limit=TOP_SPENDERS)
-    top_ids = [t.key_id for t in top]
-    before = {
-        t.key_id: t.spend
-        for t in await reads.spend_by_key(engine, week - timedelta(days=7), week, top_ids)
-    }
-    aliases = await reads.key_aliases(engine, top_ids)
-    month = reads.total(by_day)
-    last7 = reads.total(by_day[-7:])
-    prev7 = reads.total(by_day[-14:-7])
-    change = None if prev7.spend == 0 else (last7.spend - prev7.spend) / prev7.spend
-    return render(
-        request,
-        session,
-        "overview.html",
-        {
-            "summary": summary,
-            "today": by_day[-1],
-            "by_day": by_day,
-            "by_model": by_model,
-            "month": month,
-            "last7": last7,
-            "prev7": prev7,
-            "change": change,
-            "top": top,
-            "top_before": before,
-            "aliases": aliases,
-            "since": since,
-            "now": now,
-            "chart": {
-                "labels": [r.group for r in by_day],
-                "spend": [reads_dollars(r.spend) for r in by_day],
-            },
-        },
-        nav="overview",
-    )
-
-
-def reads_dollars(nanos: int) -> float:
-    return float(Decimal(nanos).scaleb(-9))
+    figures = await read_overview(engine_of(request), now_of(request))
+    return render(request, session, "overview.html", {"o": figures}, nav="overview")
 
 
 # -- owners ----------------------------------------------------------------------------------
@@ -245,9 +140,9 @@ async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
             "done": request.query_params.get("done"),
             "chart": {
                 "labels": [p.period_start.strftime("%Y-%m-%d %H:%M") for p in history],
-                "spend": [reads_dollars(p.spend) for p in history],
+                "spend": [chart_dollars(p.spend) for p in history],
                 "limit": [
-                    None if p.max_budget is None else reads_dollars(p.max_budget) for p in history
+                    None if p.max_budget is None else chart_dollars(p.max_budget) for p in history
                 ],
             },
         },
@@ -288,47 +183,6 @@ async def keys_list(request: Request, q: str = "", status: str = "all", page: in
         },
         nav="keys",
     )
-
-
-DURATIONS = ("", "1h", "1d", "1w", "1mo", "3mo", "1y")
-
-
-def key_fields(form: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """The key settings a form gives, as the admin API's body would; blank is none."""
-    out: dict[str, Any] = {}
-    errors: list[str] = []
-    out["alias"] = form.get("alias", "").strip() or None
-    for name in ("max_budget", "soft_budget"):
-        raw = form.get(name, "").strip().lstrip("$").replace(",", "")
-        if raw:
-            try:
-                out[name] = Decimal(raw)
-            except InvalidOperation:
-                errors.append(f"{name.replace('_', ' ')}: not a dollar amount")
-        else:
-            out[name] = None
-    out["budget_duration"] = form.get("budget_duration", "").strip() or None
-    out["budget_timezone"] = form.get("budget_timezone", "").strip() or "UTC"
-    out["models"] = [m.strip() for m in form.get("models", "").split(",") if m.strip()]
-    expires = form.get("expires_at", "").strip()
-    if expires:
-        try:
-            out["expires_at"] = datetime.fromisoformat(expires).replace(tzinfo=UTC)
-        except ValueError:
-            errors.append("expires: not a date and time")
-    else:
-        out["expires_at"] = None
-    return out, errors
-
-
-def validation_messages(exc: ValidationError) -> list[str]:
-    return [
-        f"{'.'.join(str(p) for p in e['loc']).replace('_', ' ')}: {e['msg']}" for e in exc.errors()
-    ]
-
-
-def form_values(form: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in form.items() if k != "csrf"}
 
 
 @router.get("/keys/new", response_class=HTMLResponse)
@@ -482,15 +336,6 @@ async def confirmed(request: Request, key_id: str, action: str) -> Response:
 # -- usage -----------------------------------------------------------------------------------
 
 
-def day_param(value: str | None, default: date) -> date:
-    if not value:
-        return default
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise PageError(422, f"Not a date (YYYY-MM-DD): {value[:40]}") from None
-
-
 async def usage_rows(
     request: Request, group_by: str, first: date, last: date, key_id: str
 ) -> list[reads.UsageRow]:
@@ -567,23 +412,9 @@ async def usage_csv(request: Request) -> Response:
     group_by, first, last, key_id = usage_params(request)
     rows = await usage_rows(request, group_by, first, last, key_id)
     aliases = await aliases_of(request, group_by, rows)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    header = [group_by] + (["alias"] if group_by == "key" else [])
-    writer.writerow(
-        header
-        + ["requests", "rejections", "overruns", "prompt_tokens", "completion_tokens", "spend"]
-    )
-    for r in rows:
-        writer.writerow(
-            [r.group or ""]
-            + ([aliases.get(r.group or "") or ""] if group_by == "key" else [])
-            + [r.requests, r.rejections, r.overruns, r.prompt_tokens, r.completion_tokens]
-            + [format(Decimal(r.spend).scaleb(-9), "f")]
-        )
     name = f"budgetgate-usage-{group_by}-{first.isoformat()}-{last.isoformat()}.csv"
     return Response(
-        out.getvalue(),
+        usage_csv_text(rows, group_by, aliases),
         media_type="text/csv; charset=utf-8",
         headers={**SECURITY_HEADERS, "content-disposition": f'attachment; filename="{name}"'},
     )
@@ -649,6 +480,3 @@ def page_error(request: Request, status: int, message: str) -> Response:
         {"status": status, "message": message},
         status=status,
     )
-
-
-__all__ = ["router", "SignInRequired", "PageError", "page_error", "NotFound"]
