@@ -82,7 +82,7 @@ async def measure(url: str, rounds: int) -> dict[str, list[float]]:
     from app.config import Settings
     from app.main import create_app
     from app.ui.owners import standings
-    from app.ui.reads import usage_by
+    from app.ui.reads import spend_by_key, usage_by
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -121,6 +121,9 @@ async def measure(url: str, rounds: int) -> dict[str, list[float]]:
                 ),
                 "  the overview's usage by model (rollup + today)": lambda: usage_by(
                     engine, "model", since, None
+                ),
+                "  the overview's top spenders, 7 days (rollup + today)": lambda: spend_by_key(
+                    engine, since + timedelta(days=23), None, limit=10
                 ),
             }
             for name, read in reads_of_the_overview.items():
@@ -191,7 +194,7 @@ def main() -> None:
     for name, values in timings.items():
         ms = sorted(1e3 * v for v in values)
         print(
-            f"  {name:<50} median {statistics.median(ms):7.1f} ms   "
+            f"  {name:<56} median {statistics.median(ms):7.1f} ms   "
             f"p95 {ms[int(0.95 * (len(ms) - 1))]:7.1f} ms   max {ms[-1]:7.1f} ms"
         )
 

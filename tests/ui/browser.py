@@ -79,6 +79,24 @@ def watch(page: Any, log: NetworkLog) -> None:
     page.on("pageerror", lambda exc: log.console_errors.append(f"{page.url}: {exc}"))
 
 
+UNNAMED = """
+[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+  .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label'))
+  .map(e => e.outerHTML.slice(0, 80))
+.concat([...document.querySelectorAll('svg[role=img], canvas[role=img]')]
+  .filter(e => !e.getAttribute('aria-label')).map(e => e.outerHTML.slice(0, 80)))
+.concat([...document.querySelectorAll('a, button')]
+  .filter(e => !e.textContent.trim() && !e.getAttribute('aria-label'))
+  .map(e => e.outerHTML.slice(0, 80)))
+"""
+
+
+def unnamed(page: Any) -> list[str]:
+    """Form controls without a label, images without a text, links and buttons without a
+    name: what a screen reader could not announce."""
+    return list(page.evaluate(UNNAMED))
+
+
 def settle_frames(page: Any) -> None:
     """Two animation frames: a chart resized with the viewport has been redrawn."""
     page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
@@ -97,7 +115,8 @@ def shoot(
             settle_frames(page)
             for canvas in page.locator("canvas").all():
                 assert canvas.get_attribute("data-drawn") == "true", f"{name}: chart not drawn"
-        if check_overflow:
+        if check_overflow:  # the dashboard's own pages (not Swagger UI's or ReDoc's)
+            assert unnamed(page) == [], f"{name}: controls or images without an accessible name"
             overflow = page.evaluate(
                 "document.documentElement.scrollWidth - document.documentElement.clientWidth"
             )

@@ -310,3 +310,35 @@ def test_every_page_works_with_javascript_off(browser: Any, live_gateway: LiveGa
     page.goto(gw.url + "/ui/usage?group_by=model")
     assert page.locator("#usage tbody tr").count() >= 4
     context.close()
+
+
+def test_the_keyboard_reaches_everything(browser: Any, live_gateway: LiveGateway) -> None:
+    """The first Tab lands on "Skip to content", which moves the focus to the page's content;
+    Tab then walks the links and forms, each with a visible focus ring, and Enter follows."""
+    context = browser.new_context()
+    page = context.new_page()
+    sign_in(page, live_gateway.url, ADMIN_KEY)
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "main"
+    focused = []
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        focused.append(
+            page.evaluate(
+                "[document.activeElement.tagName, document.activeElement.textContent.trim(),"
+                " getComputedStyle(document.activeElement).outlineStyle]"
+            )
+        )
+    names = [text for _, text, _ in focused]
+    assert "finance-bot" in names  # the owners' links in the tables
+    assert all(style != "none" for tag, _, style in focused if tag in ("A", "BUTTON")), focused
+    # Keys page by keyboard: the search field, typed into, and Enter submits it.
+    page.goto(live_gateway.url + "/ui/keys")
+    page.get_by_label("Search alias, id or prefix").focus()
+    page.keyboard.type("finance")
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r".*q=finance.*"))
+    assert page.locator("#keys tbody tr").count() == 1
+    context.close()
