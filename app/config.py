@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.proxy.routes import parse_extra_routes
@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         """Blank is unset however the value arrives (environment, .env, code)."""
         secret = v.get_secret_value() if isinstance(v, SecretStr) else v
         return None if isinstance(secret, str) and not secret.strip() else v
+
+    @field_validator("viewer_key")
+    @classmethod
+    def _viewer_is_not_admin(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """The read-only key must not open the admin API too."""
+        admin = info.data.get("admin_key")
+        if v is not None and admin is not None and v.get_secret_value() == admin.get_secret_value():
+            raise ValueError("must differ from BUDGETGATE_ADMIN_KEY (the viewer key is read-only)")
+        return v
 
     @field_validator("upstream_url")
     @classmethod

@@ -132,3 +132,8 @@ async def test_without_any_key_nobody_signs_in(
     async with running_gateway(settings, ManualClock(START)) as gw:
         r = await gw.client.get("/ui/login")
         assert r.status_code == 503 and "BUDGETGATE_ADMIN_KEY" in r.text
+
+
+def test_the_viewer_key_cannot_be_the_admin_key() -> None:
+    with pytest.raises(ValueError, match="must differ from BUDGETGATE_ADMIN_KEY"):
+        make_settings("sqlite+aiosqlite:///x.db", "http://127.0.0.1:9", viewer_key=ADMIN_KEY)
