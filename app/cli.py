@@ -1,25 +1,40 @@
-"""The `budgetgate` command: serve, migrate, keys, usage, reconcile, mock-upstream."""
+"""The `budgetgate` command: serve, migrate, keys, usage, ledger, reconcile, mock-upstream.
+
+Exit codes: 0 done; 1 a failed check, something not found, or a ledger database that cannot
+be used (unreachable, or not migrated); 2 a usage or settings error."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from importlib.metadata import version as package_version
-from typing import Annotated, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar, cast
 
 import orjson
 import typer
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from app.clock import as_utc
 from app.config import Settings, get_settings
+from app.kit.money import format_dollars_nanos
+from app.kit.times import InvalidTime, parse_time, rfc3339
+
+if TYPE_CHECKING:
+    from alembic.script import Script
+
+    from app.keys.service import KeyService
+    from app.ledger.reads import LedgerReads, UsageGroup
 
 app = typer.Typer(
     help="budgetgate: a budget-enforcing proxy for OpenAI-compatible LLM APIs.",
@@ -51,7 +66,27 @@ def global_options(
 
 
 T = TypeVar("T")
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+DatabaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="ledger database (default: BUDGETGATE_DATABASE_URL, else ./budgetgate.db)",
+        show_default=False,
+    ),
+]
+FormatOpt = Annotated[
+    OutputFormat,
+    typer.Option("--format", help="table, json (as the admin API returns it) or csv"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="the same as --format json")]
 ModelsOpt = Annotated[list[str] | None, typer.Option("--model", help="allowed model (repeat)")]
 AnchorOpt = Annotated[
     str | None,
@@ -65,17 +100,55 @@ AlertAtOpt = Annotated[
     str | None,
     typer.Option(help='alert thresholds, fractions of max_budget: 0.5,0.8,1 ("" for none)'),
 ]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option(help="from this time on (RFC 3339, or a date; without an offset: UTC)"),
+]
+UntilOpt = Annotated[str | None, typer.Option(help="before this time (RFC 3339, or a date)")]
 
 
-def _settings() -> Settings:
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(database_url: str | None = None) -> Settings:
     try:
-        return get_settings()
+        return get_settings() if database_url is None else Settings(database_url=database_url)
     except ValidationError as exc:
         # Not str(exc): pydantic's message repeats each input, and a URL carries its password.
         for error in exc.errors():
             name = "BUDGETGATE_" + "_".join(map(str, error["loc"])).upper()
             typer.echo(f"invalid settings: {name}: {error['msg']}", err=True)
         raise typer.Exit(2) from None
+
+
+def describe_database(settings: Settings) -> str:
+    """The ledger database for a person: a SQLite file's full path, or the server's URL
+    without its credentials."""
+    url = make_url(settings.database_url)
+    if settings.is_sqlite:
+        return f"SQLite {Path(url.database or '').resolve()}"
+    return URL.create(
+        url.drivername, host=url.host, port=url.port, database=url.database
+    ).render_as_string()
+
+
+def _database_error(exc: Exception) -> str:
+    """Why the database refused, in one line: the driver's own message, never the SQL
+    statement SQLAlchemy adds to it."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
+def _time(option: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_time(value)
+    except InvalidTime as exc:
+        _fail(f"error: {option}: {exc}", 2)
 
 
 # prometheus-client's multiprocess mode.
@@ -87,8 +160,13 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
     workers: Annotated[int, typer.Option(min=1, help="worker processes (one ledger, shared)")] = 1,
+    database_url: DatabaseUrlOpt = None,
 ) -> None:
     """Run the gateway."""
+    if database_url is not None:
+        # Every worker reads its settings from the environment (app.main.create_app).
+        os.environ["BUDGETGATE_DATABASE_URL"] = database_url
+        get_settings.cache_clear()
     # Every worker counts its metrics in this directory and /metrics sums them (app/metrics.py):
     # set before any worker imports prometheus-client, this process's imports included.
     own_metrics_dir = MULTIPROC_ENV not in os.environ
@@ -106,7 +184,7 @@ def _serve(host: str, port: int, workers: int) -> None:
 
     from app.db import create_engine
     from app.logs import configure_logging, startup_line
-    from app.main import SchemaOutdated, prepare_schema
+    from app.main import prepare_schema
     from app.pricing import PriceBook, PricesFileError
     from app.server import HeadTimeoutProtocol
 
@@ -122,16 +200,10 @@ def _serve(host: str, port: int, workers: int) -> None:
     try:
         PriceBook.load(settings.prices_file)  # (each worker loads it again: fail here, once)
     except PricesFileError as exc:
-        typer.echo(f"invalid settings: BUDGETGATE_PRICES_FILE: {exc}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        asyncio.run(check())
-    except SchemaOutdated as exc:
-        typer.echo(f"budgetgate: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        typer.echo(f"budgetgate: cannot reach the ledger database: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(f"invalid settings: BUDGETGATE_PRICES_FILE: {exc}", 2)
+    if settings.is_sqlite:
+        typer.echo(f"budgetgate: ledger database: {describe_database(settings)}", err=True)
+    _on_ledger_errors(lambda: asyncio.run(check()), settings)
     configure_logging(settings)
     startup_line(settings, host, port, workers)
     uvicorn.run(
@@ -152,13 +224,59 @@ def _serve(host: str, port: int, workers: int) -> None:
     )
 
 
-@app.command()
-def migrate() -> None:
-    """Bring the ledger database to the latest schema, then exit."""
-    from app.migrate import upgrade_to_head
+def _on_ledger_errors(run: Callable[[], T], settings: Settings) -> T:
+    """Run `run`; a ledger database that cannot be used ends the command with one line that
+    says why (exit 1), never a traceback or an SQL statement."""
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
 
-    upgrade_to_head(_settings().database_url)
-    typer.echo("ledger schema is at the latest migration")
+    from app.errors import AppError
+    from app.main import SchemaOutdated
+
+    where = describe_database(settings)
+    try:
+        return run()
+    except SchemaOutdated:
+        _fail(
+            f"budgetgate: the ledger database ({where}) is not at the latest migration: "
+            "run `budgetgate migrate`"
+        )
+    except AppError as exc:
+        _fail(f"error: {exc.message}")
+    except (CommandError, RevisionError) as exc:  # e.g. a revision this version does not know
+        _fail(f"budgetgate: cannot migrate the ledger database ({where}): {exc}")
+    except (SQLAlchemyError, OSError) as exc:
+        _fail(f"budgetgate: cannot use the ledger database ({where}): {_database_error(exc)}")
+
+
+@app.command()
+def migrate(database_url: DatabaseUrlOpt = None) -> None:
+    """Bring the ledger database to the latest schema, then exit."""
+    from app.db import create_engine
+    from app.migrate import current_revisions, pending_revisions, upgrade_to_head
+
+    settings = _settings(database_url)
+    typer.echo(f"ledger database: {describe_database(settings)}")
+
+    async def revisions() -> set[str]:
+        engine = create_engine(settings)
+        try:
+            return await current_revisions(engine)
+        finally:
+            await engine.dispose()
+
+    def run() -> list[Script]:
+        pending = pending_revisions(settings.database_url, asyncio.run(revisions()))
+        upgrade_to_head(settings.database_url)
+        return pending
+
+    applied = _on_ledger_errors(run, settings)
+    if not applied:
+        typer.echo("already up to date")
+        return
+    for script in applied:
+        typer.echo(f"applied {script.revision}: {(script.doc or '').splitlines()[0]}")
+    typer.echo(f"ledger schema is at the latest migration ({applied[-1].revision})")
 
 
 @app.command("mock-upstream")
@@ -175,34 +293,38 @@ def mock_upstream(
 # -- admin tasks straight against the ledger ------------------------------------------------
 
 
-def _run_with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
-    from app.budgets.repository import BudgetRepository
+@dataclass(frozen=True)
+class Ledger:
+    """What a command reads and changes the ledger through: the services the admin API uses."""
+
+    keys: KeyService
+    reads: LedgerReads
+
+
+def _against_ledger(database_url: str | None, fn: Callable[[Ledger], Awaitable[T]]) -> T:
     from app.clock import SystemClock
     from app.db import create_engine
-    from app.errors import AppError
     from app.keys.service import KeyService
+    from app.ledger.periods import BudgetRepository
+    from app.ledger.reads import LedgerReads
     from app.main import prepare_schema
 
-    settings = _settings()
+    settings = _settings(database_url)
 
     async def main() -> T:
         engine = create_engine(settings)
         try:
-            if settings.is_sqlite:  # the embedded ledger migrates itself, as `serve` does
-                await prepare_schema(settings, engine)
+            # The embedded SQLite ledger migrates itself, as `serve` does; a server's is
+            # migrated as a deploy step, and a command refuses one that is not.
+            await prepare_schema(settings, engine)
             budgets = BudgetRepository(engine, SystemClock(), settings.reservation_ttl_seconds)
-            return await fn(KeyService(engine, budgets, settings))
+            return await fn(
+                Ledger(KeyService(engine, budgets, settings), LedgerReads(engine, budgets))
+            )
         finally:
             await engine.dispose()
 
-    try:
-        return asyncio.run(main())
-    except AppError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-    except (SQLAlchemyError, OSError) as exc:
-        typer.echo(f"error: the ledger database cannot be used: {exc}", err=True)
-        raise typer.Exit(1) from None
+    return _on_ledger_errors(lambda: asyncio.run(main()), settings)
 
 
 def _body(model: type[T], **fields: Any) -> T:
@@ -224,8 +346,7 @@ def _json_object(value: str | None) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         parsed = None
     if not isinstance(parsed, dict):
-        typer.echo(f"error: --metadata: not a JSON object: {value!r}", err=True)
-        raise typer.Exit(2)
+        _fail(f"error: --metadata: not a JSON object: {value!r}", 2)
     return parsed
 
 
@@ -242,38 +363,87 @@ def _dollars(value: str | None) -> Decimal | None:
     try:
         return Decimal(value)
     except InvalidOperation:
-        typer.echo(f"error: not a dollar amount: {value!r}", err=True)
-        raise typer.Exit(2) from None
+        _fail(f"error: not a dollar amount: {value!r}", 2)
 
 
-def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    if as_json:
-        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
-        return
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in cells:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+# -- output ---------------------------------------------------------------------------------
 
 
-def _print_key(out: Any, columns: list[str], as_json: bool) -> None:
-    """One key: its object in JSON (as the admin API returns it), else a one-row table."""
-    row = _key_dict(out)
-    if as_json:
-        typer.echo(orjson.dumps(row, option=orjson.OPT_INDENT_2, default=str).decode())
+def _format(fmt: OutputFormat, as_json: bool) -> OutputFormat:
+    return OutputFormat.json if as_json else fmt
+
+
+def _print_json(value: Any) -> None:
+    options = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME
+    typer.echo(orjson.dumps(value, option=options, default=_json_default).decode())
+
+
+def _json_default(value: Any) -> str:
+    # Times as the admin API writes them (RFC 3339, `Z`), so that the two outputs compare.
+    return rfc3339(value) if isinstance(value, datetime) else str(value)
+
+
+def _print_rows(
+    rows: list[dict[str, Any]], columns: list[str], fmt: OutputFormat, json_value: Any = None
+) -> None:
+    """Rows as a table (the columns given), as JSON (`json_value`, else the rows as they
+    are), or as CSV (every field; the columns given when there are no rows)."""
+    if fmt is OutputFormat.json:
+        _print_json(rows if json_value is None else json_value)
+    elif fmt is OutputFormat.csv:
+        _print_csv(rows, columns)
     else:
-        _print_rows([row], columns, as_json=False)
+        _print_table(rows, columns)
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, highlight=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    # A pipe or a file gets whole lines, however wide: ids and keys are copied from them.
+    Console(width=None if sys.stdout.isatty() else 10_000, highlight=False).print(table)
+
+
+def _print_csv(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    fields = list(dict.fromkeys(c for row in rows for c in row)) or columns
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(fields)
+    for row in rows:
+        out.writerow([_csv_cell(row.get(c)) for c in fields])
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return rfc3339(value)
+    if isinstance(value, float):
+        return f"{Decimal(repr(value)):f}"  # 0.000000001, not 1e-09
     if isinstance(value, list):
         return ",".join(map(str, value)) or "*"
     return str(value)
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return orjson.dumps(
+            value, option=orjson.OPT_PASSTHROUGH_DATETIME, default=_json_default
+        ).decode()
+    return _cell(value)
+
+
+def _print_key(out: Any, columns: list[str], fmt: OutputFormat) -> None:
+    """One key: its object in JSON (as the admin API returns it), else a one-row table."""
+    row = _key_dict(out)
+    _print_rows([row], columns, fmt, json_value=row)
 
 
 KEY_COLUMNS = [
@@ -288,10 +458,36 @@ KEY_COLUMNS = [
     "budget_duration",
     "reset_at",
 ]
+PERIOD_COLUMNS = [
+    "budget_id",
+    "period_start",
+    "period_end",
+    "spend",
+    "reserved",
+    "max_budget",
+    "closed_at",
+    "close_reason",
+]
+ENTRY_COLUMNS = [
+    "finished_at",
+    "request_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "outcome",
+    "cost",
+    "cost_source",
+    "prompt_tokens",
+    "completion_tokens",
+]
+OVERRUN_COLUMNS = ["request_id", "key_id", "reservation", "cost", "overrun", "finished_at"]
 
 
 def _key_dict(out: Any) -> dict[str, Any]:
     return out.model_dump(mode="json") if hasattr(out, "model_dump") else dict(out)
+
+
+# -- keys -----------------------------------------------------------------------------------
 
 
 @keys_app.command("create")
@@ -311,6 +507,8 @@ def keys_create(
     key: Annotated[
         str | None, typer.Option(help="passthrough mode: the existing upstream key")
     ] = None,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
     as_json: JsonOpt = False,
 ) -> None:
     """Issue a key (managed mode) or register an upstream key (passthrough mode)."""
@@ -330,33 +528,53 @@ def keys_create(
         metadata=_json_object(metadata) or {},
         key=key,
     )
-    _print_key(_run_with_services(lambda s: s.create(body)), ["key", *KEY_COLUMNS], as_json)
-    if not as_json:
+    created = _against_ledger(database_url, lambda ledger: ledger.keys.create(body))
+    fmt = _format(fmt, as_json)
+    _print_key(created, ["key", *KEY_COLUMNS], fmt)
+    if fmt is OutputFormat.table:
         typer.echo("\nThe key is shown only once: store it now.")
 
 
 @keys_app.command("list")
 def keys_list(
-    alias: Annotated[str | None, typer.Option()] = None, as_json: JsonOpt = False
+    alias: Annotated[str | None, typer.Option()] = None,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    as_json: JsonOpt = False,
 ) -> None:
-    """List keys."""
+    """List keys (JSON: a list of key objects)."""
 
-    async def all_keys(s: Any) -> list[Any]:
+    async def all_keys(ledger: Ledger) -> list[Any]:
         out, cursor = [], None
         while True:
-            page, cursor = await s.list_keys(alias, cursor, 500)
+            page, cursor = await ledger.keys.list_keys(alias, cursor, 500)
             out.extend(page)
             if cursor is None:
                 return out
 
-    rows = [_key_dict(k) for k in _run_with_services(all_keys)]
-    _print_rows(rows, KEY_COLUMNS, as_json)
+    rows = [_key_dict(k) for k in _against_ledger(database_url, all_keys)]
+    _print_rows(rows, KEY_COLUMNS, _format(fmt, as_json))
 
 
-@keys_app.command("show")
-def keys_show(key_id: str, as_json: JsonOpt = False) -> None:
-    """Show one key with its current period."""
-    _print_key(_run_with_services(lambda s: s.get(key_id)), KEY_COLUMNS, as_json)
+def _key_command(
+    name: str, summary: str, action: Callable[[KeyService, str], Awaitable[Any]]
+) -> None:
+    """`budgetgate keys NAME KEY_ID`: one call of the key service, printing the key object."""
+
+    def command(
+        key_id: str,
+        database_url: DatabaseUrlOpt = None,
+        fmt: FormatOpt = OutputFormat.table,
+        as_json: JsonOpt = False,
+    ) -> None:
+        key = _against_ledger(database_url, lambda ledger: action(ledger.keys, key_id))
+        _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
+
+    command.__doc__ = summary
+    keys_app.command(name)(command)
+
+
+_key_command("show", "Show one key with its current period.", lambda keys, key_id: keys.get(key_id))
 
 
 @keys_app.command("update")
@@ -375,6 +593,8 @@ def keys_update(
     ] = None,
     expires_at: ExpiresOpt = None,
     metadata: MetadataOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a key's settings (only the options given)."""
@@ -393,88 +613,118 @@ def keys_update(
         "metadata": _json_object(metadata),
     }
     body = _body(KeyUpdate, **{k: v for k, v in given.items() if v is not None})
-    _print_key(_run_with_services(lambda s: s.update(key_id, body)), KEY_COLUMNS, as_json)
+    key = _against_ledger(database_url, lambda ledger: ledger.keys.update(key_id, body))
+    _print_key(key, KEY_COLUMNS, _format(fmt, as_json))
 
 
-@keys_app.command("revoke")
-def keys_revoke(key_id: str, as_json: JsonOpt = False) -> None:
-    """Revoke a key: later requests get 401; its history is kept."""
-    _print_key(_run_with_services(lambda s: s.revoke(key_id)), KEY_COLUMNS, as_json)
+_key_command(
+    "revoke",
+    "Revoke a key: later requests get 401; its history is kept.",
+    lambda keys, key_id: keys.revoke(key_id),
+)
+_key_command(
+    "reset",
+    "Close the key's current periods early; the new ones end at the same boundary.",
+    lambda keys, key_id: keys.reset(key_id),
+)
 
 
-@keys_app.command("reset")
-def keys_reset(key_id: str, as_json: JsonOpt = False) -> None:
-    """Close the key's current periods early; the new ones end at the same boundary."""
-    _print_key(_run_with_services(lambda s: s.reset(key_id)), KEY_COLUMNS, as_json)
+@keys_app.command("periods")
+def keys_periods(
+    key_id: str,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="at most this many")] = 100,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    as_json: JsonOpt = False,
+) -> None:
+    """The key's budget periods, newest first (JSON: as GET /admin/keys/{id}/periods)."""
+    from app.keys.schemas import PeriodList
+
+    rows = _against_ledger(database_url, lambda ledger: ledger.reads.periods(key_id, limit))
+    as_api = PeriodList.model_validate({"data": rows}).model_dump(mode="json")
+    _print_rows(rows, PERIOD_COLUMNS, _format(fmt, as_json), json_value=as_api)
+
+
+# -- the ledger -----------------------------------------------------------------------------
 
 
 @app.command()
 def usage(
     group_by: Annotated[str, typer.Option(help="key, model or day")] = "key",
-    since: Annotated[datetime | None, typer.Option()] = None,
-    until: Annotated[datetime | None, typer.Option()] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
     as_json: JsonOpt = False,
 ) -> None:
-    """Spend report from the ledger."""
-    from app.keys.service import dollars
-    from app.ledger import repository as ledger
+    """Spend report from the ledger (JSON: the rows of GET /admin/usage)."""
+    from app.ledger.reads import USAGE_GROUPS
 
-    if group_by not in ("key", "model", "day"):
-        typer.echo("error: --group-by must be key, model or day", err=True)
-        raise typer.Exit(2)
-
-    async def report(s: Any) -> list[dict[str, Any]]:
-        return await ledger.usage(s.engine, group_by, as_utc(since), as_utc(until))
-
-    rows = _run_with_services(report)
-    for r in rows:
-        r["spend"] = dollars(r.pop("cost_nanos"))
+    if group_by not in USAGE_GROUPS:
+        _fail("error: --group-by must be key, model or day", 2)
+    start, end = _time("--since", since), _time("--until", until)
+    grouping = cast("UsageGroup", group_by)
+    report = _against_ledger(database_url, lambda ledger: ledger.reads.usage(grouping, start, end))
+    fmt = _format(fmt, as_json)
     _print_rows(
-        rows, [group_by, "requests", "spend", "prompt_tokens", "completion_tokens"], as_json
+        report["data"], [group_by, "requests", "spend", "prompt_tokens", "completion_tokens"], fmt
     )
+    if fmt is OutputFormat.table:
+        typer.echo(f"total spend: {_cell(report['total_spend'])}")
+
+
+@app.command("ledger")
+def ledger_entries(
+    key_id: Annotated[str | None, typer.Option(help="only this key's entries")] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="at most this many")] = 100,
+    cursor: Annotated[str | None, typer.Option(help="the next page, as printed")] = None,
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ledger entries, newest first (JSON: as GET /admin/ledger, with next_cursor)."""
+    start, end = _time("--since", since), _time("--until", until)
+    page = _against_ledger(
+        database_url,
+        lambda ledger: ledger.reads.entries(
+            key_id=key_id, since=start, until=end, limit=limit, cursor=cursor
+        ),
+    )
+    fmt = _format(fmt, as_json)
+    _print_rows(page["data"], ENTRY_COLUMNS, fmt, json_value=page)
+    if fmt is OutputFormat.table and page["next_cursor"] is not None:
+        typer.echo(f"more: --cursor {page['next_cursor']}")
 
 
 @app.command()
-def reconcile(as_json: JsonOpt = False) -> None:
+def reconcile(
+    database_url: DatabaseUrlOpt = None,
+    fmt: FormatOpt = OutputFormat.table,
+    as_json: JsonOpt = False,
+) -> None:
     """Check the ledger invariants; exit 1 with a report if any is broken. Overruns (requests
-    charged more than they reserved) are listed; they do not fail the check."""
-    from app.keys.service import dollars, iso
-    from app.ledger import repository as ledger
-    from app.pricing.money import nanos_to_dollars
+    charged more than they reserved) are listed; they do not fail the check. (CSV: the
+    overruns.)"""
+    from app.ledger.reads import reconcile_out
 
-    report = _run_with_services(lambda s: ledger.reconcile(s.engine))
-    overruns = [
-        {
-            "request_id": o.request_id,
-            "key_id": o.key_id,
-            "reservation": dollars(o.reservation),
-            "cost": dollars(o.cost),
-            "overrun": dollars(o.overrun),
-            "finished_at": iso(o.finished_at),
-        }
-        for o in report.overruns
-    ]
-    if as_json:
-        typer.echo(
-            orjson.dumps(
-                {
-                    "ok": report.ok,
-                    "periods_checked": report.periods_checked,
-                    "entries_checked": report.entries_checked,
-                    "problems": report.problems,
-                    "overruns": overruns,
-                }
-            ).decode()
-        )
+    report = _against_ledger(database_url, lambda ledger: ledger.reads.reconcile())
+    fmt = _format(fmt, as_json)
+    if fmt is OutputFormat.json:
+        typer.echo(orjson.dumps(reconcile_out(report)).decode())
+    elif fmt is OutputFormat.csv:
+        _print_csv(reconcile_out(report)["overruns"], OVERRUN_COLUMNS)
     else:
         typer.echo(
             f"checked {report.periods_checked} periods and {report.entries_checked} ledger entries"
         )
         for o in report.overruns:
             typer.echo(
-                f"OVERRUN: request {o.request_id} (key {o.key_id}, {iso(o.finished_at)}): "
-                f"reserved ${nanos_to_dollars(o.reservation)}, cost ${nanos_to_dollars(o.cost)}, "
-                f"overrun ${nanos_to_dollars(o.overrun)}"
+                f"OVERRUN: request {o.request_id} (key {o.key_id}, {rfc3339(o.finished_at)}): "
+                f"reserved ${format_dollars_nanos(o.reservation)}, "
+                f"cost ${format_dollars_nanos(o.cost)}, "
+                f"overrun ${format_dollars_nanos(o.overrun)}"
             )
         for problem in report.problems:
             typer.echo(f"PROBLEM: {problem}")

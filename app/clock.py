@@ -6,13 +6,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
-def as_utc(value: datetime | None) -> datetime | None:
-    """A time given without an offset (or a bare date) is UTC, wherever it was typed."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 class Clock(Protocol):
     def now(self) -> datetime: ...
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,6 +80,10 @@ class BudgetExceeded(AppError):
     status, type, code = 429, "budget_exceeded", "budget_exceeded"
 
 
+class ParallelLimitExceeded(AppError):
+    status, type, code = 429, "parallel_limit_exceeded", "parallel_limit_exceeded"
+
+
 class UpstreamUnreachable(AppError):
     status, type, code = 502, "upstream_error", "upstream_unreachable"
 
@@ -93,6 +98,20 @@ class AdminDisabled(AppError):
 
 class UpstreamTimeout(AppError):
     status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error, on every route: the OpenAI error format (SPEC 7). The
+    OpenAPI schema documents it; `error_body` writes it."""
+
+    error: ErrorDetail
 
 
 def internal_error() -> AppError:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from app.config import Settings
 
@@ -96,5 +96,7 @@ def startup_line(settings: Settings, host: str, port: int, workers: int) -> None
 
 
 def _without_credentials(url: str) -> str:
-    parsed = make_url(url)
-    return parsed.set(username=None, password=None).render_as_string(hide_password=True)
+    # A new URL of the old one's parts: URL.set() leaves a part alone when given None.
+    p = make_url(url)
+    bare = URL.create(p.drivername, host=p.host, port=p.port, database=p.database, query=p.query)
+    return bare.render_as_string(hide_password=True)

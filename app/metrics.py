@@ -29,6 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from app.kit.money import dollars
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # In multiprocess mode every sample write asks for the process id (a system call each time:
@@ -130,8 +132,8 @@ class _BudgetCollector:
         )
         for b in self.budgets:
             values = [b.key_id, b.alias or "", b.window]
-            spend.add_metric(values, b.spend / 1e9)
+            spend.add_metric(values, dollars(b.spend))
             if b.max_budget is not None:
-                remaining.add_metric(values, max(b.max_budget - b.spend, 0) / 1e9)
+                remaining.add_metric(values, dollars(max(b.max_budget - b.spend, 0)))
         yield spend
         yield remaining

@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 
@@ -32,10 +32,23 @@ def upgrade_to_head(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
+async def current_revisions(engine: AsyncEngine) -> set[str]:
+    """The revisions the database is at (none for a database never migrated)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(lambda c: set(MigrationContext.configure(c).get_current_heads()))
+
+
 async def schema_is_current(engine: AsyncEngine, database_url: str) -> bool:
     heads = set(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
-    async with engine.connect() as conn:
-        current = await conn.run_sync(
-            lambda c: set(MigrationContext.configure(c).get_current_heads())
-        )
-    return current == heads
+    return await current_revisions(engine) == heads
+
+
+def pending_revisions(database_url: str, current: set[str]) -> list[Script]:
+    """The migrations an upgrade from `current` to the latest applies, oldest first."""
+    scripts = ScriptDirectory.from_config(alembic_config(database_url))
+    lower = tuple(current) or "base"
+    return [
+        s
+        for s in reversed(list(scripts.iterate_revisions("heads", lower)))
+        if s.revision not in current
+    ]

@@ -10,7 +10,7 @@ from datetime import timedelta
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.alerts.service import AlertService
-from app.budgets.repository import BudgetRepository
+from app.ledger.periods import BudgetRepository
 from app.ledger.usage_rollup import roll_up_finished_days
 
 log = logging.getLogger("budgetgate.scheduler")

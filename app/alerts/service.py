@@ -60,8 +60,10 @@ from app.alerts.webhook import Webhook, WebhookFormat
 from app.budgets.state import PeriodState
 from app.clock import Clock
 from app.config import Settings
-from app.keys.repository import KeyContext, new_id
-from app.keys.service import dollars, iso
+from app.keys.repository import new_id
+from app.kit.money import dollars
+from app.kit.times import rfc3339
+from app.ledger.contract import KeyContext
 from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
 
 A: Table = BudgetAlert.__table__  # type: ignore[assignment]
@@ -98,8 +100,8 @@ def _details(key_id: str, alias: str | None, key_prefix: str, state: PeriodState
         "key_prefix": key_prefix,
         "spend": dollars(state.spend),
         "max_budget": dollars(state.max_budget),
-        "period_start": iso(state.period_start),
-        "period_end": iso(state.period_end) if state.period_end else None,
+        "period_start": rfc3339(state.period_start),
+        "period_end": rfc3339(state.period_end) if state.period_end else None,
     }
 
 
@@ -300,7 +302,7 @@ class AlertService:
                 "id": alert_id,
                 "type": EVENT_TYPES[kind.partition(":")[0]],
                 "budget_id": state.budget_id,
-                "created_at": iso(now),
+                "created_at": rfc3339(now),
                 **details,
             },
             "created_at": now,

@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
+from app.kit.money import format_usd
+
 WebhookFormat = Literal["json", "slack", "teams"]
 SIGNATURE_HEADER = "x-budgetgate-signature"
 
@@ -111,8 +113,7 @@ def summary(event: dict[str, Any]) -> str:
 
 def _usd(amount: float) -> str:
     """Dollars with cents, and the smaller digits only when there are any ($0.015)."""
-    exact = Decimal(str(amount))
-    return f"${exact:,.2f}" if exact == exact.quantize(Decimal("0.01")) else f"${exact:,f}"
+    return format_usd(int(Decimal(str(amount)).scaleb(9)))
 
 
 def _escape_markup(text: str) -> str:

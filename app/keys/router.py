@@ -1,30 +1,21 @@
-"""Admin API (SPEC 7): thin routes over KeyService and the ledger readers."""
+"""Admin API (SPEC 7): thin routes over KeyService and the ledger's read service."""
 
 from __future__ import annotations
 
 import hmac
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from app.clock import as_utc
 from app.config import Settings
-from app.errors import AdminDisabled, InvalidField, Unauthorized
-from app.keys.schemas import (
-    ErrorResponse,
-    KeyCreate,
-    KeyCreated,
-    KeyList,
-    KeyOut,
-    KeyUpdate,
-    PeriodList,
-)
-from app.keys.service import KeyService, dollars
-from app.ledger import repository as ledger
-from app.proxy.headers import presented_key
+from app.errors import AdminDisabled, ErrorResponse, InvalidField, Unauthorized
+from app.keys.credentials import presented_key
+from app.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyUpdate, PeriodList
+from app.keys.service import KeyService
+from app.ledger.reads import LedgerReads, UsageGroup, reconcile_out
 
 
 def require_admin(request: Request) -> None:
@@ -59,7 +50,12 @@ def key_service(request: Request) -> KeyService:
     return request.app.state.key_service  # type: ignore[no-any-return]
 
 
+def ledger_reads(request: Request) -> LedgerReads:
+    return LedgerReads(request.app.state.engine, request.app.state.budgets)
+
+
 Keys = Annotated[KeyService, Depends(key_service)]
+Ledger = Annotated[LedgerReads, Depends(ledger_reads)]
 # Documented error statuses (OpenAI error body), so the OpenAPI schema matches what is served.
 _ERROR = {"model": ErrorResponse}
 _BAD_JSON: dict[int | str, dict[str, Any]] = {400: {**_ERROR, "description": "Malformed JSON"}}
@@ -116,54 +112,35 @@ async def reset_key(key_id: str, keys: Keys) -> KeyOut:
 
 @router.get("/keys/{key_id}/periods", response_model=PeriodList, responses=_NOT_FOUND)
 async def key_periods(
-    key_id: str, keys: Keys, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    key_id: str, reads: Ledger, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> PeriodList:
-    return PeriodList(data=await keys.periods(key_id, limit))
+    return PeriodList.model_validate({"data": await reads.periods(key_id, limit)})
 
 
 @router.get("/ledger")
 async def ledger_entries(
-    request: Request,
+    reads: Ledger,
     key_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    rows, next_cursor = await ledger.list_entries(
-        request.app.state.engine, key_id, as_utc(since), as_utc(until), limit, cursor
-    )
-    data = [
-        {
-            "request_id": r.request_id,
-            "key_id": r.key_id,
-            "model": r.model,
-            "endpoint": r.endpoint,
-            "stream": r.stream,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "cost": dollars(r.cost),
-            "overrun": dollars(r.overrun),
-            "cost_source": r.cost_source,
-            "outcome": r.outcome,
-            "status_code": r.status_code,
-            "started_at": r.started_at,
-            "finished_at": r.finished_at,
-        }
-        for r in rows
-    ]
-    return {"data": data, "next_cursor": next_cursor}
+    return await reads.entries(key_id=key_id, since=since, until=until, limit=limit, cursor=cursor)
 
 
 @router.get("/usage")
 async def usage_report(
-    request: Request,
-    group_by: Literal["key", "model", "day"] = "key",
+    reads: Ledger,
+    group_by: UsageGroup = "key",
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> JSONResponse:
-    rows = await ledger.usage(request.app.state.engine, group_by, as_utc(since), as_utc(until))
-    total = sum(r["cost_nanos"] for r in rows)
-    for r in rows:
-        r["spend"] = dollars(r.pop("cost_nanos"))
-    return JSONResponse({"group_by": group_by, "data": rows, "total_spend": dollars(total)})
+    return JSONResponse(await reads.usage(group_by, since, until))
+
+
+@router.get("/reconcile")
+async def reconcile_report(reads: Ledger) -> dict[str, Any]:
+    """The ledger invariants (SPEC 6), as `budgetgate reconcile --format json` reports them:
+    `ok` false and each broken invariant under `problems`; overruns listed, not problems."""
+    return reconcile_out(await reads.reconcile())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from app.budgets.periods import InvalidDuration, InvalidTimezone, load_timezone, parse_duration
+from app.kit.times import to_utc
 
 MAX_DOLLARS = Decimal(1_000_000_000)
 
@@ -75,12 +76,7 @@ def _storable(value: Any) -> Any:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:  # 0001-01-01T00:00+01:00 is before the first UTC time there is
-        raise ValueError("out of range once converted to UTC") from None
+    return None if value is None else to_utc(value)  # (InvalidTime is a ValueError: a 422)
 
 
 class BudgetSettings(BaseModel):
@@ -236,16 +232,3 @@ class PeriodOut(BaseModel):
 
 class PeriodList(BaseModel):
     data: list[PeriodOut]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    code: str | None
-    param: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, on every route: the OpenAI error format (SPEC 7)."""
-
-    error: ErrorDetail

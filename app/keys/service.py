@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import secrets
 from datetime import datetime
@@ -12,12 +11,11 @@ from typing import Any
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.budgets.repository import BudgetRepository, schedule_of
 from app.budgets.schedule import Schedule
 from app.config import Settings
 from app.errors import InvalidField, NotFound, Unauthorized
 from app.keys import repository as repo
-from app.keys.repository import KeyContext, new_id
+from app.keys.repository import new_id
 from app.keys.schemas import (
     BudgetOut,
     BudgetSettings,
@@ -25,8 +23,12 @@ from app.keys.schemas import (
     KeyCreated,
     KeyOut,
     KeyUpdate,
-    PeriodOut,
 )
+from app.kit.cursors import InvalidCursor, decode_cursor, encode_cursor
+from app.kit.money import dollars
+from app.kit.times import rfc3339
+from app.ledger.contract import KeyContext, key_refusal
+from app.ledger.periods import BudgetRepository, schedule_of
 from app.pricing.money import dollars_to_nanos
 
 MANAGED_KEY_PREFIX = "sk-bg-"
@@ -39,12 +41,6 @@ def hash_key(key: str) -> str:
 
 def display_prefix(key: str) -> str:
     return key[: min(10, len(key) // 3)]
-
-
-def dollars(nanos: int | None) -> float | None:
-    """Nano-dollars to a JSON number: exact for every amount the ledger holds (< 2^53 nanos
-    would do; float's shortest repr gives back the 9-decimal value)."""
-    return None if nanos is None else float(Decimal(nanos).scaleb(-9))
 
 
 def _nanos(value: Decimal | None) -> int | None:
@@ -81,13 +77,20 @@ class KeyService:
 
     def ensure_usable(self, ctx: KeyContext | None) -> KeyContext:
         """401 for an unknown, revoked or expired key."""
-        if ctx is None:
-            raise Unauthorized("invalid API key")
-        if ctx.status != "active":
-            raise Unauthorized(f"API key {ctx.label} has been revoked")
-        if ctx.expires_at is not None and ctx.expires_at <= self.clock.now():
-            raise Unauthorized(f"API key {ctx.label} expired at {iso(ctx.expires_at)}")
+        reason = key_refusal(ctx, self.clock.now())
+        if ctx is None or reason is not None:
+            raise self.refused(ctx, reason or "unknown")
         return ctx
+
+    @staticmethod
+    def refused(ctx: KeyContext | None, reason: str) -> Unauthorized:
+        """The 401 for a key that key_refusal refused for `reason` (unknown, revoked,
+        expired)."""
+        if ctx is None or reason == "unknown":
+            return Unauthorized("invalid API key")
+        if reason == "expired" and ctx.expires_at is not None:
+            return Unauthorized(f"API key {ctx.label} expired at {rfc3339(ctx.expires_at)}")
+        return Unauthorized(f"API key {ctx.label} has been revoked")
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -149,6 +152,8 @@ class KeyService:
             conn,
             {
                 "id": budget_id,
+                "owner_kind": "key",
+                "owner_id": key_id,
                 "key_id": key_id,
                 "kind": kind,
                 "max_budget": _nanos(s.max_budget),
@@ -178,7 +183,7 @@ class KeyService:
     async def list_keys(
         self, alias: str | None, cursor: str | None, limit: int
     ) -> tuple[list[KeyOut], str | None]:
-        after = decode_cursor(cursor) if cursor else None
+        after = _key_after(cursor) if cursor else None
         async with self.engine.connect() as conn:
             keys = await repo.list_keys(conn, alias, after, limit + 1)
             await conn.rollback()
@@ -291,27 +296,6 @@ class KeyService:
                 await self.budgets.close_and_reopen(conn, budget.id, "manual", schedule_of(budget))
         return await self.get(key_id)
 
-    async def periods(self, key_id: str, limit: int) -> list[PeriodOut]:
-        await self.budgets.roll_expired_periods_of_keys([key_id])
-        async with self.engine.connect() as conn:
-            if await repo.get_key(conn, key_id) is None:
-                raise NotFound(f"no key with id '{key_id}'")
-            rows = await repo.list_periods(conn, key_id, limit)
-            await conn.rollback()
-        return [
-            PeriodOut(
-                budget_id=r.budget_id,
-                period_start=r.period_start,
-                period_end=r.period_end,
-                spend=dollars(r.spend) or 0.0,
-                reserved=dollars(r.reserved) or 0.0,
-                max_budget=dollars(r.max_budget),
-                closed_at=r.closed_at,
-                close_reason=r.close_reason,
-            )
-            for r in rows
-        ]
-
 
 def _check_soft(soft: Decimal | int | None, max_budget: Decimal | int | None) -> None:
     if soft is not None and max_budget is not None and soft > max_budget:
@@ -326,14 +310,6 @@ def _check_alert_at(alert_at: list[Decimal] | None, max_budget: Decimal | int | 
             "alert_at: thresholds are fractions of max_budget: set a max_budget too",
             param="alert_at",
         )
-
-
-def iso(when: datetime) -> str:
-    return (
-        when.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if when.microsecond == 0
-        else when.isoformat().replace("+00:00", "Z")
-    )
 
 
 def _budget_out(b: Row[Any]) -> BudgetOut:
@@ -389,15 +365,12 @@ def render_key(key: Row[Any], budgets: list[Row[Any]], now: datetime) -> KeyOut:
     )
 
 
-def encode_cursor(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
+def _key_after(cursor: str) -> str:
+    """The key id a key-list cursor names (the last key of the page before)."""
     try:
-        key_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
+        (key_id,) = decode_cursor(cursor, 1)
+    except InvalidCursor:
         key_id = ""
-    if not key_id.startswith("key_"):  # cursors are key ids (encode_cursor)
+    if not key_id.startswith("key_"):
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor")
     return key_id

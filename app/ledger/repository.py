@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
-from sqlalchemy import Date, Table, cast, func, literal_column, or_, select
+from sqlalchemy import Date, Select, Table, case, cast, func, literal_column, or_, select
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InvalidField
+from app.kit.cursors import decode_cursor, encode_cursor
 from app.models import ApiKey, Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
@@ -21,18 +22,13 @@ B: Table = Budget.__table__  # type: ignore[assignment]
 R: Table = Reservation.__table__  # type: ignore[assignment]
 
 
-def encode_cursor(finished_at: datetime, request_id: str) -> str:
-    raw = orjson.dumps([finished_at.isoformat(), request_id])
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
+def _entry_after(cursor: str) -> tuple[datetime, str]:
+    """The (finished_at, request_id) an entry-list cursor names: the last entry of the page
+    before."""
     try:
-        stamp, request_id = orjson.loads(
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        )
-        return datetime.fromisoformat(stamp), str(request_id)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        stamp, request_id = decode_cursor(cursor, 2)
+        return datetime.fromisoformat(stamp), request_id
+    except ValueError:  # InvalidCursor, or a stamp that is not a time
         raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
 
 
@@ -90,7 +86,7 @@ async def list_entries(
     if until is not None:
         q = q.where(L.c.finished_at < until)
     if cursor is not None:
-        stamp, request_id = decode_cursor(cursor)
+        stamp, request_id = _entry_after(cursor)
         q = q.where(
             or_(L.c.finished_at < stamp, (L.c.finished_at == stamp) & (L.c.request_id < request_id))
         )
@@ -99,9 +95,30 @@ async def list_entries(
         await conn.rollback()
     page = rows[:limit]
     next_cursor = (
-        encode_cursor(page[-1].finished_at, page[-1].request_id) if len(rows) > limit else None
+        encode_cursor(page[-1].finished_at.isoformat(), page[-1].request_id)
+        if len(rows) > limit
+        else None
     )
     return page, next_cursor
+
+
+async def key_periods(engine: AsyncEngine, key_id: str, limit: int) -> list[Row[Any]] | None:
+    """The key's periods (every budget's), newest first; None for an unknown key."""
+    K: Table = ApiKey.__table__  # type: ignore[assignment]
+    async with engine.connect() as conn:
+        if (await conn.execute(select(K.c.id).where(K.c.id == key_id))).first() is None:
+            await conn.rollback()
+            return None
+        rows = await conn.execute(
+            select(P, B.c.kind)
+            .join(B, B.c.id == P.c.budget_id)
+            .where(B.c.key_id == key_id)
+            .order_by(P.c.period_start.desc(), P.c.id.desc())
+            .limit(limit)
+        )
+        page = list(rows.all())
+        await conn.rollback()
+    return page
 
 
 async def usage(
@@ -176,6 +193,57 @@ class ReconcileReport:
         return not self.problems
 
 
+# What an entry is due in a period of each unit (NULL: any amount, a tokens charge of an entry
+# that reported no usage).
+_EXPECTED = case(
+    (B.c.unit == "usd", L.c.cost),
+    (B.c.unit == "requests", literal_column("1")),
+    (B.c.unit == "parallel", literal_column("0")),
+    else_=case(
+        (
+            L.c.prompt_tokens.is_(None) & L.c.completion_tokens.is_(None),
+            None,
+        ),
+        else_=func.coalesce(L.c.prompt_tokens, 0) + func.coalesce(L.c.completion_tokens, 0),
+    ),
+)
+
+# Invariants that each row of a query breaks, and how each is reported.
+_BROKEN: list[tuple[Select[Any], Callable[[Row[Any]], str]]] = [
+    (
+        select(B.c.id, func.count(P.c.id).label("open"))
+        .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
+        .group_by(B.c.id)
+        .having(func.count(P.c.id) != 1),
+        lambda b: f"budget {b.id}: {b.open} open periods (expected exactly 1)",
+    ),
+    (
+        # Each charge is the entry's in the period's unit (unit_charge): its cost, its tokens
+        # (any, when it reported none: what it held), one request, nothing for a parallel limit.
+        select(C.c.request_id, C.c.period_id, C.c.amount, B.c.unit, _EXPECTED.label("expected"))
+        .join(L, L.c.request_id == C.c.request_id)
+        .join(P, P.c.id == C.c.period_id)
+        .join(B, B.c.id == P.c.budget_id)
+        .where(C.c.amount != func.coalesce(_EXPECTED, C.c.amount)),
+        lambda w: (
+            f"entry {w.request_id}: charged {w.amount} to period {w.period_id} "
+            f"but it is due {w.expected} ({w.unit})"
+        ),
+    ),
+    (
+        select(C.c.request_id, P.c.budget_id, func.count().label("n"))
+        .join(P, P.c.id == C.c.period_id)
+        .group_by(C.c.request_id, P.c.budget_id)
+        .having(func.count() > 1),
+        lambda t: f"entry {t.request_id}: charged {t.n} times to budget {t.budget_id}",
+    ),
+    (
+        select(R.c.request_id).where(R.c.request_id.in_(select(L.c.request_id))),
+        lambda s: f"entry {s.request_id}: settled but still holds a reservation",
+    ),
+]
+
+
 async def reconcile(engine: AsyncEngine) -> ReconcileReport:
     """SPEC 6 invariants: each period's spend = the sum of its charges; its reserved = the sum
     of its open reservations; its spend at most the highest max_budget it admitted under plus
@@ -237,50 +305,11 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
                     f"{p.peak_max_budget} + the overruns recorded in it {p.overruns}"
                 )
 
-        open_counts = (
-            await conn.execute(
-                select(B.c.id, func.count(P.c.id).label("open"))
-                .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
-                .group_by(B.c.id)
-            )
-        ).all()
-        for b in open_counts:
-            if b.open != 1:
-                report.problems.append(f"budget {b.id}: {b.open} open periods (expected exactly 1)")
-
         report.entries_checked = (
             await conn.execute(select(func.count()).select_from(L))
         ).scalar_one()
-        wrong = (
-            await conn.execute(
-                select(C.c.request_id, C.c.period_id, C.c.amount, L.c.cost)
-                .join(L, L.c.request_id == C.c.request_id)
-                .where(C.c.amount != L.c.cost)
-            )
-        ).all()
-        for w in wrong:
-            report.problems.append(
-                f"entry {w.request_id}: charged {w.amount} to period {w.period_id} but its cost is {w.cost}"
-            )
-        twice = (
-            await conn.execute(
-                select(C.c.request_id, P.c.budget_id, func.count().label("n"))
-                .join(P, P.c.id == C.c.period_id)
-                .group_by(C.c.request_id, P.c.budget_id)
-                .having(func.count() > 1)
-            )
-        ).all()
-        for t in twice:
-            report.problems.append(
-                f"entry {t.request_id}: charged {t.n} times to budget {t.budget_id}"
-            )
-        settled_but_held = (
-            await conn.execute(
-                select(R.c.request_id).where(R.c.request_id.in_(select(L.c.request_id)))
-            )
-        ).all()
-        for s in settled_but_held:
-            report.problems.append(f"entry {s.request_id}: settled but still holds a reservation")
+        for query, describe in _BROKEN:
+            report.problems.extend(describe(r) for r in (await conn.execute(query)).all())
         overruns = await conn.execute(
             select(L.c.request_id, L.c.key_id, L.c.cost, L.c.overrun, L.c.finished_at)
             .where(L.c.overrun > literal_column("0"))  # (the partial index's predicate)

@@ -189,14 +189,20 @@ def _compile_rates(
     return _Rates(tuple(starts), segments, denom, in_audio, out_audio)
 
 
-def _token_bound(profile: ModelProfile, m: MeteredRequest) -> int:
-    per_pass = _input_tokens_per_pass(profile, m)
+def token_counts(profile: ModelProfile | None, m: MeteredRequest) -> tuple[int, int]:
+    """The most input and output tokens the request can be billed for, if answered by the
+    model of `profile` (None: an unpriced model, its input measured from the body)."""
+    per_pass = m.input_bound if profile is None else _input_tokens_per_pass(profile, m)
     input_tokens = per_pass * m.passes
     per_sampling = m.output_bound + m.prediction_bound
     # /responses' max_output_tokens spans its whole tool loop; elsewhere each pass may write
     # up to the cap.
     output_passes = 1 if m.endpoint == "/responses" else m.passes
-    output_tokens = per_sampling * m.samplings * output_passes
+    return input_tokens, per_sampling * m.samplings * output_passes
+
+
+def _token_bound(profile: ModelProfile, m: MeteredRequest) -> int:
+    input_tokens, output_tokens = token_counts(profile, m)
     # Audio input is dearer than text: counted when the request may carry audio.
     kind = (m.audio_input or bool(m.unmeasured), m.audio_output, m.long_cache_writes, m.image_tool)
     tables = profile.bound_rates.get(kind)

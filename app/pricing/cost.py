@@ -13,7 +13,7 @@ from genai_prices import Usage as GenaiUsage
 from genai_prices.types import ModelPrice as GenaiModelPrice
 
 from app.errors import BadRequest
-from app.pricing.bounds import price_keys, request_bound, tool_call_fee
+from app.pricing.bounds import price_keys, request_bound, token_counts, tool_call_fee
 from app.pricing.categories import UsagePrice, compile_usage_price
 from app.pricing.money import NANOS_PER_DOLLAR, ceil_div, dollars_to_nanos
 from app.pricing.prices import DEAREST_IMAGE, ModelProfile, PriceBook
@@ -144,25 +144,36 @@ class CostCalculator:
         """The reservation (nano-dollars): the most the request can be billed, answered by its
         model or any model the prices file says it may be answered as (SPEC 10); 0 for an
         unpriced model let through by BUDGETGATE_UNPRICED_MODEL=free."""
+        profiles = self._answering(metered)
+        if not profiles:
+            return self._unpriced(metered.model)
+        return max(request_bound(profile, metered) for profile in profiles)
+
+    def token_bound(self, metered: MeteredRequest) -> int:
+        """The most input + output tokens the request can be billed for (what a `tokens`
+        budget holds, SPEC 11), answered by any model it may be answered as."""
+        profiles: list[ModelProfile | None] = [*self._answering(metered)] or [None]
+        return max(sum(token_counts(profile, metered)) for profile in profiles)
+
+    def _answering(self, metered: MeteredRequest) -> list[ModelProfile]:
+        """The priced profiles of the request's model and of every model the prices file says
+        it may be answered as (transitively); none for an unpriced model."""
         profile = self.book.profile(metered.model)
         if profile is None or (
             profile.pricer is None
             and metered.endpoint not in ("/images/generations", "/audio/speech")
         ):
-            return self._unpriced(metered.model)
-        amount = request_bound(profile, metered)
-        if not profile.answers_as:
-            return amount
+            return []
         # A model it may be answered as may itself be answered as others: all of them count.
-        seen, pending = {metered.model}, list(profile.answers_as)
+        found, seen, pending = [profile], {metered.model}, list(profile.answers_as)
         while pending:
             name = pending.pop()
             answering = self.book.profile(name) if name not in seen else None
             seen.add(name)
             if answering is not None:  # every answers_as is priced (checked at load)
-                amount = max(amount, request_bound(answering, metered))
+                found.append(answering)
                 pending.extend(answering.answers_as)
-        return amount
+        return found
 
     def bound_with_output(self, metered: MeteredRequest, output_tokens: int) -> int:
         """The bound the request would have with another output bound (shrink to fit: the

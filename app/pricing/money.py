@@ -12,9 +12,9 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-__all__ = ["NANOS_PER_DOLLAR", "ceil_div", "dollars_to_nanos", "nanos_to_dollars"]
+from app.kit.money import NANOS_PER_DOLLAR
 
-NANOS_PER_DOLLAR = 1_000_000_000
+__all__ = ["NANOS_PER_DOLLAR", "ceil_div", "dollars_to_nanos", "nanos_to_dollars"]
 
 
 def ceil_div(numerator: int, denominator: int) -> int:

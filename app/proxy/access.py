@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
+from app.kit.money import dollars
 from app.metrics import OVERRUNS, REJECTIONS, REQUESTS, SPEND, UPSTREAM_SECONDS
 
 log = logging.getLogger("budgetgate.access")
@@ -55,11 +56,6 @@ class AccessRecord:
 current_access: ContextVar[AccessRecord | None] = ContextVar("current_access", default=None)
 
 
-def _dollars(nanos: int | None) -> float | None:
-    # For reading, not for sums: the ledger keeps the exact amount.
-    return None if nanos is None else nanos / 1e9
-
-
 def finish(record: AccessRecord, status: int) -> None:
     """Write the access line and count the request."""
     record.status = status
@@ -84,8 +80,8 @@ def finish(record: AccessRecord, status: int) -> None:
                 "model": record.model,
                 "status": status,
                 "outcome": record.outcome,
-                "cost": _dollars(record.cost),
-                "reservation": _dollars(record.reservation),
+                "cost": dollars(record.cost),
+                "reservation": dollars(record.reservation),
                 "upstream_status": record.upstream_status,
                 "latency_ms": round(latency * 1000, 3),
                 "upstream_latency_ms": (
@@ -99,7 +95,7 @@ def finish(record: AccessRecord, status: int) -> None:
     model = (record.model if record.priced_model else "other") if record.model else "none"
     REQUESTS.labels(record.route, model, str(status), record.outcome or "none").inc()
     if record.cost:
-        SPEND.labels(model).inc(record.cost / 1e9)
+        SPEND.labels(model).inc(dollars(record.cost))
         if record.reservation is not None and record.cost > record.reservation:
             OVERRUNS.inc()  # the ledger records the same excess on the entry
     if record.rejected_by is not None:

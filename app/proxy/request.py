@@ -109,6 +109,8 @@ class MeteredRequest:
     image_size: str | None = None  # /images/generations
     image_quality: str | None = None
     characters: int = 0  # /audio/speech: input characters
+    end_user: Any = None  # the body's `user` (the caller's own customer), unchecked
+    tags: Any = None  # the body's metadata.tags, unchecked
 
     @property
     def passes(self) -> int:
@@ -294,6 +296,9 @@ def parse_metered(
         output_bound=0,
         client_wants_usage=True,
     )
+    metered.end_user = body.get("user")
+    metadata = body.get("metadata")
+    metered.tags = metadata.get("tags") if isinstance(metadata, dict) else None
     # Anthropic writes a 1-hour cache only when a cache_control asks for it (ttl "1h").
     metered.long_cache_writes = b'"1h"' in raw
     changed = False

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
-from decimal import ROUND_CEILING, Decimal
 
 import aiohttp
 import orjson
@@ -22,16 +21,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
-from app.body import is_json_media, read_body, too_large
-from app.budgets.hotpath import LEDGER_ERRORS, AdmitRequest, HotLedger, model_allowed
-from app.budgets.repository import (
-    Admission,
-    BudgetRepository,
-    ConcurrentChange,
-    Outcome,
-    RequestInfo,
-)
-from app.budgets.state import tightest
+from app.body import declares_more_than, is_json_media, read_body, too_large
+from app.budgets.state import PeriodState, tightest
 from app.clock import Clock
 from app.config import Settings
 from app.errors import (
@@ -40,14 +31,33 @@ from app.errors import (
     BudgetExceeded,
     Forbidden,
     LedgerUnavailable,
+    ParallelLimitExceeded,
     Unauthorized,
     UnsupportedMediaType,
     UpstreamTimeout,
     UpstreamUnreachable,
     error_response,
 )
-from app.keys.repository import KeyContext
+from app.keys.credentials import presented_key
 from app.keys.service import KeyService, hash_key
+from app.kit.money import format_dollars_up
+from app.ledger.contract import (
+    LEDGER_ERRORS,
+    AdmitRequest,
+    Admitted,
+    ConcurrentChange,
+    HotLedger,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    model_allowed,
+)
+from app.ledger.periods import BudgetRepository
+from app.ledger.settlement import Settlement
 from app.metrics import LEDGER_SECONDS
 from app.pricing.cost import CostCalculator
 from app.proxy.access import AccessRecord, current_access
@@ -55,7 +65,6 @@ from app.proxy.charging import outcome_of_body, outcome_of_stream
 from app.proxy.headers import (
     add_identity,
     budget_headers,
-    presented_key,
     response_headers,
     retry_after,
     rfc3339,
@@ -64,7 +73,7 @@ from app.proxy.headers import (
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered, set_output_bound
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
-from app.proxy.settlement import Settlement
+from app.proxy.scopes import end_user_of, tags_of
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
@@ -82,6 +91,10 @@ KNOWN_KEYS_LIMIT = 100_000
 _UNSENDABLE = re.compile(rb"[\r\n\x00]")
 
 
+# (key id, end user name) -> the end user's id, created on first sight (None: not budgeted).
+EnsureEndUser = Callable[[str, str], Awaitable[str | None]]
+
+
 class Gateway:
     def __init__(
         self,
@@ -94,8 +107,13 @@ class Gateway:
         upstream: UpstreamClient,
         alerts: AlertService,
         tracer: Tracer | None = None,
+        ensure_end_user: EnsureEndUser | None = None,
     ) -> None:
         self.hot = hot
+        # (key id, end user name) -> the end user's id, once the ledger has it (end users are
+        # created on first sight; none is ever deleted, so the id stays right).
+        self.ensure_end_user = ensure_end_user
+        self._end_users: dict[tuple[str, str], str] = {}
         self.tracer = tracer or trace.NoOpTracer()
         self.alerts = alerts
         self.settings = settings
@@ -113,8 +131,9 @@ class Gateway:
         # Hashes of keys that authenticated in this process: only they may make the gateway
         # read a body before the ledger's admission (which checks the key again, atomically).
         # A key that fails there is forgotten, so an unknown key never gets a body buffered.
-        # With each, the key's shrink-to-fit choice as last seen (the admission reads it again).
-        self._known_keys: dict[str, bool | None] = {}
+        # With each, the key as last seen (the admission reads it again): its shrink-to-fit
+        # choice, its team (which scopes its end users).
+        self._known_keys: dict[str, KeyContext] = {}
 
     async def handle(self, request: Request, record: AccessRecord) -> Response:
         try:
@@ -148,7 +167,7 @@ class Gateway:
         if key_hash not in self._known_keys:
             key = await self.authenticate(request)
             self._remember(request, key, request_id)
-            self._known_keys[key_hash] = key.shrink_to_fit
+            self._known_keys[key_hash] = key
             if len(self._known_keys) > KNOWN_KEYS_LIMIT:
                 del self._known_keys[next(iter(self._known_keys))]
         try:
@@ -188,6 +207,10 @@ class Gateway:
             )
             if metered is not None:
                 query.check_model(metered.model)
+            end_user, tags = (
+                end_user_of(request.headers, metered),
+                tags_of(request.headers, metered),
+            )
             amount = await self._bound(request, metered)
             record.model, record.reservation = metered.model if metered else None, amount
             record.priced_model = amount > 0
@@ -199,12 +222,16 @@ class Gateway:
             raise
         model = metered.model if metered else None
         stream = bool(metered and metered.stream)
+        known = self._known_keys.get(key_hash)
+        end_user_id = await self._end_user(known, end_user) if end_user else None
+        record.end_user = end_user
 
         # Admit: the key checked again and every budget reserved, in one step on the ledger.
         admitting = time.perf_counter()
         admit_span = start_phase(self.tracer, "admit", record.span)
         try:
-            key, admission = await self._admit(
+            decision = await self._admit(
+                request,
                 AdmitRequest(
                     key_hash,
                     request_id,
@@ -214,8 +241,11 @@ class Gateway:
                     amount,
                     started,
                     started + timedelta(seconds=self.settings.reservation_ttl_seconds),
-                    min_amount=self._least_amount(metered, self._known_keys.get(key_hash)),
-                )
+                    min_amount=self._least_amount(metered, known.shrink_to_fit if known else None),
+                    tokens=self.costs.token_bound(metered) if metered else 0,
+                    end_user_id=end_user_id,
+                    tags=tags,
+                ),
             )
         except Unauthorized:
             self._known_keys.pop(key_hash, None)
@@ -223,23 +253,33 @@ class Gateway:
         finally:
             admit_span.end()
             LEDGER_SECONDS.labels("admit").observe(time.perf_counter() - admitting)
+        key = decision.key
         self._remember(request, key, request_id)
-        if admission is None:
-            raise Forbidden(_not_allowed(key, model), param="model")
-        if not admission.admitted:
-            raise self._budget_exceeded(key, admission, request_id)
+        record.team = key.team_id
+        if isinstance(decision, Rejected):
+            raise self._budget_exceeded(decision, request_id)
+        admission = decision
         if key_hash in self._known_keys:
-            self._known_keys[key_hash] = key.shrink_to_fit
-        info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
+            self._known_keys[key_hash] = key
+        info = RequestInfo(
+            request_id,
+            key.id,
+            model,
+            endpoint,
+            stream,
+            started,
+            key.team_id,
+            key.user_id,
+            end_user_id,
+            tags,
+        )
         limited = None
         if metered is not None and admission.amount < amount:
             if not self._shrinks(key.shrink_to_fit):
                 # Shrunk on a choice the key no longer makes: the request is refused after all.
-                states = await self.settlement.settle(
-                    info, Outcome("rejected", 0, "none", status_code=429)
-                )
+                states = await self._settle(info, Outcome("rejected", 0, "none", status_code=429))
                 refusing = tightest(states or admission.periods) or admission.periods[0]
-                raise self._budget_exceeded(key, Admission(False, [refusing], amount), request_id)
+                raise self._budget_exceeded(Rejected(key, refusing, amount), request_id)
             limited = self._shrink_to(metered, admission.amount)
             record.reservation = admission.amount
         response = await self._forward(request, info, metered, raw, admission)
@@ -304,17 +344,32 @@ class Gateway:
         set_output_bound(metered, tokens)
         return tokens
 
-    async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
-        """The key and its admission; None when the key may not use the requested model."""
+    async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+        """Settle the request (app.ledger.settlement) and note its outcome in its access record."""
+        record = current_access.get()
+        if record is not None:
+            record.upstream_done()
+            record.outcome, record.cost = outcome.outcome, outcome.cost
+        return await self.settlement.settle(info, outcome, record.span if record else None)
+
+    async def _admit(self, request: Request, req: AdmitRequest) -> Admitted | Rejected:
+        """The ledger's decision on the request: admitted or rejected by a budget; a key that
+        may not make it is a 401 (a 403 for a model outside its allow-list)."""
         try:
             for _ in range(5):
-                result = await self.hot.admit(req, self.clock.now())
-                if result.expired_periods:  # the period ended: roll it, then try again
-                    await self.budgets.roll_periods(result.expired_periods)
-                    continue
-                if result.retry:
-                    continue
-                return self.keys.ensure_usable(result.key), result.admission
+                decision = await self.hot.admit(req, self.clock.now())
+                match decision:
+                    case PeriodsExpired(expired=expired):  # roll the ended periods, ask again
+                        await self.budgets.roll_periods(expired)
+                    case PeriodsChanged():
+                        pass
+                    case KeyRefused(key=key, reason="model") if key is not None:
+                        self._remember(request, key, req.request_id)
+                        raise Forbidden(_not_allowed(key, req.model), param="model")
+                    case KeyRefused(key=key, reason=reason):
+                        raise self.keys.refused(key, reason)
+                    case Admitted() | Rejected():
+                        return decision
             raise ConcurrentChange("periods kept expiring during admission")
         except LEDGER_ERRORS as exc:
             raise self._ledger_down(exc) from None
@@ -329,30 +384,59 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declares_more_than(request.scope, limit):
             raise too_large(limit)
         return await read_body(request.receive, limit, self.settings.body_timeout_seconds)
 
-    def _budget_exceeded(
-        self, key: KeyContext, admission: Admission, request_id: str
-    ) -> BudgetExceeded:
-        state = admission.periods[0]
+    async def _end_user(self, key: KeyContext | None, name: str) -> str | None:
+        """The id of the end user `name` of the key's team (or of the key), created with its
+        template's budgets on first sight; None when end users are not budgeted here."""
+        if key is None or self.ensure_end_user is None:
+            return None
+        found = self._end_users.get((key.id, name))
+        if found is None:
+            try:
+                found = await self.ensure_end_user(key.id, name)
+            except LEDGER_ERRORS as exc:
+                raise self._ledger_down(exc) from None
+            if found is None:
+                return None
+            if len(self._end_users) > KNOWN_KEYS_LIMIT:
+                del self._end_users[next(iter(self._end_users))]
+            self._end_users[(key.id, name)] = found
+        return found
+
+    def _budget_exceeded(self, rejected: Rejected, request_id: str) -> AppError:
+        key, state = rejected.key, rejected.refusing
         self.alerts.exhausted_soon(key, state)
         record = current_access.get()
         if record is not None:
-            record.outcome, record.rejected_by = "rejected", "key"
-        used = state.spend + state.reserved
+            record.outcome, record.rejected_by = "rejected", state.owner_kind
+        if state.unit == "parallel":
+            return ParallelLimitExceeded(
+                f"Parallel request limit reached for {_budget_name(key, state)}: "
+                f"{state.reserved} requests in flight, max_parallel_requests {state.max_budget}",
+                headers={"x-request-id": request_id},
+            )
         resets = (
             f"the period resets at {rfc3339(state.period_end)}"
             if state.period_end is not None
             else "this budget does not reset"
         )
-        message = (
-            f"Budget exceeded for key {key.label}: spend ${format_dollars_4(used)} + this request "
-            f"up to ${format_dollars_4(admission.amount)} would pass max_budget "
-            f"${format_dollars_4(state.max_budget or 0)}; {resets}"
-        )
+        used, limit = state.spend + state.reserved, state.max_budget or 0
+        if state.unit == "usd":
+            message = (
+                f"Budget exceeded for {_budget_name(key, state)}: spend "
+                f"${format_dollars_up(used)} + this request up to "
+                f"${format_dollars_up(rejected.amount)} would pass max_budget "
+                f"${format_dollars_up(limit)}; {resets}"
+            )
+        else:
+            message = (
+                f"Budget exceeded for {_budget_name(key, state)}: {used} {state.unit} spent or "
+                f"in flight, and this request would pass max_budget {limit} {state.unit}; "
+                f"{resets}"
+            )
         headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
         return BudgetExceeded(message, headers=headers)
 
@@ -402,22 +486,20 @@ class Gateway:
         info: RequestInfo,
         metered: MeteredRequest | None,
         raw: bytes,
-        admission: Admission,
+        admission: Admitted,
     ) -> Response:
         body = metered.body if metered else raw
         try:
             resp = await self._send(request, info, body)
         except (UpstreamUnreachable, UpstreamTimeout) as exc:
             outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
-            states = await self.settlement.settle(
-                info, Outcome(outcome, 0, "none", status_code=exc.status)
-            )
+            states = await self._settle(info, Outcome(outcome, 0, "none", status_code=exc.status))
             return error_response(exc, budget_headers(states or admission.periods, info.request_id))
         except BaseException as exc:
             # Anything else (a bug, a request aiohttp refuses to send, cancellation): the
             # reservation is released now, not held until the sweeper's TTL.
             failed = isinstance(exc, Exception)
-            await self.settlement.settle(
+            await self._settle(
                 info,
                 Outcome(
                     "upstream_error" if failed else "client_disconnect",
@@ -444,7 +526,7 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             resp.release()
             timeout = isinstance(exc, TimeoutError)
-            states = await self.settlement.settle(
+            states = await self._settle(
                 info,
                 Outcome(
                     "timeout" if timeout else "upstream_error",
@@ -461,7 +543,7 @@ class Gateway:
             return error_response(err, budget_headers(states or admission.periods, info.request_id))
         resp.release()
         result = outcome_of_body(self.costs, resp, metered, content)
-        states = await self.settlement.settle(info, result)
+        states = await self._settle(info, result)
         headers = response_headers(list(resp.headers.items())) | budget_headers(
             states or admission.periods, info.request_id
         )
@@ -507,9 +589,7 @@ class Gateway:
             raise
         finally:
             resp.close()
-            await self.settlement.settle(
-                info, outcome_of_stream(self.costs, resp, metered, meter, outcome)
-            )
+            await self._settle(info, outcome_of_stream(self.costs, resp, metered, meter, outcome))
 
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)
@@ -530,10 +610,16 @@ def only_models(body: bytes, allowed: list[str]) -> bytes:
     return orjson.dumps(listing)
 
 
+def _budget_name(key: KeyContext, state: PeriodState) -> str:
+    """The budget that refused, as a 429 names it: its owner (the key by its label, never the
+    key itself) and, for an owner's budget or a key's extra window, its window."""
+    window = state.window or "lifetime"
+    if state.owner_kind == "key":
+        return f"key {key.label}" + ("" if state.unit == "usd" else f" ({window} {state.unit})")
+    scope = state.owner_kind.replace("_", " ")
+    unit = "" if state.unit in ("usd", "parallel") else f" {state.unit}"
+    return f"{scope} '{state.owner_name}' ({window}{unit})"
+
+
 def _not_allowed(key: KeyContext, model: str | None) -> str:
     return f"model '{model}' is not allowed for key {key.label}; allowed: {', '.join(key.models)}"
-
-
-def format_dollars_4(nanos: int) -> str:
-    """Dollars to four places for messages (rounded up: never shows less than was used)."""
-    return f"{Decimal(nanos).scaleb(-9).quantize(Decimal('0.0001'), rounding=ROUND_CEILING)}"

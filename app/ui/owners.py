@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.keys.service import KeyService
 from app.ledger import repository as ledger
+from app.ledger.reads import LedgerReads
 from app.ui import reads
 
 
@@ -122,20 +123,19 @@ class KeyOwners:
     async def periods(self, owner_id: str, limit: int) -> list[OwnerPeriod]:
         k = await self.keys.get(owner_id)
         windows = {b.budget_id: b.budget_duration or "lifetime" for b in k.budgets or []}
-        out = []
-        for p in await self.keys.periods(owner_id, limit):
-            out.append(
-                OwnerPeriod(
-                    windows.get(p.budget_id, k.budget_duration or "lifetime"),
-                    p.period_start,
-                    p.period_end,
-                    nanos(p.spend) or 0,
-                    nanos(p.max_budget),
-                    p.closed_at,
-                    p.close_reason,
-                )
+        reads = LedgerReads(self.engine, self.keys.budgets)
+        return [
+            OwnerPeriod(
+                windows.get(p["budget_id"], k.budget_duration or "lifetime"),
+                p["period_start"],
+                p["period_end"],
+                nanos(p["spend"]) or 0,
+                nanos(p["max_budget"]),
+                p["closed_at"],
+                p["close_reason"],
             )
-        return out
+            for p in await reads.periods(owner_id, limit)
+        ]
 
     async def entries(self, owner_id: str, limit: int) -> list[Any]:
         rows, _ = await ledger.list_entries(self.engine, owner_id, None, None, limit, None)

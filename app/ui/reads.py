@@ -13,7 +13,8 @@ from sqlalchemy import Date, Float, Table, case, cast, func, literal, or_, selec
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.ledger.repository import decode_cursor, encode_cursor
+from app.errors import InvalidField
+from app.kit.cursors import InvalidCursor, decode_cursor, encode_cursor
 from app.ledger.usage_rollup import _as_date, day_start, live_since
 from app.models import (
     ApiKey,
@@ -74,6 +75,11 @@ class StandingsSummary:
     top: list[Standing] = field(default_factory=list)
 
 
+# Budgets in dollars that still apply: a budget in tokens, requests or parallel requests is not
+# money, and a retired one applies to nothing (its history stays in the periods).
+_DOLLAR_BUDGETS = (B.c.unit == "usd", B.c.retired_at.is_(None))
+
+
 def _used_ratio() -> ColumnElement[Any]:
     return case(
         (P.c.max_budget.is_(None), None),
@@ -98,7 +104,7 @@ async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
         .select_from(P)
         .join(B, B.c.id == P.c.budget_id)
         .join(K, K.c.id == B.c.key_id)
-        .where(P.c.closed_at.is_(None), K.c.status == "active")
+        .where(P.c.closed_at.is_(None), K.c.status == "active", *_DOLLAR_BUDGETS)
     ).subquery()
     # Money over the primary budgets only: a key's extra windows count the same spend again.
     primary = base.c.primary
@@ -130,7 +136,7 @@ async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
         .select_from(P)
         .join(B, B.c.id == P.c.budget_id)
         .join(K, K.c.id == B.c.key_id)
-        .where(P.c.closed_at.is_(None), K.c.status == "active")
+        .where(P.c.closed_at.is_(None), K.c.status == "active", *_DOLLAR_BUDGETS)
         .order_by(ratio.desc().nulls_last(), P.c.spend.desc(), K.c.id)
         .limit(limit)
     )
@@ -534,7 +540,7 @@ async def search_ledger(
     if query.until is not None:
         q = q.where(L.c.finished_at < query.until)
     if cursor:
-        stamp, request_id = decode_cursor(cursor)
+        stamp, request_id = _entry_after(cursor)
         q = q.where(
             or_(L.c.finished_at < stamp, (L.c.finished_at == stamp) & (L.c.request_id < request_id))
         )
@@ -543,6 +549,17 @@ async def search_ledger(
         await conn.rollback()
     page = rows[:limit]
     next_cursor = (
-        encode_cursor(page[-1].finished_at, page[-1].request_id) if len(rows) > limit else None
+        encode_cursor(page[-1].finished_at.isoformat(), page[-1].request_id)
+        if len(rows) > limit
+        else None
     )
     return page, next_cursor
+
+
+def _entry_after(cursor: str) -> tuple[datetime, str]:
+    """The (finished_at, request_id) a cursor names, as GET /admin/ledger's cursors do."""
+    try:
+        stamp, request_id = decode_cursor(cursor, 2)
+        return datetime.fromisoformat(stamp), request_id
+    except (InvalidCursor, ValueError):
+        raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None

@@ -2,9 +2,9 @@
 model (usage_daily_by_model) for finished days, and the days rolled up (usage_rollup_days), so
 that the dashboard never scans the ledger
 
-Revision ID: 0008_usage_rollup
-Revises: 0007
-Create Date: 2026-12-02 21:15:00
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-02 21:40:00
 
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008_usage_rollup"
-down_revision: str | None = "0007"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

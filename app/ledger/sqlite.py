@@ -1,4 +1,4 @@
-"""The hot ledger on SQLite (the contract: app/budgets/hotpath.py).
+"""The hot ledger on SQLite (the contract: app/ledger/contract.py).
 
 SQLite: the steps queued in the same event-loop turn make a batch, run in a `BEGIN IMMEDIATE`
 transaction on a connection used from the event loop, with no thread hand-off (statements take
@@ -16,10 +16,31 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult, model_allowed
-from app.budgets.repository import Admission, Outcome, RequestInfo
-from app.budgets.state import BudgetRef, PeriodState, amount_to_reserve
-from app.keys.repository import KeyContext
+from app.budgets.state import (
+    BudgetRef,
+    PeriodState,
+    amount_to_reserve,
+    applies_to,
+    overrun_of,
+    refusing,
+    unit_amount,
+    unit_charge,
+)
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    BatchObserver,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 
 def _sqlite_time(when: datetime) -> str:
@@ -33,14 +54,26 @@ def _sqlite_parse(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
-_SQLITE_AUTH = """
-SELECT k.id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
-       b.id, b.kind, p.id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved,
-       k.key_hash, k.shrink_to_fit
-FROM api_keys k
-LEFT JOIN budgets b ON b.key_id = k.id
+_SQLITE_KEYS = """
+SELECT id, alias, key_prefix, status, models, expires_at, key_hash, shrink_to_fit, team_id,
+       user_id
+FROM api_keys WHERE key_hash IN ({})
+"""
+_SQLITE_TAGS = """
+SELECT name, id FROM owners WHERE kind = 'tag' AND deleted_at IS NULL AND name IN ({})
+"""
+# Every budget of these owners in force, with its open period (and its owner's name).
+_SQLITE_BUDGETS = """
+SELECT b.owner_id, b.id, b.kind, b.unit, b.models, b.budget_duration, b.owner_kind, o.name,
+       p.id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved
+FROM budgets b
 LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
-WHERE k.key_hash IN ({})
+LEFT JOIN owners o ON o.id = b.owner_id
+WHERE b.retired_at IS NULL AND b.owner_id IN ({})
+"""
+_SQLITE_UNITS = """
+SELECT p.id, b.unit FROM budget_periods p JOIN budgets b ON b.id = p.budget_id
+WHERE p.id IN (SELECT value FROM json_each(?))
 """
 _SQLITE_RELEASE = """
 DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?))
@@ -54,8 +87,9 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 _SQLITE_INSERT_ENTRY = """
 INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                             completion_tokens, cost, cost_source, outcome, status_code,
-                            started_at, finished_at, overrun)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            started_at, finished_at, overrun, team_id, user_id, end_user_id,
+                            tags)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _SQLITE_SETTLE_PERIOD = """
 UPDATE budget_periods SET reserved = reserved - ?, spend = spend + ?
@@ -95,53 +129,67 @@ def _busy(exc: Exception) -> bool:
 
 def _sqlite_admit(
     conn: sqlite3.Connection, steps: list[tuple[AdmitRequest, datetime]]
-) -> list[AdmitResult]:
+) -> list[Decision]:
     """Admit requests in order, as if one by one: each is decided on the periods' money as the
-    ones before it left it. The batch's transaction holds SQLite's write lock, so what it reads
-    stays true until its commit: the keys are read once, in one query, the decisions are made
-    here (the same comparison as everywhere: PeriodState.fits), and the periods are written
-    once."""
+    ones before it left it (keys of one team share its periods). The batch's transaction holds
+    SQLite's write lock, so what it reads stays true until its commit: the keys and the
+    budgets that may apply are read once, the decisions are made here (the same comparison as
+    everywhere: PeriodState.fits), and each period is written once."""
     money: dict[int, PeriodState] = {}  # period id -> its money, with this batch's reservations
-    keys = _sqlite_read_keys(conn, {req.key_hash for req, _ in steps}, money)
+    reqs = [req for req, _ in steps]
+    keys, budgets_of, tag_ids = _sqlite_read(conn, reqs, money)
     held: dict[int, int] = {}  # period id -> what this batch reserved on it
     reservations: list[tuple[Any, ...]] = []
     rejections: list[tuple[Any, ...]] = []
-    results: list[AdmitResult] = []
+    results: list[Decision] = []
     for req, now in steps:
-        found = keys.get(req.key_hash)
-        if found is None:
-            results.append(AdmitResult(None, None, []))
+        key = keys.get(req.key_hash)
+        refusal = key_refusal(key, now, req.model)
+        if key is None or refusal is not None:
+            results.append(KeyRefused(key, refusal or "unknown"))
             continue
-        key, periods = found
-        if AdmitResult(key, None, []).refusal(now) or not model_allowed(key.models, req.model):
-            results.append(AdmitResult(key, None, []))
+        owners = [key.id, key.team_id, key.user_id, req.end_user_id]
+        owners += [tag_ids[t] for t in req.tags if t in tag_ids]
+        rows = sorted(
+            (
+                r
+                for owner in dict.fromkeys(o for o in owners if o is not None)
+                for r in budgets_of.get(owner, ())
+                if applies_to(json.loads(r[4]) if r[4] else None, req.model)
+            ),
+            key=lambda r: r[8] or 0,
+        )
+        if any(r[8] is None for r in rows):  # a budget between two periods: look again
+            results.append(PeriodsChanged(key))
             continue
         now_text = _sqlite_time(now)
-        expired = [(r[6], r[8]) for r in periods if r[10] is not None and r[10] <= now_text]
+        expired = [(r[1], r[8]) for r in rows if r[10] is not None and r[10] <= now_text]
         if expired:
-            results.append(AdmitResult(key, None, expired))
+            results.append(PeriodsExpired(key, expired))
             continue
-        states = [money[r[8]] for r in periods]  # ascending period id
-        take = amount_to_reserve(states, req.amount, req.min_amount)
+        states = [money[r[8]] for r in rows]  # ascending period id
+        take = amount_to_reserve(states, req.amount, req.min_amount, req.tokens)
+        info = _entry_scopes(key, req)
         if take is None:
-            refused = next(st for st in states if not st.fits(req.least))
             rejections.append(
                 (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
                 + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text, 0)
+                + info
             )
-            results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
+            results.append(Rejected(key, refusing(states, req.least, req.tokens), req.amount))
             continue
         started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
         after = []
         for st in states:
-            money[st.period_id] = replace(st, reserved=st.reserved + take)
+            amount = unit_amount(st.unit, take, req.tokens)
+            money[st.period_id] = replace(st, reserved=st.reserved + amount)
             after.append(money[st.period_id])
-            held[st.period_id] = held.get(st.period_id, 0) + take
+            held[st.period_id] = held.get(st.period_id, 0) + amount
             reservations.append(
-                (req.request_id, st.period_id, take, key.id, req.model, req.endpoint)
+                (req.request_id, st.period_id, amount, key.id, req.model, req.endpoint)
                 + (req.stream, started, expires)
             )
-        results.append(AdmitResult(key, Admission(True, after, take), []))
+        results.append(Admitted(key, after, take))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
@@ -154,49 +202,87 @@ def _sqlite_admit(
     return results
 
 
-def _sqlite_read_keys(
-    conn: sqlite3.Connection, key_hashes: set[str], money: dict[int, PeriodState]
-) -> dict[str, tuple[KeyContext, list[Any]]]:
-    """Each key there is among `key_hashes`, and its budgets' open periods (rows, ascending
-    period id), in one query; their money into `money`."""
-    sql = _SQLITE_AUTH.format(", ".join("?" * len(key_hashes)))  # (cached per count)
-    rows_of: dict[str, list[Any]] = {}
-    for row in conn.execute(sql, tuple(key_hashes)):
-        rows_of.setdefault(row[14], []).append(row)
-    keys: dict[str, tuple[KeyContext, list[Any]]] = {}
-    for key_hash, rows in rows_of.items():
-        first = rows[0]
-        periods = sorted((r for r in rows if r[8] is not None), key=lambda r: r[8])
-        keys[key_hash] = (
-            KeyContext(
-                id=first[0],
-                alias=first[1],
-                key_prefix=first[2],
-                status=first[3],
-                models=json.loads(first[4]) if first[4] else [],
-                expires_at=_sqlite_parse(first[5]),
-                budgets=[BudgetRef(r[6], r[7], r[8], _sqlite_parse(r[10])) for r in periods],
-                shrink_to_fit=None if first[15] is None else bool(first[15]),
-            ),
-            periods,
+def _entry_scopes(
+    team: KeyContext | RequestInfo, req: AdmitRequest | RequestInfo
+) -> tuple[Any, ...]:
+    """The ledger entry's team, user, end user and tags columns."""
+    tags = json.dumps(list(req.tags)) if req.tags else None
+    return (team.team_id, team.user_id, req.end_user_id, tags)
+
+
+def _in(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _sqlite_read(
+    conn: sqlite3.Connection, reqs: list[AdmitRequest], money: dict[int, PeriodState]
+) -> tuple[dict[str, KeyContext], dict[str, list[Any]], dict[str, str]]:
+    """The keys among the requests' key hashes; the budgets in force of every owner the
+    requests may be held by (rows by owner id, each with its open period); the tags' owner
+    ids by name. The periods' money goes into `money`."""
+    hashes = tuple({req.key_hash for req in reqs})
+    keys: dict[str, KeyContext] = {}
+    for r in conn.execute(_SQLITE_KEYS.format(_in(len(hashes))), hashes):
+        keys[r[6]] = KeyContext(
+            id=r[0],
+            alias=r[1],
+            key_prefix=r[2],
+            status=r[3],
+            models=json.loads(r[4]) if r[4] else [],
+            expires_at=_sqlite_parse(r[5]),
+            budgets=[],
+            shrink_to_fit=None if r[7] is None else bool(r[7]),
+            team_id=r[8],
+            user_id=r[9],
         )
-        for r in periods:
-            money[r[8]] = _sqlite_state((r[6], r[8], r[9], r[10], r[11], r[12], r[13]))
-    return keys
+    tags = tuple({t for req in reqs for t in req.tags})
+    tag_ids = dict(conn.execute(_SQLITE_TAGS.format(_in(len(tags))), tags)) if tags else {}
+    owners = {o for k in keys.values() for o in (k.id, k.team_id, k.user_id) if o is not None}
+    owners |= {req.end_user_id for req in reqs if req.end_user_id is not None}
+    owners |= set(tag_ids.values())
+    ids = tuple(owners)
+    budgets_of: dict[str, list[Any]] = {}
+    for r in conn.execute(_SQLITE_BUDGETS.format(_in(len(ids))), ids) if ids else ():
+        budgets_of.setdefault(r[0], []).append(r)
+        if r[8] is not None:
+            money[r[8]] = PeriodState(
+                budget_id=r[1],
+                period_id=r[8],
+                period_start=_sqlite_parse(r[9]) or datetime.min.replace(tzinfo=UTC),
+                period_end=_sqlite_parse(r[10]),
+                max_budget=r[11],
+                spend=r[12],
+                reserved=r[13],
+                unit=r[3],
+                owner_kind=r[6],
+                owner_name=r[7],
+                window=r[5],
+            )
+    for key_hash, key in keys.items():
+        own = sorted(
+            (r for r in budgets_of.get(key.id, ()) if r[8] is not None), key=lambda r: r[8]
+        )
+        keys[key_hash] = replace(
+            key,
+            budgets=[BudgetRef(r[1], r[2], r[8], _sqlite_parse(r[10])) for r in own],
+        )
+    return keys, budgets_of, tag_ids
 
 
 def _sqlite_settle(
     conn: sqlite3.Connection, steps: list[tuple[RequestInfo, Outcome, datetime]]
 ) -> list[list[PeriodState] | None]:
-    """Settle requests: their reservations go, their costs are charged, each period written
-    once; every request gets its periods' state after the batch. None: nothing to settle (the
-    sweeper released it already)."""
+    """Settle requests: their reservations go, each period is charged in its unit (unit_charge)
+    and written once; every request gets its periods' state after the batch. None: nothing to
+    settle (the sweeper released it already)."""
     ids = json.dumps([req.request_id for req, _, _ in steps])
     held: dict[str, list[tuple[int, int]]] = {}
     for request_id, period_id, amount in conn.execute(_SQLITE_RELEASE, (ids,)).fetchall():
         held.setdefault(request_id, []).append((period_id, amount))
+    periods = json.dumps(sorted({p for mine in held.values() for p, _ in mine}))
+    units: dict[int, str] = dict(conn.execute(_SQLITE_UNITS, (periods,)).fetchall())
     released: dict[int, int] = {}  # period id -> reservations released
-    charged: dict[int, int] = {}  # period id -> cost charged
+    charged: dict[int, int] = {}  # period id -> charged, in its unit
     entries: list[tuple[Any, ...]] = []
     charges: list[tuple[str, int, int]] = []
     settled: list[list[int] | None] = []
@@ -206,27 +292,24 @@ def _sqlite_settle(
             settled.append(None)
             continue
         for period_id, amount in mine:
+            charge = unit_charge(units[period_id], result.cost, result.tokens, amount)
             released[period_id] = released.get(period_id, 0) + amount
-            charged[period_id] = charged.get(period_id, 0) + result.cost
-            charges.append((req.request_id, period_id, result.cost))
-        # The same amount is held in each period: the overrun is over that reservation (SPEC
-        # 10), from what the ledger held, whatever the caller believes it reserved.
-        overrun = max(result.cost - min(amount for _, amount in mine), 0)
+            charged[period_id] = charged.get(period_id, 0) + charge
+            charges.append((req.request_id, period_id, charge))
         entries.append(
             (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
             + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
             + (result.outcome, result.status_code, _sqlite_time(req.started_at))
-            + (_sqlite_time(now), overrun)
+            + (_sqlite_time(now), overrun_of(result.cost, [(units[p], a) for p, a in mine]))
+            + _entry_scopes(req, req)
         )
         settled.append(sorted(period_id for period_id, _ in mine))
-    states = {
-        period_id: _sqlite_state(
-            conn.execute(
-                _SQLITE_SETTLE_PERIOD, (released[period_id], charged[period_id], period_id)
-            ).fetchone()
-        )
-        for period_id in sorted(released)
-    }
+    states = {}
+    for period_id in sorted(released):
+        row = conn.execute(
+            _SQLITE_SETTLE_PERIOD, (released[period_id], charged[period_id], period_id)
+        ).fetchone()
+        states[period_id] = replace(_sqlite_state(row), unit=units[period_id])
     if entries:
         conn.executemany(_SQLITE_INSERT_ENTRY, entries)
         conn.executemany(
@@ -248,6 +331,7 @@ class SqliteHotLedger:
         self._checkpoint: asyncio.Task[None] | None = None
         self._queue: list[_SqliteStep] = []
         self._flush_pending = False
+        self._observers: list[BatchObserver] = []
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -280,8 +364,7 @@ class SqliteHotLedger:
 
     def _run_checkpoint(self) -> None:
         # RESTART, not PASSIVE: under steady writes a passive checkpoint never catches up with
-        # the end of the WAL, which then grows without bound (seen: 6.8 GB after 100k
-        # requests, throughput falling). RESTART holds writers off while it copies (our
+        # the end of the WAL, which then grows without bound (and throughput falls with it). RESTART holds writers off while it copies (our
         # transactions see SQLITE_BUSY and retry after an asyncio.sleep) and lets the next
         # writer start the WAL over. Its own short-lived connection, in a thread.
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -293,14 +376,23 @@ class SqliteHotLedger:
         finally:
             conn.close()
 
-    def _submit(self, fn: Any, args: Any) -> asyncio.Future[Any]:
+    @property
+    def queued_steps(self) -> int:
+        return len(self._queue)
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
+
+    def submit(self, fn: Any, args: Any) -> asyncio.Future[Any]:
+        """Run `fn(connection, [args, ...])` in the next batch's transaction, together with the
+        other steps of the same `fn`; the future has its result once committed (admit and
+        settle are the two such steps)."""
         loop = asyncio.get_running_loop()
         step = _SqliteStep(fn, args, loop.create_future(), loop.time() + self.BUSY_GIVE_UP_SECONDS)
         self._queue.append(step)
         if not self._flush_pending:
             # One loop turn later: the steps of the callbacks ready in this turn and of those
-            # the next turn's I/O wakes join the batch (wrk -c32: 16 steps per transaction
-            # instead of 10.5, -6 % CPU per request; nothing measurable at one connection).
+            # the next turn's I/O wakes join the batch (fuller batches, less CPU per request).
             self._flush_pending = True
             loop.call_soon(loop.call_soon, self._flush)
         return step.future
@@ -312,6 +404,8 @@ class SqliteHotLedger:
         self._queue = []
         if not batch:
             return
+        for observe in self._observers:
+            observe([_KINDS.get(step.fn, "other") for step in batch])
         try:
             results = self._run_batch(batch)
         except sqlite3.OperationalError as exc:
@@ -395,13 +489,13 @@ class SqliteHotLedger:
             if not step.future.done():
                 step.future.set_exception(exc)
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
-        return await self._submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
+        return await self.submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
     ) -> asyncio.Future[list[PeriodState] | None]:
-        return self._submit(_sqlite_settle, (req, result, now))
+        return self.submit(_sqlite_settle, (req, result, now))
 
     async def close(self) -> None:
         if self._queue:
@@ -411,3 +505,6 @@ class SqliteHotLedger:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+_KINDS = {_sqlite_admit: "admit", _sqlite_settle: "settle"}

@@ -1,10 +1,9 @@
 """The budget SQL besides reserve and settle: roll, reset, sweep, open periods, read periods.
 
-The request path's reserve and settle live in app.budgets.hotpath (`HotLedger.admit`:
-authenticate + reserve all or none, or record the rejection; `HotLedger.settle`), on the
-database drivers. This module keeps the types they share (RequestInfo, Outcome, Admission,
-ConcurrentChange) and, on SQLAlchemy, what rolls (the scheduler's, and `roll_periods` for the
-periods an admission found expired), resets, the admin API and the sweeper need.
+The request path's reserve and settle are the hot ledger's (app.ledger.contract), on the
+database drivers. This module holds, on SQLAlchemy, what rolls (the scheduler's, and
+`roll_periods` for the periods an admission found expired), resets, the admin API and the
+sweeper need.
 
 Every decision is a conditional UPDATE evaluated by the database, inside one short
 transaction. PostgreSQL serialises concurrent writers on the period row (row lock +
@@ -14,7 +13,6 @@ Lock order, to stay free of deadlocks: budget row, then period rows by ascending
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,8 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.budgets.periods import parse_duration
 from app.budgets.schedule import Schedule
-from app.budgets.state import PeriodState
+from app.budgets.state import PeriodState, unit_charge
 from app.clock import Clock
+from app.ledger.contract import ConcurrentChange, Outcome, RequestInfo
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
@@ -43,41 +42,6 @@ _PERIOD_COLS = (
     P.c.spend,
     P.c.reserved,
 )
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What the ledger records about a request, known at admission."""
-
-    request_id: str
-    key_id: str
-    model: str | None
-    endpoint: str
-    stream: bool
-    started_at: datetime
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a request ended, known at settlement."""
-
-    outcome: str  # ok | upstream_error | client_disconnect | timeout
-    cost: int
-    cost_source: str  # upstream | prices | estimated | free | reservation | none
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    status_code: int | None = None
-
-
-@dataclass(frozen=True)
-class Admission:
-    admitted: bool
-    periods: list[PeriodState]  # after the reservation; on rejection, the period that refused
-    amount: int  # admitted: what is held (less than asked when shrunk to fit); else what was asked
-
-
-class ConcurrentChange(RuntimeError):
-    """A period kept changing under us; callers treat it as a transient ledger failure."""
 
 
 def schedule_of(row: Row[Any]) -> Schedule:
@@ -111,8 +75,10 @@ class BudgetRepository:
         req: RequestInfo,
         result: Outcome,
         now: datetime,
-        period_ids: list[int] | None = None,
+        charges: dict[int, int] | None = None,
     ) -> None:
+        """The request's ledger entry, and what it charged each period (period id -> amount,
+        in the period's unit)."""
         await conn.execute(
             insert(L).values(
                 request_id=req.request_id,
@@ -130,12 +96,12 @@ class BudgetRepository:
                 finished_at=now,
             )
         )
-        if period_ids:
+        if charges:
             await conn.execute(
                 insert(C),
                 [
-                    {"request_id": req.request_id, "period_id": pid, "amount": result.cost}
-                    for pid in period_ids
+                    {"request_id": req.request_id, "period_id": pid, "amount": amount}
+                    for pid, amount in charges.items()
                 ],
             )
 
@@ -352,13 +318,29 @@ class BudgetRepository:
                 ).all()
                 if not rows:
                     continue
-                # (the same amount is held in each of the request's periods)
-                cost = min(r.amount for r in rows)
+                units = dict(
+                    (
+                        await conn.execute(
+                            select(P.c.id, B.c.unit)
+                            .join(B, B.c.id == P.c.budget_id)
+                            .where(P.c.id.in_([r.period_id for r in rows]))
+                        )
+                    ).all()
+                )
+                holds = [(units[r.period_id], r.amount) for r in rows]
+                # (the same dollars are held in each of the request's dollar periods)
+                cost = min((a for unit, a in holds if unit == "usd"), default=0)
+                charges = {
+                    r.period_id: unit_charge(units[r.period_id], cost, None, r.amount) for r in rows
+                }
                 for r in sorted(rows, key=lambda r: r.period_id):
                     await conn.execute(
                         update(P)
                         .where(P.c.id == r.period_id)
-                        .values(reserved=P.c.reserved - r.amount, spend=P.c.spend + cost)
+                        .values(
+                            reserved=P.c.reserved - r.amount,
+                            spend=P.c.spend + charges[r.period_id],
+                        )
                     )
                 first = rows[0]
                 req = RequestInfo(
@@ -370,11 +352,7 @@ class BudgetRepository:
                     first.started_at,
                 )
                 await self._insert_entry(
-                    conn,
-                    req,
-                    Outcome("abandoned", cost, "reservation"),
-                    now,
-                    [r.period_id for r in rows],
+                    conn, req, Outcome("abandoned", cost, "reservation"), now, charges
                 )
                 swept += 1
         return swept

@@ -1,4 +1,4 @@
-"""The hot ledger on PostgreSQL (the contract: app/budgets/hotpath.py).
+"""The hot ledger on PostgreSQL (the contract: app/ledger/contract.py).
 
 PostgreSQL: the steps arriving while a batch runs make the next batch, whatever their keys
 (PostgresHotLedger). A batch's settles, then its admits, are each ONE statement over arrays
@@ -15,124 +15,165 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult
-from app.budgets.repository import Admission, Outcome, RequestInfo
-from app.budgets.state import BudgetRef, PeriodState
-from app.keys.repository import KeyContext
+from app.budgets.state import BudgetRef, PeriodState, refusing
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    BatchObserver,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 # One statement admits a batch of requests, of any keys (parameters: one array per column of the
 # steps: key hash, request id, amount, now, model, endpoint, stream, started at, reservation
-# expiry, min amount): each key, the open periods of them all locked in ascending id order, and
-# per key the verdict as if its steps came one by one, each on what the ones before it left.
-# Exactly, in one pass, in the cases that are nearly always the case: every step of the key
-# fits in turn (all are reserved, each period written once), the key's only step fits shrunk
-# to its periods' room (AdmitRequest.min_amount), or none fits even alone, even shrunk (all are
-# rejected; nothing the batch does changes that). Otherwise nothing is written for that key and its
-# `decided` is false: the caller runs its steps again one at a time (a batch of one is always
-# decided). Keys do not share periods, so each key's verdict is its own. The verdict reads the
-# locked rows' latest committed values (READ COMMITTED re-reads rows it had to wait for), and
-# the locks are held until the statement's implicit transaction commits. Rows: per step of a
-# known key (in order) the key and each of its periods, after the batch.
+# expiry, min amount, tokens, end user id, tags as a JSON list): each key; every budget that
+# applies to each step (its key's, its team's, its user's, its end user's, its tags', narrowed
+# to its model); their open periods locked in ascending id order; and the verdict as if the
+# steps came one by one, each on what the ones before it left. Exactly, in one pass, in the
+# cases that are nearly always the case: a step that does not fit even alone (even shrunk) is
+# rejected whatever comes before it; a step whose periods are all "clean" (every step on them
+# fits in turn: running sums per period, in step order; keys of one team share its periods) is
+# reserved, each period written once; the only step left is always decided (shrunk to fit
+# when it may: AdmitRequest.min_amount). For the other steps nothing is written and `decided`
+# is false: the caller runs them again one at a time, after this batch (any order of steps
+# that arrived together is an order they could have come in). The verdict reads the locked rows' latest committed values
+# (READ COMMITTED re-reads rows it had to wait for), and the locks are held until the
+# statement's implicit transaction commits. What a step holds in a period is its unit's amount
+# (unit_amount: dollars, tokens, one request). Rows: per step of a known key (in order) the key
+# and each of its periods, after the batch.
 _PG_ADMIT = """
 WITH a AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[],
                          $6::text[], $7::boolean[], $8::timestamptz[], $9::timestamptz[],
-                         $10::bigint[])
+                         $10::bigint[], $11::bigint[], $12::text[], $13::text[])
         WITH ORDINALITY AS a(key_hash, request_id, amount, now, model, endpoint, stream,
-                             started_at, expires_at, min_amount, n)
+                             started_at, expires_at, min_amount, tokens, end_user_id, tags, n)
 ), k AS (
-    SELECT id, key_hash, alias, key_prefix, status, models, expires_at, shrink_to_fit
+    SELECT id, key_hash, alias, key_prefix, status, models, expires_at, shrink_to_fit, team_id,
+           user_id
     FROM api_keys WHERE key_hash = ANY($1::text[])
+), steps AS (
+    -- may the key make this request (key_refusal: status, expiry, model)
+    SELECT a.*, k.id AS key_id, k.team_id, k.user_id,
+           coalesce(k.status = 'active' AND (k.expires_at IS NULL OR k.expires_at > a.now)
+                    AND (a.model IS NULL OR json_array_length(k.models) = 0
+                         OR k.models::jsonb ? a.model), false) AS key_ok
+    FROM a JOIN k ON k.key_hash = a.key_hash
+), owner AS (
+    -- who each step may be held by (a refused key's own budgets too: its answer's headers)
+    SELECT n, key_id AS owner_id FROM steps
+    UNION ALL SELECT n, team_id FROM steps WHERE key_ok AND team_id IS NOT NULL
+    UNION ALL SELECT n, user_id FROM steps WHERE key_ok AND user_id IS NOT NULL
+    UNION ALL SELECT n, end_user_id FROM steps WHERE key_ok AND end_user_id IS NOT NULL
+    UNION ALL
+    SELECT s.n, o.id FROM steps s CROSS JOIN LATERAL json_array_elements_text(s.tags::json) t
+    JOIN owners o ON o.kind = 'tag' AND o.scope = '' AND o.name = t AND o.deleted_at IS NULL
+    WHERE s.key_ok
+), sb AS (
+    -- each step's budgets in force that apply to its model (applies_to)
+    SELECT o.n, b.id AS budget_id, b.kind, b.unit, b.owner_kind, b.owner_id, b.budget_duration,
+           CASE b.unit WHEN 'usd' THEN s.amount WHEN 'tokens' THEN s.tokens ELSE 1 END AS amt,
+           CASE WHEN b.unit = 'usd' THEN least(s.amount, coalesce(s.min_amount, s.amount))
+                WHEN b.unit = 'tokens' THEN s.tokens ELSE 1 END AS least_amt
+    FROM owner o JOIN steps s ON s.n = o.n JOIN budgets b ON b.owner_id = o.owner_id
+    WHERE b.retired_at IS NULL
+      AND (b.models IS NULL OR s.model IS NULL OR b.models::jsonb ? s.model)
 ), per AS (
-    SELECT p.id, p.budget_id, b.key_id, b.kind, p.period_start, p.period_end, p.max_budget,
-           p.spend, p.reserved
-    FROM budget_periods p JOIN budgets b ON b.id = p.budget_id
-    WHERE b.key_id IN (SELECT id FROM k) AND p.closed_at IS NULL
+    SELECT p.id, p.budget_id, p.period_start, p.period_end, p.max_budget, p.spend, p.reserved
+    FROM budget_periods p
+    WHERE p.budget_id IN (SELECT budget_id FROM sb) AND p.closed_at IS NULL
     ORDER BY p.id
     FOR UPDATE OF p
-), steps AS (
-    -- may the key make this request (status, expiry, model); what the batch holds with it
-    SELECT a.*, k.id AS key_id, ok.key_ok,
-           sum(CASE WHEN ok.key_ok THEN a.amount ELSE 0 END)
-               OVER (PARTITION BY k.id ORDER BY a.n) AS upto
-    FROM a JOIN k ON k.key_hash = a.key_hash CROSS JOIN LATERAL (
-        SELECT coalesce(k.status = 'active' AND (k.expires_at IS NULL OR k.expires_at > a.now)
-                        AND (a.model IS NULL OR json_array_length(k.models) = 0
-                             OR k.models::jsonb ? a.model), false) AS key_ok
-    ) ok
+), sp AS (
+    -- step x period; the one comparison (PeriodState.fits) alone, with the least it may hold
+    SELECT sb.*, per.id, per.period_start, per.period_end, per.max_budget, per.spend,
+           per.reserved,
+           per.max_budget IS NULL OR (per.spend + per.reserved < per.max_budget
+                                      AND per.spend + per.reserved + sb.least_amt
+                                          <= per.max_budget) AS alone
+    FROM sb JOIN per ON per.budget_id = sb.budget_id
 ), judged AS (
-    -- the one comparison (PeriodState.fits): in turn, and alone with the least amount the
-    -- step may hold (its min_amount when it may shrink to fit); the room of its periods
-    SELECT s.n, s.key_id,
-           bool_and(p.max_budget IS NULL
-                    OR (p.spend + p.reserved + s.upto - s.amount < p.max_budget
-                        AND p.spend + p.reserved + s.upto <= p.max_budget)) AS in_turn,
-           bool_and(p.max_budget IS NULL
-                    OR (p.spend + p.reserved < p.max_budget
-                        AND p.spend + p.reserved + least(s.amount, s.min_amount)
-                            <= p.max_budget)) AS alone,
-           min(p.max_budget - p.spend - p.reserved) AS room
-    FROM steps s JOIN per p ON p.key_id = s.key_id WHERE s.key_ok GROUP BY s.n, s.key_id
-), per_key AS (
-    SELECT key_id, count(*) AS periods,
-           bool_and(period_end IS NULL OR period_end > (SELECT max(now) FROM a)) AS unexpired
-    FROM per GROUP BY key_id
-), budgets_key AS (
-    SELECT key_id, count(*) AS budgets FROM budgets WHERE key_id IN (SELECT id FROM k)
-    GROUP BY key_id
-), judged_key AS (
-    SELECT key_id, bool_and(in_turn) AS fits, NOT bool_or(alone) AS none_fit,
-           -- the key's only step, in full or shrunk to fit
-           count(*) = 1 AND bool_and(alone) AS shrinks
-    FROM judged GROUP BY key_id
-), verdict AS (
-    SELECT k.id AS key_id,
-        -- every budget's open period, none expired: a period closed by a concurrent roll
-        -- while we waited for its lock drops out of `per` (its new one is not in our
-        -- snapshot), so the count tells us to look again
-        coalesce(pk.unexpired, true)
-            AND coalesce(pk.periods, 0) = coalesce(bk.budgets, 0) AS current,
-        coalesce(jk.fits, true) AS fits,
-        coalesce(jk.none_fit, false) AS none_fit,
-        coalesce(jk.shrinks, false) AS shrinks
-    FROM k LEFT JOIN per_key pk ON pk.key_id = k.id LEFT JOIN budgets_key bk ON bk.key_id = k.id
-         LEFT JOIN judged_key jk ON jk.key_id = k.id
+    -- current: every budget has its open period (one closed by a concurrent roll while we
+    -- waited for its lock drops out of `per`: look again), none expired; hopeless: no room
+    SELECT s.n,
+           coalesce((SELECT count(*) FROM sp WHERE sp.n = s.n), 0)
+               = coalesce((SELECT count(*) FROM sb WHERE sb.n = s.n), 0)
+           AND NOT EXISTS (SELECT 1 FROM sp WHERE sp.n = s.n AND sp.period_end IS NOT NULL
+                                                 AND sp.period_end <= s.now) AS current,
+           EXISTS (SELECT 1 FROM sp WHERE sp.n = s.n AND NOT sp.alone) AS hopeless
+    FROM steps s WHERE s.key_ok
+), run AS (
+    -- the steps that may hold, with running sums per period in step order: does each fit on
+    -- what the ones before it hold there?
+    SELECT sp.*,
+           sp.max_budget IS NULL
+           OR (sp.spend + sp.reserved + sum(sp.amt) OVER w - sp.amt < sp.max_budget
+               AND sp.spend + sp.reserved + sum(sp.amt) OVER w <= sp.max_budget) AS in_turn
+    FROM sp JOIN judged j ON j.n = sp.n WHERE j.current AND NOT j.hopeless
+    WINDOW w AS (PARTITION BY sp.id ORDER BY sp.n)
+), clean AS (
+    -- a period on which every step fits in turn: those of its steps admitted now hold no more
+    -- there than the sums that fit
+    SELECT id, bool_and(in_turn) AS clean FROM run GROUP BY id
+), fit AS (
+    SELECT r.n, bool_and(c.clean) AS fits,
+           min(CASE WHEN r.unit = 'usd' THEN r.max_budget - r.spend - r.reserved END) AS room
+    FROM run r JOIN clean c ON c.id = r.id GROUP BY r.n
+), batch AS (
+    SELECT count(*) AS eligible FROM fit
 ), taken AS (
-    -- each admitted step and what it holds: its amount, or what its periods have room for
-    SELECT s.n, s.key_id, CASE WHEN v.fits THEN s.amount ELSE least(s.amount, j.room) END AS amount
-    FROM steps s JOIN verdict v ON v.key_id = s.key_id LEFT JOIN judged j ON j.n = s.n
-    WHERE s.key_ok AND v.current AND (v.fits OR v.shrinks)
+    -- each admitted step and the dollars it holds: its amount, or (alone) shrunk to its room
+    SELECT f.n, CASE WHEN f.fits THEN s.amount ELSE least(s.amount, f.room) END AS amount
+    FROM fit f JOIN steps s ON s.n = f.n CROSS JOIN batch b
+    WHERE f.fits OR (b.eligible = 1 AND s.min_amount IS NOT NULL)
+), holds AS (
+    SELECT r.n, r.id AS period_id, CASE WHEN r.unit = 'usd' THEN t.amount ELSE r.amt END AS amount
+    FROM run r JOIN taken t ON t.n = r.n
 ), held AS (
-    SELECT key_id, sum(amount) AS amount FROM taken GROUP BY key_id
+    SELECT period_id, sum(amount) AS amount FROM holds GROUP BY period_id
 ), upd AS (
     UPDATE budget_periods p
     SET reserved = p.reserved + h.amount
-    FROM per, held h
-    WHERE p.id = per.id AND h.key_id = per.key_id
+    FROM held h
+    WHERE p.id = h.period_id
     RETURNING p.id, p.reserved
 ), res AS (
     INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
                               started_at, expires_at)
-    SELECT s.request_id, upd.id, t.amount, s.key_id, s.model, s.endpoint, s.stream,
+    SELECT s.request_id, h.period_id, h.amount, s.key_id, s.model, s.endpoint, s.stream,
            s.started_at, s.expires_at
-    FROM taken t JOIN steps s ON s.n = t.n JOIN per ON per.key_id = s.key_id
-         JOIN upd ON upd.id = per.id
+    FROM holds h JOIN steps s ON s.n = h.n
 ), rej AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
-                                outcome, status_code, started_at, finished_at)
+                                outcome, status_code, started_at, finished_at, team_id, user_id,
+                                end_user_id, tags)
     SELECT s.request_id, s.key_id, s.model, s.endpoint, s.stream, 0, 'none', 'rejected', 429,
-           s.started_at, s.now
-    FROM steps s JOIN verdict v ON v.key_id = s.key_id
-    WHERE s.key_ok AND v.current AND v.none_fit
+           s.started_at, s.now, s.team_id, s.user_id, s.end_user_id,
+           CASE WHEN s.tags = '[]' THEN NULL ELSE s.tags::json END
+    FROM steps s JOIN judged j ON j.n = s.n WHERE j.current AND j.hopeless
 )
 SELECT s.request_id, k.id AS key_id, k.alias, k.key_prefix, k.status, k.models, k.expires_at,
-       k.shrink_to_fit, per.id, per.budget_id, per.kind, per.period_start, per.period_end, per.max_budget,
-       per.spend, coalesce(upd.reserved, per.reserved) AS reserved,
-       s.key_ok, v.current, t.amount AS taken, v.fits OR v.shrinks OR v.none_fit AS decided
-FROM steps s JOIN k ON k.id = s.key_id JOIN verdict v ON v.key_id = s.key_id
-     LEFT JOIN per ON per.key_id = s.key_id LEFT JOIN upd ON upd.id = per.id
+       k.shrink_to_fit, k.team_id, k.user_id, sp.id, sp.budget_id, sp.kind, sp.unit,
+       sp.owner_kind, o.name AS owner_name, sp.budget_duration, sp.period_start, sp.period_end,
+       sp.max_budget, sp.spend, coalesce(upd.reserved, sp.reserved) AS reserved,
+       s.key_ok, coalesce(j.current, false) AS current, t.amount AS taken,
+       coalesce(j.hopeless OR f.fits OR b.eligible <= 1, false) AS decided
+FROM steps s JOIN k ON k.id = s.key_id CROSS JOIN batch b
+     LEFT JOIN judged j ON j.n = s.n
+     LEFT JOIN fit f ON f.n = s.n
+     LEFT JOIN sp ON sp.n = s.n
+     LEFT JOIN owners o ON o.id = sp.owner_id
+     LEFT JOIN upd ON upd.id = sp.id
      LEFT JOIN taken t ON t.n = s.n
-ORDER BY s.n, per.id
+ORDER BY s.n, sp.id
 """
 
 # One statement settles a batch (parameters: one array per column of the steps, in the order
@@ -142,19 +183,32 @@ ORDER BY s.n, per.id
 # settled request's periods after the batch.
 _PG_SETTLE = """
 WITH s AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                         $6::boolean[], $7::integer[], $8::integer[], $9::text[], $10::text[],
-                         $11::integer[], $12::timestamptz[], $13::timestamptz[])
+    SELECT *,
+           CASE WHEN prompt_tokens IS NULL AND completion_tokens IS NULL THEN NULL
+                ELSE coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) END AS tokens
+    FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                $6::boolean[], $7::integer[], $8::integer[], $9::text[], $10::text[],
+                $11::integer[], $12::timestamptz[], $13::timestamptz[], $14::text[],
+                $15::text[], $16::text[], $17::text[])
         AS s(request_id, cost, key_id, model, endpoint, stream, prompt_tokens,
-             completion_tokens, cost_source, outcome, status_code, started_at, finished_at)
+             completion_tokens, cost_source, outcome, status_code, started_at, finished_at,
+             team_id, user_id, end_user_id, tags)
 ), d AS (
     DELETE FROM reservations r USING s WHERE r.request_id = s.request_id
-    RETURNING r.request_id, r.period_id, r.amount, s.cost
+    RETURNING r.request_id, r.period_id, r.amount
+), dc AS (
+    -- what each period is charged, in its unit (unit_charge)
+    SELECT d.*, b.unit,
+           CASE b.unit WHEN 'usd' THEN s.cost WHEN 'tokens' THEN coalesce(s.tokens, d.amount)
+                       WHEN 'requests' THEN 1 ELSE 0 END AS charge
+    FROM d JOIN s ON s.request_id = d.request_id
+         JOIN budget_periods p ON p.id = d.period_id JOIN budgets b ON b.id = p.budget_id
 ), sums AS (
-    SELECT period_id, sum(amount) AS released, sum(cost) AS charged FROM d GROUP BY period_id
+    SELECT period_id, sum(amount) AS released, sum(charge) AS charged FROM dc GROUP BY period_id
 ), held AS (
-    -- what each request held (the same amount in each of its periods): its overrun's base
-    SELECT request_id, min(amount) AS amount FROM d GROUP BY request_id
+    -- what each request held in dollars (the same in each dollar period): its overrun's base
+    SELECT request_id, min(amount) FILTER (WHERE unit = 'usd') AS amount FROM dc
+    GROUP BY request_id
 ), lk AS (
     SELECT p.id FROM budget_periods p WHERE p.id IN (SELECT period_id FROM sums)
     ORDER BY p.id FOR UPDATE OF p
@@ -167,16 +221,19 @@ WITH s AS (
 ), e AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
                                 completion_tokens, cost, cost_source, outcome, status_code,
-                                started_at, finished_at, overrun)
+                                started_at, finished_at, overrun, team_id, user_id,
+                                end_user_id, tags)
     SELECT s.request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens,
            cost, cost_source, outcome, status_code, started_at, finished_at,
-           greatest(s.cost - held.amount, 0)
+           coalesce(greatest(s.cost - held.amount, 0), 0), team_id, user_id, end_user_id,
+           CASE WHEN s.tags = '[]' THEN NULL ELSE s.tags::json END
     FROM s JOIN held ON held.request_id = s.request_id
 ), c AS (
     INSERT INTO ledger_charges (request_id, period_id, amount)
-    SELECT request_id, period_id, cost FROM d
+    SELECT request_id, period_id, charge FROM dc
 )
-SELECT d.request_id, u.* FROM d JOIN u ON u.id = d.period_id ORDER BY d.request_id, u.id
+SELECT dc.request_id, dc.unit, u.* FROM dc JOIN u ON u.id = dc.period_id
+ORDER BY dc.request_id, u.id
 """
 
 
@@ -227,12 +284,11 @@ class PostgresHotLedger:
     (_PG_SETTLE), then its admits in another (_PG_ADMIT), one round trip and one WAL flush
     each. All steps of a key serialize on its period rows anyway (each holds their locks
     through its commit); batching shares that commit instead of queueing in PostgreSQL's lock
-    manager (bench, 32 connections on one key: ~560 -> ~1850 req/s), and a statement over the
-    whole batch writes each period once instead of once per step (PostgreSQL CPU per request
-    0.23-0.25 -> 0.14-0.15 ms; +19-22 % requests/s). Batching across keys, not per key: with
-    32 connections on 32 keys, per-key batches held one step each (~840 req/s, PostgreSQL CPU
-    1.0 ms and the gateway's 0.76 ms per request: a planned statement and a round trip per
-    step); one batch for all keys ~1900 req/s, 0.17 and 0.38 ms, as for one key.
+    manager, and a statement over the
+    whole batch writes each period once instead of once per step. Batching across keys, not
+    per key: with many connections on many keys, per-key batches would hold one step each (a
+    planned statement and a round trip per step); one batch for all keys costs per request
+    what one key's does (bench/RESULTS.md has the figures).
 
     Lock order: every statement locks the periods it touches in ascending id order. A step's
     error (a deadlock all the same, a duplicate request id) rolls its transaction back: those
@@ -249,6 +305,14 @@ class PostgresHotLedger:
         self._lock = asyncio.Lock()
         self._queue: list[_PgStep] | None = None  # while a batch runs: the steps for the next
         self._draining: asyncio.Task[None] | None = None
+        self._observers: list[BatchObserver] = []
+
+    @property
+    def queued_steps(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
 
     async def _acquire_pool(self) -> Any:
         if self._pool is None:
@@ -302,6 +366,8 @@ class PostgresHotLedger:
         """Run a batch: its settles (what they free is there for the admits), then its admits,
         each kind in one transaction of its own (one round trip each: on a busy event loop a
         round trip costs more than a commit)."""
+        for observe in self._observers:
+            observe(["admit" if s.query is _ADMIT else "settle" for s in batch])
         settles = [s for s in batch if s.query is _SETTLE]
         admits = [s for s in batch if s.query is _ADMIT]
         pool = await self._acquire_pool()
@@ -362,7 +428,7 @@ class PostgresHotLedger:
                         rows += await conn.fetch(query, *_columns([step]))
         return rows  # type: ignore[no-any-return]
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
         rows = await self._submit(
             _ADMIT,
             (
@@ -376,10 +442,13 @@ class PostgresHotLedger:
                 req.started_at,
                 req.expires_at,
                 req.min_amount,
+                req.tokens,
+                req.end_user_id,
+                json.dumps(sorted(set(req.tags))),
             ),
         )
         if not rows:
-            return AdmitResult(None, None, [])
+            return KeyRefused(None, "unknown")
         first = rows[0]
         periods = [r for r in rows if r["id"] is not None]
         key = KeyContext(
@@ -390,24 +459,30 @@ class PostgresHotLedger:
             models=json.loads(first["models"]) if first["models"] else [],
             expires_at=first["expires_at"],
             budgets=[
-                BudgetRef(r["budget_id"], r["kind"], r["id"], r["period_end"]) for r in periods
+                BudgetRef(r["budget_id"], r["kind"], r["id"], r["period_end"])
+                for r in periods
+                if r["owner_kind"] == "key"
             ],
             shrink_to_fit=first["shrink_to_fit"],
+            team_id=first["team_id"],
+            user_id=first["user_id"],
         )
-        if not first["key_ok"]:
-            return AdmitResult(key, None, [])
+        refusal = key_refusal(key, now, req.model)
+        if (refusal is None) != first["key_ok"]:  # the statement's key_ok is the same rule
+            raise RuntimeError(f"key {key.id}: the admission statement and key_refusal disagree")
+        if refusal is not None:
+            return KeyRefused(key, refusal)
         if not first["current"]:
             expired = [
                 (r["budget_id"], r["id"])
                 for r in periods
                 if r["period_end"] is not None and r["period_end"] <= now
             ]
-            return AdmitResult(key, None, expired, retry=not expired)
+            return PeriodsExpired(key, expired) if expired else PeriodsChanged(key)
         states = [PeriodState.from_row(r) for r in periods]
         if first["taken"] is None:
-            refused = next(s for s in states if not s.fits(req.least))
-            return AdmitResult(key, Admission(False, [refused], req.amount), [])
-        return AdmitResult(key, Admission(True, states, first["taken"]), [])
+            return Rejected(key, refusing(states, req.least, req.tokens), req.amount)
+        return Admitted(key, states, first["taken"])
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
@@ -426,6 +501,10 @@ class PostgresHotLedger:
             result.status_code,
             req.started_at,
             now,
+            req.team_id,
+            req.user_id,
+            req.end_user_id,
+            json.dumps(list(req.tags)),
         )
         return self._submit(_SETTLE, args, _settled_states)
 
