@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.proxy.routes import parse_extra_routes
@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     upstream_url: str = "http://127.0.0.1:4000"
     upstream_api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    # Signs in to the dashboard (/ui) read-only: no page that writes is served to it.
+    viewer_key: SecretStr | None = None
+    # A dashboard session ends this long after sign-in.
+    ui_session_minutes: float = Field(480.0, gt=0)
     key_mode: Literal["managed", "passthrough"] = "managed"
     prices_file: str | None = None
     unpriced_model: Literal["reject", "free"] = "reject"
@@ -94,6 +98,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "admin_key",
+        "viewer_key",
         "upstream_api_key",
         "prices_file",
         "alert_webhook_url",
@@ -106,6 +111,15 @@ class Settings(BaseSettings):
         """Blank is unset however the value arrives (environment, .env, code)."""
         secret = v.get_secret_value() if isinstance(v, SecretStr) else v
         return None if isinstance(secret, str) and not secret.strip() else v
+
+    @field_validator("viewer_key")
+    @classmethod
+    def _viewer_is_not_admin(cls, v: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """The read-only key must not open the admin API too."""
+        admin = info.data.get("admin_key")
+        if v is not None and admin is not None and v.get_secret_value() == admin.get_secret_value():
+            raise ValueError("must differ from BUDGETGATE_ADMIN_KEY (the viewer key is read-only)")
+        return v
 
     @field_validator("upstream_url")
     @classmethod

@@ -51,6 +51,7 @@ from app.proxy.upstream import UpstreamClient
 from app.scheduler import start_scheduler
 from app.server import MAX_HEAD_BYTES, head_too_large
 from app.tracing import create_tracer_provider, tracer_of
+from app.ui.mount import install_ui, is_ui_path
 
 log = logging.getLogger("budgetgate")
 
@@ -157,12 +158,15 @@ def create_app(
         # `curl -d '{...}'` sends form content-type: read admin bodies as JSON regardless.
         strict_content_type=False,
         max_body_size=settings.max_body_bytes,  # admin bodies too (413)
+        docs_url=None,  # /docs and /redoc: the dashboard's, from vendored assets (app/ui/docs.py)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.clock = clock
     install_error_handlers(app)
     app.include_router(admin_router)
     app.include_router(owners_router)
+    install_ui(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -262,7 +266,7 @@ LOCAL_PATHS = frozenset(
 
 
 def is_local(path: str) -> bool:
-    return path in LOCAL_PATHS or path == "/admin" or path.startswith("/admin/")
+    return path in LOCAL_PATHS or path == "/admin" or path.startswith("/admin/") or is_ui_path(path)
 
 
 class BudgetGateApp:

@@ -19,7 +19,7 @@ Fault injection via request headers: ``x-mock-delay-ms``, ``x-mock-first-byte-de
 that ends cleanly without ``[DONE]``, ``response.completed`` or ``message_stop``) (see
 ``_Faults``). Usage categories: ``x-mock-cached-tokens: N`` (N of the input read from the
 cache), ``x-mock-web-searches: N`` (N web searches: Responses ``web_search_call`` items,
-Anthropic ``server_tool_use``). ``GET /mock/stats`` shows the last request's headers and JSON body.
+Anthropic ``server_tool_use``). ``GET /mock/stats`` shows the last request's headers and JSON body, and the most requests answered at once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -317,7 +318,12 @@ def _streaming(body: AsyncIterator[bytes], faults: _Faults) -> Response:
 
 
 def create_mock_app() -> Starlette:
-    state: dict[str, Any] = {"requests": 0, "last_headers": {}}
+    state: dict[str, Any] = {
+        "requests": 0,
+        "last_headers": {},
+        "in_flight": 0,
+        "most_in_flight": 0,
+    }
     ids = itertools.count(1)
 
     def _next_id(prefix: str) -> str:
@@ -794,6 +800,8 @@ def create_mock_app() -> Starlette:
                 "requests": state["requests"],
                 "last_headers": state["last_headers"],
                 "last_body": state.get("last_body"),
+                "in_flight": state["in_flight"],
+                "most_in_flight": state["most_in_flight"],
             }
         )
 
@@ -801,6 +809,7 @@ def create_mock_app() -> Starlette:
         state["requests"] = 0
         state["last_headers"] = {}
         state["last_body"] = None
+        state["most_in_flight"] = state["in_flight"]
         return _json({"requests": 0})
 
     routes = [
@@ -818,9 +827,29 @@ def create_mock_app() -> Starlette:
         ]
     all_methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
     routes.append(Route("/{path:path}", echo, methods=all_methods))
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(_CountInFlight, state=state)])
     app.state.mock = state
     return app
+
+
+class _CountInFlight:
+    """Counts the requests being answered at once, from their start to their last byte (the
+    most at once is in /mock/stats: what a parallel-request limit lets through)."""
+
+    def __init__(self, app: Any, state: dict[str, Any]) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/mock/"):
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        state["in_flight"] += 1
+        state["most_in_flight"] = max(state["most_in_flight"], state["in_flight"])
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state["in_flight"] -= 1
 
 
 def _as_list(body: dict[str, Any], key: str) -> list[Any]:

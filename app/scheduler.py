@@ -5,11 +5,13 @@ make that safe."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.alerts.service import AlertService
 from app.ledger.periods import BudgetRepository
+from app.ledger.usage_rollup import roll_up_finished_days
 
 log = logging.getLogger("budgetgate.scheduler")
 
@@ -18,6 +20,7 @@ async def run_maintenance(budgets: BudgetRepository) -> tuple[int, int]:
     """One pass of both jobs; returns (periods rolled, reservations swept)."""
     rolled = await budgets.close_expired_periods()
     swept = await budgets.sweep_expired_reservations()
+    await budgets.compact_short_periods()
     if rolled or swept:
         log.info("maintenance: %d periods rolled, %d abandoned requests released", rolled, swept)
     return rolled, swept
@@ -34,8 +37,15 @@ async def run_alerts(alerts: AlertService) -> tuple[int, int]:
     return recorded, await alerts.deliver_due()
 
 
+async def run_usage_rollup(budgets: BudgetRepository) -> int:
+    """Roll up the ledger's finished days for the dashboard; returns the days rolled. A day is
+    final an hour past the reservation TTL after its end: no entry can arrive for it later."""
+    grace = budgets.ttl + timedelta(hours=1)
+    return await roll_up_finished_days(budgets.engine, budgets.clock.now(), grace)
+
+
 async def _safe_run(budgets: BudgetRepository, alerts: AlertService) -> None:
-    for job in (run_maintenance(budgets), run_alerts(alerts)):
+    for job in (run_maintenance(budgets), run_alerts(alerts), run_usage_rollup(budgets)):
         try:
             await job
         except Exception as exc:  # a database outage must not kill the scheduler

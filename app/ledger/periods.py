@@ -13,10 +13,10 @@ Lock order, to stay free of deadlocks: budget row, then period rows by ascending
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, delete, insert, literal, or_, select, update
+from sqlalchemy import Table, and_, delete, func, insert, literal, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -25,13 +25,21 @@ from app.budgets.schedule import Schedule
 from app.budgets.state import PeriodState, unit_charge
 from app.clock import Clock
 from app.ledger.contract import ConcurrentChange, Outcome, RequestInfo
-from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
+from app.models import Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 R: Table = Reservation.__table__  # type: ignore[assignment]
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
 C: Table = LedgerCharge.__table__  # type: ignore[assignment]
+
+A: Table = BudgetAlert.__table__  # type: ignore[assignment]
+# Windows shorter than a day: seconds, minutes (not months), hours.
+_SHORT_WINDOW = or_(
+    B.c.budget_duration.like("%s"),
+    B.c.budget_duration.like("%h"),
+    and_(B.c.budget_duration.like("%m"), B.c.budget_duration.not_like("%mo")),
+)
 
 _PERIOD_COLS = (
     P.c.budget_id,
@@ -293,6 +301,80 @@ class BudgetRepository:
                 await self._roll(conn, budget_id, period_id, now)
                 rolled += 1
         return rolled
+
+    # -- compacting ------------------------------------------------------------------------
+
+    async def compact_short_periods(self, limit: int = 500) -> int:
+        """Merge the closed periods of windows shorter than a day (`30s`, `1m`, `1h`: rate
+        limits) into one closed period per budget and UTC day, once the day is over, so that
+        such a budget keeps a row a day, not one per minute. The merged period carries the sum
+        of their spend and of the limits they admitted under (peak_max_budget), and their
+        charges and alerts; a period still holding a reservation is left alone. Returns the
+        periods merged away."""
+        today = self.clock.now().astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        day = func.date(P.c.period_start)
+        async with self.engine.connect() as conn:
+            groups = (
+                await conn.execute(
+                    select(P.c.budget_id, day.label("day"))
+                    .join(B, B.c.id == P.c.budget_id)
+                    .where(
+                        _SHORT_WINDOW,
+                        P.c.closed_at.is_not(None),
+                        P.c.period_end <= today,
+                        P.c.close_reason != "compacted",
+                    )
+                    .group_by(P.c.budget_id, day)
+                    .having(func.count() > 1)
+                    .limit(limit)
+                )
+            ).all()
+            await conn.rollback()
+        merged = 0
+        for budget_id, group_day in groups:
+            async with self.engine.begin() as conn:
+                await self.lock_budget(conn, budget_id)
+                rows = (
+                    await conn.execute(
+                        select(P)
+                        .where(
+                            P.c.budget_id == budget_id,
+                            day == group_day,
+                            P.c.closed_at.is_not(None),
+                            P.c.period_end <= today,
+                            P.c.close_reason != "compacted",
+                            P.c.reserved == 0,
+                        )
+                        .order_by(P.c.id)
+                        .with_for_update()
+                    )
+                ).all()
+                if len(rows) < 2:
+                    continue
+                limits = [r.peak_max_budget or r.max_budget for r in rows]
+                kept = (
+                    await conn.execute(
+                        insert(P)
+                        .values(
+                            budget_id=budget_id,
+                            period_start=rows[0].period_start,
+                            period_end=rows[-1].period_end,
+                            max_budget=rows[-1].max_budget,
+                            peak_max_budget=None if None in limits else sum(limits),
+                            spend=sum(r.spend for r in rows),
+                            reserved=0,
+                            closed_at=rows[-1].closed_at,
+                            close_reason="compacted",
+                        )
+                        .returning(P.c.id)
+                    )
+                ).scalar_one()
+                ids = [r.id for r in rows]
+                await conn.execute(update(C).where(C.c.period_id.in_(ids)).values(period_id=kept))
+                await conn.execute(update(A).where(A.c.period_id.in_(ids)).values(period_id=kept))
+                await conn.execute(delete(P).where(P.c.id.in_(ids)))
+                merged += len(ids)
+        return merged
 
     # -- sweeping --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from app.models.budget_period import BudgetPeriod
 from app.models.ledger_entry import LedgerCharge, LedgerEntry
 from app.models.owner import Owner
 from app.models.reservation import Reservation
+from app.models.usage_daily import UsageDailyByKey, UsageDailyByModel, UsageRollupDay
 
 __all__ = [
     "ApiKey",
@@ -17,4 +18,7 @@ __all__ = [
     "LedgerEntry",
     "Owner",
     "Reservation",
+    "UsageDailyByKey",
+    "UsageDailyByModel",
+    "UsageRollupDay",
 ]

@@ -31,6 +31,12 @@ from app.pricing.genai import (
 from app.pricing.pricers import Affine, Segmented
 
 
+def pricer_of(book: PriceBook, model: str) -> object:
+    profile = book.profile(model)
+    assert profile is not None, model
+    return profile.pricer
+
+
 def genai_nanos(
     model_ref: str, input_tokens: int, output_tokens: int, provider_id: str | None = None
 ) -> int:
@@ -338,7 +344,7 @@ def test_embeddings_found_via_openai_provider() -> None:
 
 def test_tiered_prices_match_genai() -> None:
     book = PriceBook()
-    pricer = book._pricer("gemini/gemini-2.5-pro")
+    pricer = pricer_of(book, "gemini/gemini-2.5-pro")
     assert isinstance(pricer, GenaiModelPricer)
     for i in (0, 1, 199_999, 200_000, 200_001, 1_000_000):
         for o in (0, 1, 50_000):
@@ -411,8 +417,8 @@ def test_compiled_prices_match_calc_price_for_every_bundled_model() -> None:
 
 def test_genai_pricers_are_compiled_not_delegated() -> None:
     book = PriceBook()
-    gpt = book._pricer("gpt-4o")
-    gemini = book._pricer("gemini/gemini-2.5-pro")
+    gpt = pricer_of(book, "gpt-4o")
+    gemini = pricer_of(book, "gemini/gemini-2.5-pro")
     assert isinstance(gpt, GenaiModelPricer) and isinstance(gpt._fixed, Affine)
     assert isinstance(gemini, GenaiModelPricer) and isinstance(gemini._fixed, Segmented)
 

@@ -180,3 +180,28 @@ async def test_a_monthly_owner_budget_is_enforced_again_after_each_reset(
     assert [p["spend"] for p in periods] == [3 * CENT] * 3 + [CENT]
     assert [p["closed_at"] is not None for p in periods] == [True] * 3 + [False]
     await assert_reconciled(gw)
+
+
+async def test_a_minute_window_keeps_a_row_a_day(gateway: Gateway) -> None:
+    """A `1m` budget's closed periods of a finished day are merged into one (SPEC 11: short
+    windows must not grow the ledger by a row per minute forever); spend and charges kept."""
+    gw = gateway
+    key = await gw.create_key(alias="k", max_budget=100)
+    per_minute = await budget(gw, "key", key["id"], 3, unit="requests", duration="1m")
+    for minute in range(30):
+        assert (await chat(gw, key["key"])).status_code == 200, minute
+        if minute % 3 == 0:
+            assert (await chat(gw, key["key"])).status_code == 200
+        gw.clock.advance(timedelta(minutes=1))
+        await gw.state.budgets.close_expired_periods()  # the scheduler's rolls, idle or not
+    gw.clock.advance(timedelta(days=1))
+    await gw.state.budgets.close_expired_periods()
+    before = await periods_of(gw, per_minute)
+    assert len(before) == 32 and sum(p["spend"] for p in before) == 40
+    assert await gw.state.budgets.compact_short_periods() == 31
+    after = await periods_of(gw, per_minute)
+    assert len(after) == 2  # the day's, merged, and the open one
+    assert sorted(p["spend"] for p in after) == [0, 40]
+    assert (await chat(gw, key["key"])).status_code == 200
+    await assert_reconciled(gw)
+    assert await gw.state.budgets.compact_short_periods() == 0  # nothing more to merge
