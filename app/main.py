@@ -8,6 +8,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -40,6 +41,7 @@ from app.ledger.periods import BudgetRepository
 from app.logs import configure_logging
 from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head
+from app.owners.end_users import ensure_end_user
 from app.owners.router import router as owners_router
 from app.owners.service import OwnerService
 from app.pricing.cost import CostCalculator
@@ -123,7 +125,17 @@ def create_app(
         app.state.alerts = alerts
         provider = tracer_provider or create_tracer_provider(settings)
         app.state.gateway = Gateway(
-            settings, clock, keys, budgets, hot, costs, upstream, alerts, tracer_of(provider)
+            settings,
+            clock,
+            keys,
+            budgets,
+            hot,
+            costs,
+            upstream,
+            alerts,
+            tracer_of(provider),
+            # End users are created on first sight, with their team's (or key's) template.
+            ensure_end_user=partial(ensure_end_user, engine, clock),
         )
         scheduler = (
             start_scheduler(budgets, alerts, settings.reset_interval_seconds)
