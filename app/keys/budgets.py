@@ -144,6 +144,20 @@ async def create_windows(
         )
 
 
+async def replace_windows(
+    conn: AsyncConnection,
+    budgets: BudgetRepository,
+    owner: BudgetOwner,
+    entries: list[BudgetEntry],
+    now: datetime,
+) -> None:
+    """PATCH of `budgets`: the owner's extra windows become `entries`. The old ones are retired
+    (history kept); the new ones start at 0 in their current periods."""
+    for budget_id in await repo.budget_ids(conn, owner.id, owner.kind, kinds=("window",)):
+        await retire_budget(conn, budgets, budget_id, now)
+    await create_windows(conn, budgets, owner, entries, now)
+
+
 async def update_budget(
     conn: AsyncConnection,
     budgets: BudgetRepository,

@@ -212,6 +212,9 @@ class KeyUpdate(BudgetUpdate):
     user_id: OwnerId = None
     max_parallel_requests: ParallelLimit = None
     end_user_budget: EndUserTemplate = None
+    # Either replaces every extra window with the two lists (the old ones retired).
+    budgets: list[BudgetEntry] | None = Field(default=None, max_length=20)
+    model_budgets: ModelBudgets | None = None
 
     _storable = field_validator("alias", "models", "metadata", "team_id", "user_id")(_storable)
     _expires = field_validator("expires_at")(BudgetSettings._anchor.__func__)  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from app.keys.budgets import (
     create_budget,
     create_windows,
     parallel_limit,
+    replace_windows,
     reset_budgets,
     set_parallel_limit,
     update_budget,
@@ -197,10 +198,12 @@ class KeyService:
             budget_id = await repo.primary_budget_id(conn, key_id)
             if budget_id is not None and changes.keys() & BUDGET_FIELDS:
                 await update_budget(conn, self.budgets, budget_id, changes, now)
+            owner = BudgetOwner("key", key_id)
             if "max_parallel_requests" in changes:
-                await set_parallel_limit(
-                    conn, self.budgets, BudgetOwner("key", key_id), body.max_parallel_requests, now
-                )
+                await set_parallel_limit(conn, self.budgets, owner, body.max_parallel_requests, now)
+            if body.budgets is not None or body.model_budgets is not None:
+                windows = (body.budgets or []) + (body.model_budgets or [])
+                await replace_windows(conn, self.budgets, owner, windows, now)
         return await self.get(key_id)
 
     async def revoke(self, key_id: str) -> KeyOut:

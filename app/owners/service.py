@@ -235,11 +235,7 @@ class OwnerService:
                 )
                 await owned.create_budget(conn, self.budgets, owner, "primary", settings, now)
         if body.budgets is not None:
-            for budget_id in await budget_sql.budget_ids(
-                conn, owner.id, owner.kind, kinds=("window",)
-            ):
-                await owned.retire_budget(conn, self.budgets, budget_id, now)
-            await owned.create_windows(conn, self.budgets, owner, body.budgets, now)
+            await owned.replace_windows(conn, self.budgets, owner, body.budgets, now)
         if "max_parallel_requests" in changes:
             await owned.set_parallel_limit(
                 conn, self.budgets, owner, changes["max_parallel_requests"], now

@@ -305,3 +305,23 @@ async def test_a_key_s_parallel_limit_is_not_a_window_and_survives_a_reset(
         json={"end_user_budget": [{"max_budget": 5, "unit": "tokens", "soft_budget": 0.5}]},
     )
     assert_openai_error(bad, 422, param="end_user_budget")
+
+
+async def test_patch_of_a_key_s_budgets_replaces_its_windows(gateway: Gateway) -> None:
+    key = await gateway.create_key(
+        alias="k", max_budget=1, budgets=[{"max_budget": 0.5, "budget_duration": "1d"}]
+    )
+    r = await gateway.admin(
+        "PATCH",
+        f"/admin/keys/{key['id']}",
+        json={
+            "budgets": [{"max_budget": 100, "unit": "requests", "budget_duration": "1h"}],
+            "model_budgets": [{"max_budget": 0.2, "models": ["bg-priced"]}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    shown = sorted((b["unit"], b["max_budget"], b["models"]) for b in r.json()["budgets"])
+    assert shown == [("requests", 100, None), ("usd", 0.2, ["bg-priced"])]
+    assert r.json()["max_budget"] == 1.0  # the key's own budget is not a window
+    r = await gateway.admin("PATCH", f"/admin/keys/{key['id']}", json={"budgets": []})
+    assert r.json()["budgets"] is None
