@@ -20,10 +20,20 @@ SERVED = {
     "budgetgate_ledger_seconds_bucket": {"step", "le"},
     "budgetgate_reservations_open": set(),
     "budgetgate_budget_remaining_dollars": {
-        "scope", "owner_id", "owner_name", "key_id", "alias", "window"
+        "scope",
+        "owner_id",
+        "owner_name",
+        "key_id",
+        "alias",
+        "window",
     },
     "budgetgate_budget_spend_dollars": {
-        "scope", "owner_id", "owner_name", "key_id", "alias", "window"
+        "scope",
+        "owner_id",
+        "owner_name",
+        "key_id",
+        "alias",
+        "window",
     },
 }
 
