@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from app.keys.service import dollars
+from app.kit.money import dollars
 from app.ledger.contract import Outcome
 from tests.budgets.helpers import admit
 from tests.conftest import Gateway
