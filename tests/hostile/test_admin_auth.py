@@ -65,23 +65,58 @@ def wrong_credentials(client_key: str) -> list[Headers]:
     return headers
 
 
-async def admin_operations(gw: Gateway, key_id: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(method, path with {key_id} filled in, request kwargs) for every /admin operation of
-    the served OpenAPI schema."""
+UNKNOWN_OWNER = "owner_unknown"
+# The owners' collections (SPEC 11) and a body that creates one of each.
+OWNER_BODIES: dict[str, dict[str, Any]] = {
+    "/admin/teams": {"alias": "intruder"},
+    "/admin/users": {"alias": "intruder"},
+    "/admin/tags": {"name": "intruder"},
+    "/admin/end-users": {"user": "intruder"},
+}
+
+
+async def create_owners(gw: Gateway, key_id: str) -> dict[str, str]:
+    """One owner of each kind (collection path -> id), for the control pass to act on."""
+    ids = {}
+    for collection, body in OWNER_BODIES.items():
+        owned = {field: "owned" for field in body} | (
+            {"key_id": key_id} if collection == "/admin/end-users" else {}
+        )
+        r = await gw.admin("POST", collection, json=owned)
+        assert r.status_code == 201, r.text
+        ids[collection] = r.json()["id"]
+    return ids
+
+
+async def admin_operations(
+    gw: Gateway, key_id: str, owners: dict[str, str] | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(method, path with {key_id} and {owner_id} filled in, request kwargs) for every /admin
+    operation of the served OpenAPI schema; deletions last (a deleted owner is not reset)."""
     r = await gw.client.get("/openapi.json")
     assert r.status_code == 200
     ops = []
     for path, methods in r.json()["paths"].items():
         if not path.startswith("/admin"):
             continue
+        collection = path.split("/{")[0]
         for method in methods:
             kwargs: dict[str, Any] = {}
             if method == "post" and path == "/admin/keys":
                 kwargs["json"] = {"alias": "intruder", "max_budget": 1}
+            elif method == "post" and path in OWNER_BODIES:
+                extra = {"key_id": key_id} if path == "/admin/end-users" else {}
+                kwargs["json"] = OWNER_BODIES[path] | extra
+            elif method == "patch" and collection in ("/admin/tags", "/admin/end-users"):
+                kwargs["json"] = {"max_budget": 0}
+            elif method == "patch" and collection in OWNER_BODIES:
+                kwargs["json"] = {"alias": "renamed", "max_budget": 0}
             elif method == "patch":
                 kwargs["json"] = {"alias": "intruder", "max_budget": 0}
-            ops.append((method.upper(), path.replace("{key_id}", key_id), kwargs))
-    return ops
+            owner_id = (owners or {}).get(collection, UNKNOWN_OWNER)
+            filled = path.replace("{key_id}", key_id).replace("{owner_id}", owner_id)
+            ops.append((method.upper(), filled, kwargs))
+    return sorted(ops, key=lambda op: op[0] == "DELETE")
 
 
 def served_routes(routes: list[Any]) -> list[Any]:
@@ -125,7 +160,10 @@ async def test_every_admin_route_refuses_a_wrong_or_missing_admin_key(gateway: G
         if r.path.startswith("/admin")
         for m in r.methods
     }
-    assert {(m, p.replace(key["id"], "{key_id}")) for m, p, _ in ops} == api_routes
+    assert {
+        (m, p.replace(key["id"], "{key_id}").replace(UNKNOWN_OWNER, "{owner_id}"))
+        for m, p, _ in ops
+    } == api_routes
     assert len(ops) >= 9
 
     before = await key_object(gateway, key["id"])
@@ -148,6 +186,7 @@ async def test_every_admin_route_refuses_a_wrong_or_missing_admin_key(gateway: G
     await assert_reconciled(gateway)
 
     # The control: the real key passes on every one of them (so the 401s above are the key's).
-    for method, path, kwargs in ops:
+    owners = await create_owners(gateway, key["id"])
+    for method, path, kwargs in await admin_operations(gateway, key["id"], owners):
         r = await gateway.admin(method, path, **kwargs)
         assert r.status_code < 300, (method, path, r.status_code, r.text)

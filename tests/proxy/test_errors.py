@@ -448,7 +448,7 @@ async def test_invalid_query_parameter_is_422(gateway: Gateway) -> None:
         ("/admin/ledger?limit=abc", "limit"),
         ("/admin/ledger?since=yesterday", "since"),
         ("/admin/ledger?cursor=bm90LWEtY3Vyc29y", "cursor"),
-        ("/admin/usage?group_by=team", "group_by"),
+        ("/admin/usage?group_by=project", "group_by"),
     ]:
         r = await gateway.admin("GET", path)
         assert_openai_error(r, 422, param=field, in_message=(field,))
