@@ -245,19 +245,8 @@ def _sqlite_read(
     for r in conn.execute(_SQLITE_BUDGETS.format(_in(len(ids))), ids) if ids else ():
         budgets_of.setdefault(r[0], []).append(r)
         if r[8] is not None:
-            money[r[8]] = PeriodState(
-                budget_id=r[1],
-                period_id=r[8],
-                period_start=_sqlite_parse(r[9]) or datetime.min.replace(tzinfo=UTC),
-                period_end=_sqlite_parse(r[10]),
-                max_budget=r[11],
-                spend=r[12],
-                reserved=r[13],
-                unit=r[3],
-                owner_kind=r[6],
-                owner_name=r[7],
-                window=r[5],
-            )
+            state = _sqlite_state((r[1], r[8], r[9], r[10], r[11], r[12], r[13]))
+            money[r[8]] = replace(state, unit=r[3], owner_kind=r[6], owner_name=r[7], window=r[5])
     for key_hash, key in keys.items():
         own = sorted(
             (r for r in budgets_of.get(key.id, ()) if r[8] is not None), key=lambda r: r[8]
