@@ -136,26 +136,19 @@ async def create_windows(
     owner: BudgetOwner,
     entries: list[BudgetEntry],
     now: datetime,
+    *,
+    replace: bool = False,
 ) -> None:
-    """Extra windows (and model budgets: windows narrowed to models)."""
+    """Extra windows (and model budgets: windows narrowed to models). `replace` (a PATCH of
+    `budgets`): the owner's current windows are retired first (history kept); the new ones
+    start at 0 in their current periods."""
+    if replace:
+        for budget_id in await repo.budget_ids(conn, owner.id, owner.kind, kinds=("window",)):
+            await retire_budget(conn, budgets, budget_id, now)
     for entry in entries:
         await create_budget(
             conn, budgets, owner, "window", entry, now, unit=entry.unit, models=entry.models
         )
-
-
-async def replace_windows(
-    conn: AsyncConnection,
-    budgets: BudgetRepository,
-    owner: BudgetOwner,
-    entries: list[BudgetEntry],
-    now: datetime,
-) -> None:
-    """PATCH of `budgets`: the owner's extra windows become `entries`. The old ones are retired
-    (history kept); the new ones start at 0 in their current periods."""
-    for budget_id in await repo.budget_ids(conn, owner.id, owner.kind, kinds=("window",)):
-        await retire_budget(conn, budgets, budget_id, now)
-    await create_windows(conn, budgets, owner, entries, now)
 
 
 async def update_budget(

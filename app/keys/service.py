@@ -21,7 +21,6 @@ from app.keys.budgets import (
     create_budget,
     create_windows,
     parallel_limit,
-    replace_windows,
     reset_budgets,
     set_parallel_limit,
     update_budget,
@@ -203,7 +202,7 @@ class KeyService:
                 await set_parallel_limit(conn, self.budgets, owner, body.max_parallel_requests, now)
             if body.budgets is not None or body.model_budgets is not None:
                 windows = (body.budgets or []) + (body.model_budgets or [])
-                await replace_windows(conn, self.budgets, owner, windows, now)
+                await create_windows(conn, self.budgets, owner, windows, now, replace=True)
         return await self.get(key_id)
 
     async def revoke(self, key_id: str) -> KeyOut:

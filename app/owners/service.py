@@ -235,7 +235,7 @@ class OwnerService:
                 )
                 await owned.create_budget(conn, self.budgets, owner, "primary", settings, now)
         if body.budgets is not None:
-            await owned.replace_windows(conn, self.budgets, owner, body.budgets, now)
+            await owned.create_windows(conn, self.budgets, owner, body.budgets, now, replace=True)
         if "max_parallel_requests" in changes:
             await owned.set_parallel_limit(
                 conn, self.budgets, owner, changes["max_parallel_requests"], now
