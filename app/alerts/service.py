@@ -93,6 +93,7 @@ EVENT_TYPES = {
 MAX_ATTEMPTS = 12  # backoff 2 s, 4 s, ... capped at 1 h: about 5 hours of retries
 CLAIM_SECONDS = 60  # a claimed alert is another replica's again after this (a crashed sender)
 POST_TIMEOUT_SECONDS = 10
+BACKGROUND_WAIT_SECONDS = 5  # what closing waits for the alerts still being recorded
 # A soft-budget crossing in a period that closed before the scheduler's next pass is still
 # alerted if the period closed this recently (older history is not: turning alerts on must not
 # replay it).
@@ -441,8 +442,13 @@ class AlertService:
             await conn.execute(update(A).where(A.c.id == alert_id).values(**values))
         return int(error is None)
 
-    async def close(self) -> None:
+    async def recorded_in_background(self) -> None:
+        """Wait (up to BACKGROUND_WAIT_SECONDS) for the exhaustion alerts being recorded and
+        sent in the background."""
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5)
+            await asyncio.wait(set(self._tasks), timeout=BACKGROUND_WAIT_SECONDS)
+
+    async def close(self) -> None:
+        await self.recorded_in_background()
         if self._session is not None:
             await self._session.close()

@@ -11,7 +11,7 @@ from app.clock import ManualClock
 from app.ledger import repository as ledger
 from app.ledger.contract import KeyContext
 from app.scheduler import run_alerts
-from tests.alerts.helpers import Receiver, alerts, until
+from tests.alerts.helpers import Receiver, alerts
 from tests.conftest import START, Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
@@ -75,7 +75,7 @@ async def test_a_team_budget_alerts_naming_the_team(gw: Gateway, receiver: Recei
         (await _open_period(gw, team["id"], "usd"))[0], usd_period, START, None, NANO, NANO, 0
     )
     alerts(gw).exhausted_soon(ctx, state)
-    await until(lambda: receiver.of("exhausted"))
+    await alerts(gw).recorded_in_background()
     (exhausted,) = receiver.of("exhausted")
     assert exhausted["scope"] == "team" and exhausted["owner_name"] == "research"
 
