@@ -103,3 +103,33 @@ async def test_concurrent_first_sight_on_several_processes_makes_one_end_user(
         assert owners == 1
         assert sorted(n for _, n in open_periods) == [1, 1]  # two budgets, one open period each
         assert (await ledger.reconcile(gw.state.engine)).ok
+
+
+async def test_the_unique_name_decides_between_two_open_transactions(postgres_url: str) -> None:
+    """The primitive under ensure_end_user: a second insert of the same (kind, scope, name),
+    started while the first transaction is open, inserts nothing -- whether it reaches the
+    database before the first commits (it then waits for it) or after."""
+    from app.owners.repository import find_owner, insert_owner_if_new
+
+    settings = make_settings(postgres_url, "http://upstream.invalid")
+    first, second = create_engine(settings), create_engine(settings)
+
+    def row(owner_id: str) -> dict:
+        return {"id": owner_id, "kind": "end_user", "scope": "key:k", "name": "same",
+                "metadata": {}, "created_at": START, "updated_at": START}  # fmt: skip
+
+    async def insert_second() -> bool:
+        async with second.begin() as conn:
+            return await insert_owner_if_new(conn, row("eu_second"))
+
+    try:
+        async with first.begin() as conn:
+            assert await insert_owner_if_new(conn, row("eu_first"))
+            racing = asyncio.create_task(insert_second())
+        assert await racing is False
+        async with second.connect() as conn:
+            found = await find_owner(conn, "end_user", "key:k", "same")
+        assert found is not None and found.id == "eu_first"
+    finally:
+        await first.dispose()
+        await second.dispose()
