@@ -152,7 +152,7 @@ async def test_a_team_budget_shared_by_ten_keys_admits_exactly_what_fits(
     await assert_reconciled(gw)
 
 
-@pytest.mark.parametrize("scope", ["team", "user", "tag"])
+@pytest.mark.parametrize("scope", ["team", "user", "end_user", "tag"])
 @pytest.mark.parametrize("rolled_by", ["request", "scheduler"])
 async def test_a_monthly_owner_budget_is_enforced_again_after_each_reset(
     gateway: Gateway, scope: str, rolled_by: str
@@ -161,16 +161,18 @@ async def test_a_monthly_owner_budget_is_enforced_again_after_each_reset(
     refused, then reset by a request or by the scheduler."""
     gw = gateway
     key = await gw.create_key(alias="k", max_budget=100)
-    owner_id = await owner(gw, scope, "o")
+    # (an end user of a key without a team is scoped to the key)
+    owner_id = await owner(gw, scope, "o", scope=f"key:{key['id']}" if scope == "end_user" else "")
     if scope in ("team", "user"):
         await join(gw, key["id"], **{f"{scope}_id": owner_id})
     monthly = await budget(gw, scope, owner_id, 0.03, duration="1mo", kind="primary")
-    headers = {"x_budget_tags": "o"} if scope == "tag" else {}
+    headers = {"tag": {"x_budget_tags": "o"}, "end_user": {"x_budget_end_user": "o"}}.get(scope, {})
     for month in range(3):
         for _ in range(3):
             assert (await chat(gw, key["key"], **headers)).status_code == 200, month
         refused = await chat(gw, key["key"], **headers)
-        assert refused.status_code == 429 and f"{scope} 'o'" in refused.json()["error"]["message"]
+        named = f"{scope.replace('_', ' ')} 'o'"
+        assert refused.status_code == 429 and named in refused.json()["error"]["message"]
         gw.clock.advance(timedelta(days=32))
         gw.clock.set(gw.clock.now().replace(day=1, hour=0, minute=0))
         if rolled_by == "scheduler":

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.clock import SystemClock
@@ -91,5 +92,48 @@ async def test_a_parallel_limit_is_exact_across_replicas(fleet: Fleet, ledger: A
         for r in results
         if r.status_code == 429
     )
+    done = fleet.reconcile()
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_an_end_user_budget_is_exact_across_replicas_from_its_first_sight(
+    fleet: Fleet, ledger: Any
+) -> None:
+    """200 requests of one new end user, from ten keys of its team, spread over three replicas
+    at once: one end user is created (one open period per template budget), and its budget
+    admits exactly what fits."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+        template = [{"max_budget": 0.37, "budget_duration": "1mo"}]
+        r = await fleet.admin(
+            client, "POST", "/admin/teams", json={"alias": "eu", "end_user_budget": template}
+        )
+        assert r.status_code == 201, r.text
+        team = r.json()
+        keys = [
+            await fleet.create_key(client, replica=i % 3, alias=f"e{i}", team_id=team["id"])
+            for i in range(10)
+        ]
+        results = await asyncio.gather(
+            *(
+                send(client, fleet, i, keys[i % 10]["key"], **{"x-budget-end-user": "cust-1"})
+                for i in range(200)
+            )
+        )
+        listed = await fleet.admin(
+            client, "GET", "/admin/end-users", params={"team_id": team["id"]}
+        )
+    statuses = [r.status_code for r in results]
+    assert statuses.count(200) == 37 and statuses.count(429) == 163, statuses
+    [end_user] = listed.json()["data"]
+    assert (end_user["user"], end_user["spend"], end_user["reserved"]) == ("cust-1", 0.37, 0)
+    async with ledger.state.engine.connect() as conn:
+        open_periods = await conn.execute(
+            text(
+                "SELECT count(*) FROM budget_periods p JOIN budgets b ON b.id = p.budget_id "
+                "WHERE b.owner_id = :o AND p.closed_at IS NULL"
+            ),
+            {"o": end_user["id"]},
+        )
+        assert open_periods.scalar_one() == 1
     done = fleet.reconcile()
     assert done.returncode == 0, done.stdout + done.stderr
