@@ -34,6 +34,7 @@ from app.errors import (
 )
 from app.keys.router import check_admin_key
 from app.keys.router import router as admin_router
+from app.keys.schemas import KeyOut
 from app.keys.service import KeyService
 from app.ledger import repository as ledger
 from app.ledger.contract import create_hot_ledger
@@ -43,6 +44,7 @@ from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head
 from app.owners.end_users import ensure_end_user
 from app.owners.router import router as owners_router
+from app.owners.schemas import OwnerOut
 from app.owners.service import OwnerService
 from app.pricing.cost import CostCalculator
 from app.pricing.prices import PriceBook
@@ -238,35 +240,50 @@ def create_app(
         },
     )
     async def my_budget(request: Request) -> JSONResponse:
-        """The calling key's budgets, spend, remaining and reset times."""
+        """Every budget that applies to the calling key's requests, whoever owns it: the key's
+        own, its team's and its user's (end users' and tags' depend on the request), each with
+        its spend, remaining and reset time."""
         keys: KeyService = request.app.state.key_service
+        owners: OwnerService = request.app.state.owner_service
         gateway: Gateway = request.app.state.gateway
         ctx = await gateway.authenticate(request)
         out = await keys.get(ctx.id)
-        primary = out.model_dump(
-            mode="json",
-            include={
-                "max_budget",
-                "budget_duration",
-                "soft_budget",
-                "budget_timezone",
-                "budget_anchor",
-                "spend",
-                "reserved",
-                "remaining",
-                "period_start",
-                "reset_at",
-            },
-        )
-        budgets = [primary] + [
-            b.model_dump(mode="json", exclude={"budget_id"}) for b in out.budgets or []
-        ]
+        budgets = _listed_budgets(out, "key", out.alias)
+        for kind, owner_id in (("team", out.team_id), ("user", out.user_id)):
+            if owner_id is not None:
+                found = await owners.get(kind, owner_id)
+                budgets += _listed_budgets(found, kind, getattr(found, "alias", None))
         return JSONResponse(
             {"key_prefix": out.key_prefix, "alias": out.alias, "budgets": budgets},
             headers=await gateway.headers_now(ctx, new_request_id()),
         )
 
     return BudgetGateApp(app)
+
+
+_FLAT_BUDGET = {
+    "max_budget",
+    "budget_duration",
+    "soft_budget",
+    "budget_timezone",
+    "budget_anchor",
+    "spend",
+    "reserved",
+    "remaining",
+    "period_start",
+    "reset_at",
+}
+
+
+def _listed_budgets(out: KeyOut | OwnerOut, scope: str, name: str | None) -> list[dict[str, Any]]:
+    """A key's or an owner's budgets as GET /v1/budget lists them: the primary (flat on the
+    object, absent when it has none) and the extra windows, each naming its owner."""
+    owner = {"scope": scope, "name": name}
+    listed = []
+    if out.period_start is not None:
+        listed.append(owner | out.model_dump(mode="json", include=_FLAT_BUDGET))
+    listed += [owner | b.model_dump(mode="json", exclude={"budget_id"}) for b in out.budgets or []]
+    return listed
 
 
 # The gateway's own routes (FastAPI); every other path is the proxy's, which forwards only what

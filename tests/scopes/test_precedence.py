@@ -207,3 +207,28 @@ async def test_a_minute_window_keeps_a_row_a_day(gateway: Gateway) -> None:
     assert (await chat(gw, key["key"])).status_code == 200
     await assert_reconciled(gw)
     assert await gw.state.budgets.compact_short_periods() == 0  # nothing more to merge
+
+
+async def test_v1_budget_lists_the_budgets_of_the_key_its_team_and_its_user(
+    gateway: Gateway,
+) -> None:
+    gw = gateway
+    team = (await gw.admin("POST", "/admin/teams", json={"alias": "ml", "max_budget": 5})).json()
+    user = (
+        await gw.admin(
+            "POST",
+            "/admin/users",
+            json={"alias": "ann", "max_budget": 2, "budget_duration": "1mo"},
+        )
+    ).json()
+    key = await gw.create_key(alias="k", max_budget=1, team_id=team["id"], user_id=user["id"])
+    assert (await chat(gw, key["key"])).status_code == 200
+    r = await gw.client.get("/v1/budget", headers={"authorization": f"Bearer {key['key']}"})
+    assert r.status_code == 200, r.text
+    listed = [(b["scope"], b["name"], b["max_budget"], b["spend"]) for b in r.json()["budgets"]]
+    assert listed == [
+        ("key", "k", 1.0, 0.01),
+        ("team", "ml", 5.0, 0.01),
+        ("user", "ann", 2.0, 0.01),
+    ]
+    assert r.json()["budgets"][2]["budget_duration"] == "1mo"
