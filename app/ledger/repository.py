@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Date, Select, Table, case, cast, func, literal_column, or_, select, true
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from app.errors import InvalidField
 from app.kit.cursors import decode_cursor, encode_cursor
@@ -119,13 +120,26 @@ async def list_entries(
     cursor: str | None,
 ) -> tuple[list[Any], str | None]:
     """Newest first, keyset-paginated on (finished_at, request_id)."""
-    q = select(L).order_by(L.c.finished_at.desc(), L.c.request_id.desc()).limit(limit + 1)
+    conditions: list[ColumnElement[bool]] = []
     if key_id is not None:
-        q = q.where(L.c.key_id == key_id)
-    if since is not None:
-        q = q.where(L.c.finished_at >= since)
-    if until is not None:
-        q = q.where(L.c.finished_at < until)
+        conditions.append(L.c.key_id == key_id)
+    return await entries_page(engine, finished_within(since, until) + conditions, limit, cursor)
+
+
+async def entries_page(
+    engine: AsyncEngine,
+    conditions: list[ColumnElement[bool]],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Any], str | None]:
+    """The entries that meet every condition, newest first, keyset-paginated on
+    (finished_at, request_id): a page and the cursor of the next one (None: the last page)."""
+    q = (
+        select(L)
+        .where(*conditions)
+        .order_by(L.c.finished_at.desc(), L.c.request_id.desc())
+        .limit(limit + 1)
+    )
     if cursor is not None:
         stamp, request_id = _entry_after(cursor)
         q = q.where(
@@ -141,6 +155,16 @@ async def list_entries(
         else None
     )
     return page, next_cursor
+
+
+def finished_within(since: datetime | None, until: datetime | None) -> list[ColumnElement[bool]]:
+    """Entries finished in [since, until) (None: no bound on that side)."""
+    conditions: list[ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(L.c.finished_at >= since)
+    if until is not None:
+        conditions.append(L.c.finished_at < until)
+    return conditions
 
 
 async def key_periods(engine: AsyncEngine, key_id: str, limit: int) -> list[Row[Any]] | None:
@@ -201,11 +225,7 @@ async def usage(
     if group_by in USAGE_COLUMNS:
         group = USAGE_COLUMNS[group_by]
     elif group_by == "tag":
-        if engine.dialect.name == "postgresql":
-            elements = func.json_array_elements_text(L.c.tags).table_valued("value")
-            tags = elements.render_derived(name="tag")
-        else:
-            tags = func.json_each(L.c.tags).table_valued("value").alias("tag")
+        tags = tag_values(engine.dialect.name)
         group = tags.c.value
     else:
         group = (
@@ -253,11 +273,22 @@ async def usage_total(engine: AsyncEngine, since: datetime | None, until: dateti
 
 
 def _within(q: Any, since: datetime | None, until: datetime | None) -> Any:
-    if since is not None:
-        q = q.where(L.c.finished_at >= since)
-    if until is not None:
-        q = q.where(L.c.finished_at < until)
-    return q
+    return q.where(*finished_within(since, until))
+
+
+def tag_values(dialect: str) -> Any:
+    """An entry's tags as a table of one column, `value` (one row a tag): what usage by tag
+    joins, and what finds the entries of one tag."""
+    if dialect == "postgresql":
+        elements = func.json_array_elements_text(L.c.tags).table_valued("value")
+        return elements.render_derived(name="tag")
+    return func.json_each(L.c.tags).table_valued("value").alias("tag")
+
+
+def tagged(dialect: str, tag: str) -> ColumnElement[bool]:
+    """The entries carrying this tag (their `tags` list holds it)."""
+    tags = tag_values(dialect)
+    return select(literal_column("1")).select_from(tags).where(tags.c.value == tag).exists()
 
 
 @dataclass(frozen=True)
