@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 from fastapi import Request
 
 from app.keys.service import KeyService
+from app.owners.service import OwnerService
 from app.ui.pages import signer_of
 from app.ui.session import COOKIE, Session
 
@@ -66,6 +67,10 @@ def safe_next(target: str | None) -> str:
 
 def keys_of(request: Request) -> KeyService:
     return request.app.state.key_service  # type: ignore[no-any-return]
+
+
+def owners_of(request: Request) -> OwnerService:
+    return request.app.state.owner_service  # type: ignore[no-any-return]
 
 
 def engine_of(request: Request) -> Any:

@@ -18,6 +18,14 @@ def money(nanos: int | None) -> str:
     return f"-${-cents:,}" if cents < 0 else f"${cents:,}"
 
 
+def amount(value: int | None, unit: str = "usd") -> str:
+    """An amount of a budget in its unit: dollars for usd (from nano-dollars), a count of
+    tokens or requests otherwise."""
+    if unit == "usd" or value is None:
+        return money(value)
+    return f"{value:,} {unit}"
+
+
 def dollars(nanos: int | None) -> str:
     """Exact dollars for machines (CSV, chart data): every nano-dollar kept."""
     if nanos is None:

@@ -25,6 +25,11 @@ def chart_dollars(nanos: int) -> float:
     return float(Decimal(nanos).scaleb(-9))
 
 
+def chart_amount(value: int, unit: str) -> float:
+    """An amount of a budget for a chart's axis: dollars for usd, the count otherwise."""
+    return chart_dollars(value) if unit == "usd" else float(value)
+
+
 @dataclass(frozen=True)
 class Overview:
     now: datetime

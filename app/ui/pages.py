@@ -18,6 +18,7 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters.update(
     money=fmt.money,
+    amount=fmt.amount,
     dollars=fmt.dollars,
     percent=fmt.percent,
     when=fmt.when,

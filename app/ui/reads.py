@@ -1,6 +1,7 @@
 """The dashboard's read queries: budget standings from the open periods, usage from the daily
-rollup plus the live tail of the ledger, key search and ledger search. Nothing here scans the
-ledger beyond the live tail (since the last rolled-up day) or an index range."""
+rollup plus the live tail of the ledger, key and owner search, ledger search and an owner's
+entries. Nothing here scans the ledger beyond the live tail (since the last rolled-up day) or
+an index range."""
 
 from __future__ import annotations
 
@@ -9,23 +10,36 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Date, Float, Table, case, cast, func, literal, or_, select, union_all
+from sqlalchemy import (
+    Date,
+    Float,
+    Select,
+    Table,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
-from app.errors import InvalidField
-from app.kit.cursors import InvalidCursor, decode_cursor, encode_cursor
+from app.ledger import repository as ledger
 from app.ledger.usage_rollup import _as_date, day_start, live_since
 from app.models import (
     ApiKey,
     Budget,
     BudgetPeriod,
     LedgerEntry,
+    Owner,
     UsageDailyByKey,
     UsageDailyByModel,
 )
 
 K: Table = ApiKey.__table__  # type: ignore[assignment]
+OWN: Table = Owner.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
@@ -38,11 +52,20 @@ GROUPS = ("key", "model", "day")
 # -- budget standings ------------------------------------------------------------------------
 
 
+def share_used(spend: int, reserved: int, max_budget: int | None) -> float | None:
+    """(spend + reserved) / max_budget; None for an unlimited budget, 1 for a zero one."""
+    if max_budget is None:
+        return None
+    if max_budget == 0:
+        return 1.0
+    return (spend + reserved) / max_budget
+
+
 @dataclass(frozen=True)
 class Standing:
     """One budget of one owner in its open period."""
 
-    scope: str
+    scope: str  # key, team, user, end_user or tag
     owner_id: str
     owner_name: str | None
     window: str  # the budget's duration, or "lifetime"
@@ -55,29 +78,22 @@ class Standing:
 
     @property
     def used(self) -> float | None:
-        """(spend + reserved) / max_budget; None for an unlimited budget."""
-        if self.max_budget is None:
-            return None
-        if self.max_budget == 0:
-            return 1.0
-        return (self.spend + self.reserved) / self.max_budget
+        return share_used(self.spend, self.reserved, self.max_budget)
 
 
 @dataclass
 class StandingsSummary:
     owners: int = 0
     budgets: int = 0
-    spend: int = 0  # the primary budgets' (each key's own), so no spend is counted twice
+    # Money over the keys' primary budgets only: every dollar is charged to exactly one key,
+    # and a key's extra windows, its team's, user's, end user's and tags' budgets count the
+    # same dollars again.
+    spend: int = 0
     reserved: int = 0
-    limit: int = 0  # the sum of the limited primary budgets' max_budget
+    limit: int = 0  # the sum of the limited keys' primary max_budget
     exhausted: int = 0  # budgets at or over their limit
     near: int = 0  # budgets at 80 % or more (exhausted ones included)
     top: list[Standing] = field(default_factory=list)
-
-
-# Budgets in dollars that still apply: a budget in tokens, requests or parallel requests is not
-# money, and a retired one applies to nothing (its history stays in the periods).
-_DOLLAR_BUDGETS = (B.c.unit == "usd", B.c.retired_at.is_(None))
 
 
 def _used_ratio() -> ColumnElement[Any]:
@@ -88,43 +104,56 @@ def _used_ratio() -> ColumnElement[Any]:
     )
 
 
-async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
-    """Active keys' budgets in their open periods: totals, and the `limit` nearest to their
-    limit (unlimited ones after, by spend). Reads the open periods only (one per budget)."""
-    ratio = _used_ratio()
-    base = (
-        select(
-            P.c.spend,
-            P.c.reserved,
-            P.c.max_budget,
-            K.c.id,
-            ratio.label("used"),
-            (B.c.kind == "primary").label("primary"),
-        )
+def _open_dollar_budgets(*columns: Any) -> Select[Any]:
+    """The open periods of the dollar budgets that still apply, of active keys and of owners
+    not deleted: one row per budget. A budget in tokens or requests is not money, and a
+    retired one applies to nothing (its history stays in the periods)."""
+    return (
+        select(*columns)
         .select_from(P)
         .join(B, B.c.id == P.c.budget_id)
-        .join(K, K.c.id == B.c.key_id)
-        .where(P.c.closed_at.is_(None), K.c.status == "active", *_DOLLAR_BUDGETS)
-    ).subquery()
-    # Money over the primary budgets only: a key's extra windows count the same spend again.
-    primary = base.c.primary
+        .outerjoin(K, (K.c.id == B.c.key_id) & (B.c.owner_kind == "key"))
+        .outerjoin(OWN, (OWN.c.id == B.c.owner_id) & (B.c.owner_kind != "key"))
+        .where(
+            P.c.closed_at.is_(None),
+            B.c.unit == "usd",
+            B.c.retired_at.is_(None),
+            or_(K.c.status == "active", OWN.c.id.is_not(None) & OWN.c.deleted_at.is_(None)),
+        )
+    )
 
-    def primary_sum(column: Any) -> Any:
-        return func.coalesce(func.sum(case((primary, column), else_=0)), 0)
+
+async def standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
+    """Every owner's dollar budgets in their open periods (keys, teams, users, end users,
+    tags): totals, and the `limit` nearest to their limit (unlimited ones after, by spend).
+    Two queries over the open periods (one row per budget), whatever the ledger's size."""
+    ratio = _used_ratio()
+    base = _open_dollar_budgets(
+        P.c.spend,
+        P.c.reserved,
+        P.c.max_budget,
+        B.c.owner_id,
+        ratio.label("used"),
+        ((B.c.kind == "primary") & (B.c.owner_kind == "key")).label("money"),
+    ).subquery()
+
+    def money_sum(column: Any) -> Any:
+        return func.coalesce(func.sum(case((base.c.money, column), else_=0)), 0)
 
     totals = select(
-        func.count(func.distinct(base.c.id)),
+        func.count(func.distinct(base.c.owner_id)),  # ids are unique across kinds (prefixed)
         func.count(),
-        primary_sum(base.c.spend),
-        primary_sum(base.c.reserved),
-        primary_sum(base.c.max_budget),
+        money_sum(base.c.spend),
+        money_sum(base.c.reserved),
+        money_sum(base.c.max_budget),
         func.coalesce(func.sum(case((base.c.used >= 1.0, 1), else_=0)), 0),
         func.coalesce(func.sum(case((base.c.used >= 0.8, 1), else_=0)), 0),
     )
     top = (
-        select(
-            K.c.id,
-            K.c.alias,
+        _open_dollar_budgets(
+            B.c.owner_kind,
+            B.c.owner_id,
+            func.coalesce(K.c.alias, OWN.c.name).label("name"),
             B.c.budget_duration,
             B.c.soft_budget,
             P.c.spend,
@@ -133,11 +162,7 @@ async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
             P.c.period_start,
             P.c.period_end,
         )
-        .select_from(P)
-        .join(B, B.c.id == P.c.budget_id)
-        .join(K, K.c.id == B.c.key_id)
-        .where(P.c.closed_at.is_(None), K.c.status == "active", *_DOLLAR_BUDGETS)
-        .order_by(ratio.desc().nulls_last(), P.c.spend.desc(), K.c.id)
+        .order_by(ratio.desc().nulls_last(), P.c.spend.desc(), B.c.owner_id, B.c.id)
         .limit(limit)
     )
     async with engine.connect() as conn:
@@ -154,9 +179,9 @@ async def key_standings(engine: AsyncEngine, limit: int) -> StandingsSummary:
         near=int(t[6]),
         top=[
             Standing(
-                "key",
-                r.id,
-                r.alias,
+                r.owner_kind,
+                r.owner_id,
+                r.name,
                 r.budget_duration or "lifetime",
                 r.spend,
                 r.reserved,
@@ -408,9 +433,18 @@ def daily_series(rows: list[UsageRow], first: date, days: int) -> list[UsageRow]
     return out
 
 
-# -- key search ------------------------------------------------------------------------------
+# -- key and owner search --------------------------------------------------------------------
 
 KEY_FILTERS = ("all", "active", "revoked", "near", "exhausted", "unlimited")
+OWNER_SCOPES = ("team", "user", "end_user", "tag")
+
+
+def _containing(text: str, *columns: Any) -> ColumnElement[bool]:
+    """Any of the columns contains `text`, in any case (LIKE's wildcards in it taken as
+    they are)."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    pattern = f"%{escaped}%"
+    return or_(*(func.lower(c).like(pattern, escape="\\") for c in columns))
 
 
 @dataclass(frozen=True)
@@ -428,11 +462,7 @@ class KeyRow:
 
     @property
     def used(self) -> float | None:
-        if self.max_budget is None:
-            return None
-        if self.max_budget == 0:
-            return 1.0
-        return (self.spend + self.reserved) / self.max_budget
+        return share_used(self.spend, self.reserved, self.max_budget)
 
 
 async def search_keys(
@@ -459,16 +489,7 @@ async def search_keys(
         .join(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
     )
     if text:
-        pattern = (
-            "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        )
-        q = q.where(
-            or_(
-                func.lower(K.c.alias).like(pattern, escape="\\"),
-                func.lower(K.c.id).like(pattern, escape="\\"),
-                func.lower(K.c.key_prefix).like(pattern, escape="\\"),
-            )
-        )
+        q = q.where(_containing(text, K.c.alias, K.c.id, K.c.key_prefix))
     if status in ("active", "revoked"):
         q = q.where(K.c.status == status)
     elif status == "near":
@@ -477,15 +498,80 @@ async def search_keys(
         q = q.where(K.c.status == "active", ratio >= 1.0)
     elif status == "unlimited":
         q = q.where(P.c.max_budget.is_(None))
-    count = select(func.count()).select_from(q.subquery())
-    page = (
-        q.order_by(func.lower(func.coalesce(K.c.alias, K.c.id)), K.c.id).offset(offset).limit(limit)
+    order = (func.lower(func.coalesce(K.c.alias, K.c.id)), K.c.id)
+    rows = await _page(engine, q, order, offset, limit)
+    return [KeyRow(**r._asdict()) for r in rows], await _count(engine, q)
+
+
+@dataclass(frozen=True)
+class OwnerRow:
+    """A team, user, end user or tag, with its primary (dollar) budget's open period; an owner
+    without one (an end user seen without a template, a deleted owner) has no figures."""
+
+    kind: str
+    id: str
+    name: str
+    scope: str  # an end user's team (team:<id>) or key (key:<id>); empty for the others
+    deleted_at: datetime | None
+    spend: int | None
+    reserved: int | None
+    max_budget: int | None
+    budget_duration: str | None
+    period_end: datetime | None
+
+    @property
+    def used(self) -> float | None:
+        if self.spend is None or self.reserved is None:
+            return None
+        return share_used(self.spend, self.reserved, self.max_budget)
+
+
+async def search_owners(
+    engine: AsyncEngine, scope: str | None, text: str, offset: int, limit: int
+) -> tuple[list[OwnerRow], int]:
+    """Teams, users, end users and tags (or one of them) whose name or id contains `text`
+    (any case), deleted ones too; a page by name and the number of matches."""
+    primary = (B.c.owner_id == OWN.c.id) & (B.c.kind == "primary") & B.c.retired_at.is_(None)
+    q = (
+        select(
+            OWN.c.kind,
+            OWN.c.id,
+            OWN.c.name,
+            OWN.c.scope,
+            OWN.c.deleted_at,
+            P.c.spend,
+            P.c.reserved,
+            P.c.max_budget,
+            B.c.budget_duration,
+            P.c.period_end,
+        )
+        .select_from(OWN)
+        .outerjoin(B, primary)
+        .outerjoin(P, (P.c.budget_id == B.c.id) & P.c.closed_at.is_(None))
     )
+    if scope is not None:
+        q = q.where(OWN.c.kind == scope)
+    if text:
+        q = q.where(_containing(text, OWN.c.name, OWN.c.id))
+    order = (func.lower(OWN.c.name), OWN.c.id)
+    rows = await _page(engine, q, order, offset, limit)
+    return [OwnerRow(**r._asdict()) for r in rows], await _count(engine, q)
+
+
+async def _page(
+    engine: AsyncEngine, q: Select[Any], order: tuple[Any, ...], offset: int, limit: int
+) -> list[Any]:
     async with engine.connect() as conn:
-        n = (await conn.execute(count)).scalar_one()
-        rows = (await conn.execute(page)).all()
+        rows = (await conn.execute(q.order_by(*order).offset(offset).limit(limit))).all()
         await conn.rollback()
-    return [KeyRow(**r._asdict()) for r in rows], int(n)
+    return list(rows)
+
+
+async def _count(engine: AsyncEngine, q: Select[Any]) -> int:
+    async with engine.connect() as conn:
+        n = (await conn.execute(select(func.count()).select_from(q.subquery()))).scalar_one()
+        await conn.rollback()
+    return int(n)
 
 
 async def key_aliases(engine: AsyncEngine, key_ids: Iterable[str]) -> dict[str, str | None]:
@@ -524,42 +610,32 @@ async def search_ledger(
 ) -> tuple[list[Any], str | None]:
     """Entries newest first, keyset-paginated on (finished_at, request_id) like
     GET /admin/ledger, with the dashboard's extra filters (a request id finds its one entry)."""
-    q = select(L).order_by(L.c.finished_at.desc(), L.c.request_id.desc()).limit(limit + 1)
-    if query.request_id:
-        q = q.where(L.c.request_id == query.request_id)
-    if query.key_id:
-        q = q.where(L.c.key_id == query.key_id)
-    if query.outcome:
-        q = q.where(L.c.outcome == query.outcome)
-    if query.model:
-        q = q.where(L.c.model == query.model)
+    given = [
+        (L.c.request_id, query.request_id),
+        (L.c.key_id, query.key_id),
+        (L.c.outcome, query.outcome),
+        (L.c.model, query.model),
+    ]
+    conditions = [column == value for column, value in given if value]
     if query.overruns_only:
-        q = q.where(L.c.overrun > 0)
-    if query.since is not None:
-        q = q.where(L.c.finished_at >= query.since)
-    if query.until is not None:
-        q = q.where(L.c.finished_at < query.until)
-    if cursor:
-        stamp, request_id = _entry_after(cursor)
-        q = q.where(
-            or_(L.c.finished_at < stamp, (L.c.finished_at == stamp) & (L.c.request_id < request_id))
-        )
-    async with engine.connect() as conn:
-        rows = list((await conn.execute(q)).all())
-        await conn.rollback()
-    page = rows[:limit]
-    next_cursor = (
-        encode_cursor(page[-1].finished_at.isoformat(), page[-1].request_id)
-        if len(rows) > limit
-        else None
-    )
-    return page, next_cursor
+        conditions.append(L.c.overrun > 0)
+    conditions += ledger.finished_within(query.since, query.until)
+    return await ledger.entries_page(engine, conditions, limit, cursor)
 
 
-def _entry_after(cursor: str) -> tuple[datetime, str]:
-    """The (finished_at, request_id) a cursor names, as GET /admin/ledger's cursors do."""
-    try:
-        stamp, request_id = decode_cursor(cursor, 2)
-        return datetime.fromisoformat(stamp), request_id
-    except (InvalidCursor, ValueError):
-        raise InvalidField("cursor: not a cursor returned by this API", param="cursor") from None
+def owned_by(dialect: str, scope: str, owner_id: str, name: str) -> ColumnElement[bool]:
+    """The ledger entries of an owner: the entry's key, team, user or end user column names
+    it (as of the entry's admission); a tag's, those whose tags list holds its name."""
+    if scope == "tag":
+        return ledger.tagged(dialect, name)
+    return ledger.USAGE_COLUMNS[scope] == owner_id
+
+
+async def owner_entries(
+    engine: AsyncEngine, scope: str, owner_id: str, name: str, limit: int
+) -> list[Any]:
+    """An owner's latest entries, newest first (through the finished_at index, newest first,
+    up to the `limit` that match)."""
+    condition = owned_by(engine.dialect.name, scope, owner_id, name)
+    rows, _ = await ledger.entries_page(engine, [condition], limit, None)
+    return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, timedelta
 from decimal import Decimal
+from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
@@ -14,7 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
 from app.errors import AppError
-from app.keys.schemas import KeyCreate, KeyUpdate
+from app.keys.schemas import KeyCreate, KeyOut, KeyUpdate
 from app.ledger.usage_rollup import day_start
 from app.ui import reads
 from app.ui.access import (
@@ -24,13 +25,14 @@ from app.ui.access import (
     form_of,
     keys_of,
     now_of,
+    owners_of,
     safe_next,
     session_of,
     signed_in,
 )
 from app.ui.export import usage_csv_text
 from app.ui.forms import DURATIONS, day_param, form_values, key_fields, validation_messages
-from app.ui.overview import CHART_DAYS, chart_dollars, read_overview
+from app.ui.overview import CHART_DAYS, chart_amount, read_overview
 from app.ui.owners import owner_readers
 from app.ui.pages import (
     SECURITY_HEADERS,
@@ -45,6 +47,7 @@ from app.ui.session import Session
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 KEYS_PAGE = 50
+OWNERS_PAGE = 50
 LEDGER_PAGE = 100
 OWNER_PERIODS = 24
 OWNER_ENTRIES = 25
@@ -118,17 +121,40 @@ async def overview(request: Request) -> Response:
 # -- owners ----------------------------------------------------------------------------------
 
 
+@router.get("/owners", response_class=HTMLResponse)
+async def owners_list(request: Request, q: str = "", scope: str = "all", page: int = 1) -> Response:
+    """Teams, users, end users and tags (one kind, or all) whose name or id contains `q`."""
+    session = signed_in(request)
+    scope, page = list_filter(scope, reads.OWNER_SCOPES), max(page, 1)
+    rows, count = await reads.search_owners(
+        engine_of(request),
+        None if scope == "all" else scope,
+        q.strip(),
+        (page - 1) * OWNERS_PAGE,
+        OWNERS_PAGE,
+    )
+    filters = {"q": q, "scope": scope}
+    context: dict[str, object] = {**filters, "scopes": reads.OWNER_SCOPES}
+    context |= listing("/ui/owners", filters, rows, page, count, OWNERS_PAGE)
+    return render(request, session, "owners.html", context, nav="owners")
+
+
 @router.get("/owners/{scope}/{owner_id}", response_class=HTMLResponse)
 async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
     session = signed_in(request)
-    reader = owner_readers(keys_of(request), engine_of(request)).get(scope)
+    readers = owner_readers(keys_of(request), owners_of(request), engine_of(request))
+    reader = readers.get(scope)
     if reader is None:
         raise PageError(404, f"No such kind of owner: {scope}.")
     owner = await reader.owner(owner_id)
     periods = await reader.periods(owner_id, OWNER_PERIODS)
-    entries = await reader.entries(owner_id, OWNER_ENTRIES)
-    primary_window = owner.budgets[0].window if owner.budgets else None
-    history = [p for p in reversed(periods) if p.window == primary_window]
+    entries = await reader.entries(owner, OWNER_ENTRIES)
+    primary = owner.budgets[0] if owner.budgets else None
+    history = [
+        p
+        for p in reversed(periods)
+        if primary is not None and (p.window, p.unit) == (primary.window, primary.unit)
+    ]
     return render(
         request,
         session,
@@ -140,13 +166,14 @@ async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
             "done": request.query_params.get("done"),
             "chart": {
                 "labels": [p.period_start.strftime("%Y-%m-%d %H:%M") for p in history],
-                "spend": [chart_dollars(p.spend) for p in history],
+                "spend": [chart_amount(p.spend, p.unit) for p in history],
                 "limit": [
-                    None if p.max_budget is None else chart_dollars(p.max_budget) for p in history
+                    None if p.max_budget is None else chart_amount(p.max_budget, p.unit)
+                    for p in history
                 ],
             },
         },
-        nav="keys",
+        nav="keys" if scope == "key" else "owners",
     )
 
 
@@ -156,33 +183,39 @@ async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
 @router.get("/keys", response_class=HTMLResponse)
 async def keys_list(request: Request, q: str = "", status: str = "all", page: int = 1) -> Response:
     session = signed_in(request)
-    status = status if status in reads.KEY_FILTERS else "all"
-    page = max(page, 1)
+    status, page = list_filter(status, reads.KEY_FILTERS), max(page, 1)
     rows, count = await reads.search_keys(
         engine_of(request), q.strip(), status, (page - 1) * KEYS_PAGE, KEYS_PAGE
     )
-    pages = max((count + KEYS_PAGE - 1) // KEYS_PAGE, 1)
+    filters = {"q": q, "status": status}
+    context: dict[str, object] = {**filters, "filters": reads.KEY_FILTERS}
+    context |= listing("/ui/keys", filters, rows, page, count, KEYS_PAGE)
+    return render(request, session, "keys.html", context, nav="keys")
+
+
+def list_filter(value: str, choices: tuple[str, ...]) -> str:
+    """A list's filter as asked, or "all" for one the list does not know."""
+    return value if value in choices else "all"
+
+
+def listing(
+    path: str, filters: dict[str, str], rows: list[Any], page: int, count: int, size: int
+) -> dict[str, object]:
+    """A list page's rows and its place among `count` rows, `size` a page: its number, how
+    many there are, and the links to the pages before and after it (with the same filters)."""
+    pages = max((count + size - 1) // size, 1)
 
     def link(p: int) -> str:
-        return "/ui/keys?" + urlencode({"q": q, "status": status, "page": p})
+        return f"{path}?" + urlencode({**filters, "page": p})
 
-    return render(
-        request,
-        session,
-        "keys.html",
-        {
-            "rows": rows,
-            "count": count,
-            "q": q,
-            "status": status,
-            "filters": reads.KEY_FILTERS,
-            "page": page,
-            "pages": pages,
-            "prev": link(page - 1) if page > 1 else None,
-            "next": link(page + 1) if page < pages else None,
-        },
-        nav="keys",
-    )
+    return {
+        "rows": rows,
+        "count": count,
+        "page": page,
+        "pages": pages,
+        "prev": link(page - 1) if page > 1 else None,
+        "next": link(page + 1) if page < pages else None,
+    }
 
 
 @router.get("/keys/new", response_class=HTMLResponse)
@@ -212,19 +245,7 @@ async def create_key(request: Request) -> Response:
         except AppError as exc:
             errors = [exc.message]
     if errors:
-        return render(
-            request,
-            session,
-            "key_form.html",
-            {
-                "mode": "create",
-                "values": form_values(form),
-                "errors": errors,
-                "durations": DURATIONS,
-            },
-            status=422,
-            nav="keys",
-        )
+        return refused_key_form(request, session, form, errors)
     return render(request, session, "key_created.html", {"key": created}, status=201, nav="keys")
 
 
@@ -267,21 +288,32 @@ async def edit_key(request: Request, key_id: str) -> Response:
         except AppError as exc:
             errors = [exc.message]
     if errors:
-        return render(
-            request,
-            session,
-            "key_form.html",
-            {
-                "mode": "edit",
-                "key": k,
-                "values": form_values(form),
-                "errors": errors,
-                "durations": DURATIONS,
-            },
-            status=422,
-            nav="keys",
-        )
+        return refused_key_form(request, session, form, errors, k)
     return redirect(f"/ui/owners/key/{key_id}?done=saved")
+
+
+def refused_key_form(
+    request: Request,
+    session: Session,
+    form: dict[str, str],
+    errors: list[str],
+    key: KeyOut | None = None,
+) -> Response:
+    """The key form again, as it was sent, with what was wrong with it (422)."""
+    return render(
+        request,
+        session,
+        "key_form.html",
+        {
+            "mode": "create" if key is None else "edit",
+            "key": key,
+            "values": form_values(form),
+            "errors": errors,
+            "durations": DURATIONS,
+        },
+        status=422,
+        nav="keys",
+    )
 
 
 CONFIRMS = {
