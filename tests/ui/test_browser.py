@@ -1,8 +1,9 @@
 """The dashboard in a real browser (chromium, through Playwright) against a running gateway:
 sign in, the overview's figures against the admin API to the cent, a key created in the page
 and spent through the proxy, its bar and the 429 count moving, a reset, the CSV export against
-the API, sign-out; a wrong key and a missing CSRF token refused; every page at laptop and
-phone width in artifacts/ui-screenshots; no request from any page leaving the gateway's origin."""
+the API, a team's page and the owners list, sign-out; a wrong key and a missing CSRF token
+refused; every page at laptop and phone width in artifacts/ui-screenshots; no request from any
+page leaving the gateway's origin."""
 
 from __future__ import annotations
 
@@ -342,3 +343,53 @@ def test_the_keyboard_reaches_everything(browser: Any, live_gateway: LiveGateway
     page.wait_for_url(re.compile(r".*q=finance.*"))
     assert page.locator("#keys tbody tr").count() == 1
     context.close()
+
+
+def test_a_teams_page_and_the_owners_list(browser: Any, live_gateway: LiveGateway) -> None:
+    """A team with a dollar and a tokens budget, spent through a key in it: its page shows the
+    bar and the entries the ledger recorded for it; the Owners list finds it, JavaScript off
+    too."""
+    gw = live_gateway
+    team = gw.admin.post(
+        "/admin/teams",
+        {
+            "alias": "platform-team",
+            "max_budget": 1,
+            "budget_duration": "1mo",
+            "budgets": [{"max_budget": 5000, "unit": "tokens", "budget_duration": "1d"}],
+        },
+    )
+    key = gw.admin.post("/admin/keys", {"alias": "platform-bot", "team_id": team["id"]})
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key["key"], max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(
+            model="bg-test", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    client.close()
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    page = context.new_page()
+    sign_in(page, gw.url, ADMIN_KEY)
+    page.get_by_role("link", name="Owners", exact=True).click()
+    page.get_by_label("Show").select_option("team")
+    page.get_by_role("button", name="Filter").click()
+    page.get_by_role("link", name="platform-team").click()
+    assert page.url.endswith(f"/ui/owners/team/{team['id']}")
+    api_team = gw.admin.get(f"/admin/teams/{team['id']}")
+    dollars_row, tokens_row = page.locator("#budgets tbody tr").all()
+    assert to_the_cent(dollars_row.locator(".spend").inner_text(), api_team["spend"])
+    assert "(3%)" in dollars_row.locator("svg.bar").get_attribute("aria-label")
+    assert tokens_row.locator(".spend").inner_text().endswith(" tokens")
+    assert page.locator("table.entries tbody tr").count() == 3
+    shoot(page, "owner-team")
+    page.goto(gw.url + "/ui/owners")
+    shoot(page, "owners")
+    context.close()
+
+    no_script = browser.new_context(java_script_enabled=False)
+    page = no_script.new_page()
+    sign_in(page, gw.url, ADMIN_KEY)
+    page.goto(gw.url + "/ui/owners")
+    page.get_by_label("Search name or id").fill("PLATFORM")
+    page.get_by_role("button", name="Filter").click()
+    assert page.locator("#owners tbody tr").count() == 1
+    no_script.close()
