@@ -149,3 +149,24 @@ async def test_owner_pages_and_list(gateway: Gateway) -> None:
 
     assert (await gateway.client.get("/ui/owners/planet/x")).status_code == 404
     assert (await gateway.client.get("/ui/owners/team/team_nobody")).status_code == 404
+
+
+async def test_ledger_search_pages_through_every_entry_and_refuses_a_bad_cursor(
+    gateway: Gateway,
+) -> None:
+    s = await scene(gateway)
+    engine = gateway.state.engine
+    seen: list[str] = []
+    cursor = None
+    while True:
+        rows, cursor = await reads.search_ledger(engine, reads.LedgerQuery(), 3, cursor)
+        seen += [r.request_id for r in rows]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 4
+    only = reads.LedgerQuery(key_id=s["other"]["id"], outcome="ok", model="bg-test")
+    assert len((await reads.search_ledger(engine, only, 10, None))[0]) == 1
+    assert (await sign_in(gateway.client, ADMIN_KEY)).status_code == 303
+    assert (
+        await gateway.client.get("/ui/ledger", params={"cursor": "nonsense"})
+    ).status_code == 422
