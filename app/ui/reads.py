@@ -634,8 +634,9 @@ def owned_by(dialect: str, scope: str, owner_id: str, name: str) -> ColumnElemen
 async def owner_entries(
     engine: AsyncEngine, scope: str, owner_id: str, name: str, limit: int
 ) -> list[Any]:
-    """An owner's latest entries, newest first (through the finished_at index, newest first,
-    up to the `limit` that match)."""
+    """An owner's latest entries, newest first. The ledger has no index on the team, user, end
+    user or tags columns: the finished_at index is walked from the newest entry until `limit`
+    match, quick for an owner that spent lately, longer for one long quiet."""
     condition = owned_by(engine.dialect.name, scope, owner_id, name)
     rows, _ = await ledger.entries_page(engine, [condition], limit, None)
     return rows
