@@ -28,6 +28,9 @@ def _offline(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
+FAVICON = f"{VENDOR}/swagger-ui/favicon-32x32.png"
+
+
 def add_docs_routes(app: FastAPI) -> None:
     """/docs and /redoc as FastAPI serves them, with the vendored assets (the app is created
     with docs_url=None and redoc_url=None)."""
@@ -35,18 +38,18 @@ def add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return _offline(
-            get_swagger_ui_html(
-                openapi_url="/openapi.json",
-                title=f"{title} - Swagger UI",
-                oauth2_redirect_url="/docs/oauth2-redirect",
-                swagger_js_url=f"{VENDOR}/swagger-ui/swagger-ui-bundle.js",
-                swagger_css_url=f"{VENDOR}/swagger-ui/swagger-ui.css",
-                swagger_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
-                # No "valid" badge: it asks validator.swagger.io about the schema.
-                swagger_ui_parameters={"validatorUrl": None},
-            )
+        assets = f"{VENDOR}/swagger-ui"
+        page = get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{title} - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=FAVICON,
+            # No "valid" badge: it asks validator.swagger.io about the schema.
+            swagger_ui_parameters={"validatorUrl": None},
         )
+        return _offline(page)
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
@@ -54,12 +57,13 @@ def add_docs_routes(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
+        script = f"{VENDOR}/redoc/redoc.standalone.js"
         return _offline(
             get_redoc_html(
                 openapi_url="/openapi.json",
                 title=f"{title} - ReDoc",
-                redoc_js_url=f"{VENDOR}/redoc/redoc.standalone.js",
-                redoc_favicon_url=f"{VENDOR}/swagger-ui/favicon-32x32.png",
+                redoc_js_url=script,
+                redoc_favicon_url=FAVICON,
                 with_google_fonts=False,
             )
         )
