@@ -116,6 +116,11 @@ class Owner:
     def label(self) -> str:
         return self.name or self.id
 
+    @property
+    def ledger_match(self) -> str:
+        """What the ledger's entries record this owner by: its id; a tag, by its name."""
+        return self.label if self.scope == "tag" else self.id
+
 
 class OwnerReader(Protocol):
     scope: str
@@ -168,7 +173,7 @@ class KeyOwners:
         return periods_named([PeriodOut.model_validate(r) for r in rows], k, k.budgets)
 
     async def entries(self, owner: Owner, limit: int) -> list[Any]:
-        return await reads.owner_entries(self.engine, "key", owner.id, owner.label, limit)
+        return await reads.owner_entries(self.engine, "key", owner.ledger_match, limit)
 
 
 class ScopeOwners:
@@ -194,7 +199,7 @@ class ScopeOwners:
         return periods_named(periods, o, o.budgets)
 
     async def entries(self, owner: Owner, limit: int) -> list[Any]:
-        return await reads.owner_entries(self.engine, self.scope, owner.id, owner.label, limit)
+        return await reads.owner_entries(self.engine, self.scope, owner.ledger_match, limit)
 
 
 def name_of(o: OwnerOut) -> str:

@@ -603,6 +603,7 @@ class LedgerQuery:
     since: datetime | None = None
     until: datetime | None = None
     overruns_only: bool = False
+    owner: tuple[str, str] | None = None  # (scope, what the ledger records it by): owned_by
 
 
 async def search_ledger(
@@ -619,24 +620,25 @@ async def search_ledger(
     conditions = [column == value for column, value in given if value]
     if query.overruns_only:
         conditions.append(L.c.overrun > 0)
+    if query.owner is not None:
+        conditions.append(owned_by(engine.dialect.name, *query.owner))
     conditions += ledger.finished_within(query.since, query.until)
     return await ledger.entries_page(engine, conditions, limit, cursor)
 
 
-def owned_by(dialect: str, scope: str, owner_id: str, name: str) -> ColumnElement[bool]:
-    """The ledger entries of an owner: the entry's key, team, user or end user column names
-    it (as of the entry's admission); a tag's, those whose tags list holds its name."""
+def owned_by(dialect: str, scope: str, match: str) -> ColumnElement[bool]:
+    """The ledger entries of an owner: those whose key, team, user or end user column is
+    `match`, its id (as of the entry's admission); a tag's, those whose tags list holds
+    `match`, its name (the ledger records tags by name)."""
     if scope == "tag":
-        return ledger.tagged(dialect, name)
-    return ledger.USAGE_COLUMNS[scope] == owner_id
+        return ledger.tagged(dialect, match)
+    return ledger.USAGE_COLUMNS[scope] == match
 
 
-async def owner_entries(
-    engine: AsyncEngine, scope: str, owner_id: str, name: str, limit: int
-) -> list[Any]:
+async def owner_entries(engine: AsyncEngine, scope: str, match: str, limit: int) -> list[Any]:
     """An owner's latest entries, newest first. The ledger has no index on the team, user, end
     user or tags columns: the finished_at index is walked from the newest entry until `limit`
     match, quick for an owner that spent lately, longer for one long quiet."""
-    condition = owned_by(engine.dialect.name, scope, owner_id, name)
+    condition = owned_by(engine.dialect.name, scope, match)
     rows, _ = await ledger.entries_page(engine, [condition], limit, None)
     return rows

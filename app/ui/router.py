@@ -52,6 +52,15 @@ LEDGER_PAGE = 100
 OWNER_PERIODS = 24
 OWNER_ENTRIES = 25
 USAGE_ROWS = 200  # on the page; the CSV has every row
+# The ledger page's filter for each kind of owner (a tag's is its name, the others' their id).
+LEDGER_PARAMS = {
+    "key": "key_id",
+    "team": "team_id",
+    "user": "user_id",
+    "end_user": "end_user_id",
+    "tag": "tag",
+}
+OWNER_FILTERS = {param: scope for scope, param in LEDGER_PARAMS.items() if scope != "key"}
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -149,6 +158,8 @@ async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
     owner = await reader.owner(owner_id)
     periods = await reader.periods(owner_id, OWNER_PERIODS)
     entries = await reader.entries(owner, OWNER_ENTRIES)
+    # Another owner's entries come from any of its keys: say which.
+    keys = [] if scope == "key" else [e.key_id for e in entries]
     primary = owner.budgets[0] if owner.budgets else None
     history = [
         p
@@ -163,6 +174,8 @@ async def owner_page(request: Request, scope: str, owner_id: str) -> Response:
             "owner": owner,
             "periods": periods,
             "entries": entries,
+            **({"aliases": await reads.key_aliases(engine_of(request), keys)} if keys else {}),
+            "ledger_url": "/ui/ledger?" + urlencode({LEDGER_PARAMS[scope]: owner.ledger_match}),
             "done": request.query_params.get("done"),
             "chart": {
                 "labels": [p.period_start.strftime("%Y-%m-%d %H:%M") for p in history],
@@ -470,6 +483,14 @@ async def ledger_page(request: Request) -> Response:
         since=day_start(day_param(since, date.min)) if since else None,
         until=day_start(day_param(until, date.min) + timedelta(days=1)) if until else None,
         overruns_only=p.get("overruns") == "1",
+        owner=next(
+            (
+                (scope, v)
+                for param, scope in OWNER_FILTERS.items()
+                if (v := p.get(param, "").strip())
+            ),
+            None,
+        ),
     )
     try:
         rows, next_cursor = await reads.search_ledger(
@@ -488,6 +509,7 @@ async def ledger_page(request: Request) -> Response:
             "aliases": aliases,
             "filters": filters,
             "outcomes": reads.OUTCOMES,
+            "owner_filters": OWNER_FILTERS,
             "next": "/ui/ledger?" + urlencode({**filters, "cursor": next_cursor})
             if next_cursor
             else None,

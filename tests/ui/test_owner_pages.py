@@ -139,6 +139,17 @@ async def test_owner_pages_and_list(gateway: Gateway) -> None:
     assert "research" in page.text and "1,000 tokens" in page.text
     assert page.text.count('<tr class="outcome-ok">') == 3
     assert 'aria-current="page">Owners' in page.text
+    assert 'href="/ui/owners/key/' + s["key"]["id"] + '">in-team</a>' in page.text  # whose key
+    for params in (
+        {"team_id": s["team"]["id"]},
+        {"tag": "batch"},
+        {"end_user_id": s["end_user"]["id"]},
+    ):
+        ledger = await gateway.client.get("/ui/ledger", params={**params, "outcome": "ok"})
+        assert ledger.text.count('<tr class="outcome-ok">') == 3, params
+        assert 'id="owner-filter"' in ledger.text and 'type="hidden"' in ledger.text
+    tag_page = (await gateway.client.get(f"/ui/owners/tag/{s['tag']['id']}")).text
+    assert 'href="/ui/ledger?tag=batch"' in tag_page
 
     listed = await gateway.client.get("/ui/owners", params={"scope": "tag"})
     assert f'data-owner="{s["tag"]["id"]}"' in listed.text
