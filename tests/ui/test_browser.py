@@ -369,6 +369,10 @@ def test_a_teams_page_and_the_owners_list(browser: Any, live_gateway: LiveGatewa
     context = browser.new_context(viewport={"width": 1366, "height": 768})
     page = context.new_page()
     sign_in(page, gw.url, ADMIN_KEY)
+    standing = page.locator(f'#nearest tr[data-owner="{team["id"]}"]')
+    assert standing.get_by_role("link", name="platform-team").get_attribute("href") == (
+        f"/ui/owners/team/{team['id']}"
+    )
     page.get_by_role("link", name="Owners", exact=True).click()
     page.get_by_label("Show").select_option("team")
     page.get_by_role("button", name="Filter").click()
