@@ -23,6 +23,17 @@ class LedgerEntry(Base):
             sqlite_where=text("overrun > 0"),
             postgresql_where=text("overrun > 0"),
         ),
+        # An owner's latest entries (the dashboard's owner pages): only entries made for one.
+        *(
+            Index(
+                f"ix_ledger_entries_{column}_finished",
+                column,
+                "finished_at",
+                sqlite_where=text(f"{column} IS NOT NULL"),
+                postgresql_where=text(f"{column} IS NOT NULL"),
+            )
+            for column in ("team_id", "user_id", "end_user_id")
+        ),
     )
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)

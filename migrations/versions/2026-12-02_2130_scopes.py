@@ -18,6 +18,9 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# The entries' owner columns with an index each (an owner's latest entries).
+OWNER_COLUMNS = ("team_id", "user_id", "end_user_id")
+
 
 def upgrade() -> None:
     op.create_table(
@@ -66,6 +69,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("user_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("end_user_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("tags", sa.JSON(none_as_null=True), nullable=True))
+    for column in OWNER_COLUMNS:
+        op.create_index(
+            f"ix_ledger_entries_{column}_finished",
+            "ledger_entries",
+            [column, "finished_at"],
+            sqlite_where=sa.text(f"{column} IS NOT NULL"),
+            postgresql_where=sa.text(f"{column} IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:
@@ -80,6 +91,8 @@ def downgrade() -> None:
     op.execute(f"DELETE FROM reservations WHERE period_id IN ({periods})")
     op.execute(f"DELETE FROM budget_periods WHERE budget_id IN ({others})")
     op.execute(f"DELETE FROM budgets WHERE id IN ({others})")
+    for column in OWNER_COLUMNS:
+        op.drop_index(f"ix_ledger_entries_{column}_finished", table_name="ledger_entries")
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
         batch_op.drop_column("tags")
         batch_op.drop_column("end_user_id")
