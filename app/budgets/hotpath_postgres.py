@@ -110,11 +110,18 @@ WITH a AS (
     FROM per, held h
     WHERE p.id = per.id AND h.key_id = per.key_id
     RETURNING p.id, p.reserved
-), res AS (
-    INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
-                              started_at, expires_at)
-    SELECT s.request_id, upd.id, t.amount, s.key_id, s.model, s.endpoint, s.stream,
+), pend AS (
+    -- the request's ledger entry, pending until it settles (finished_at: its deadline)
+    INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
+                                outcome, started_at, finished_at)
+    SELECT s.request_id, s.key_id, s.model, s.endpoint, s.stream, 0, 'none', 'pending',
            s.started_at, s.expires_at
+    FROM taken t JOIN steps s ON s.n = t.n
+    WHERE EXISTS (SELECT 1 FROM per WHERE per.key_id = s.key_id)
+), hold AS (
+    -- its charges, holding the reservation in each period until it settles
+    INSERT INTO ledger_charges (request_id, period_id, amount)
+    SELECT s.request_id, upd.id, t.amount
     FROM taken t JOIN steps s ON s.n = t.n JOIN per ON per.key_id = s.key_id
          JOIN upd ON upd.id = per.id
 ), rej AS (
@@ -136,10 +143,13 @@ ORDER BY s.n, per.id
 """
 
 # One statement settles a batch (parameters: one array per column of the steps, in the order
-# of settle_soon's args): release the reservations, charge each of their periods once (locked
-# in ascending id order), write the entries (each with its overrun over what it held) and their
-# charges. A request whose reservation the sweeper released already is left out. Rows: each
-# settled request's periods after the batch.
+# of settle_soon's args): each pending entry becomes its outcome (with its overrun over what it
+# held) and its charges its cost, in place; each period is charged once (locked in ascending id
+# order). An entry no longer pending (the sweeper recorded it abandoned) is left out: the
+# entry's row lock orders the two, and READ COMMITTED re-checks `outcome` after the wait.
+# In the entry's update `finished_at` changes (indexed), the charges' update touches no indexed
+# column: PostgreSQL updates those in place on their page (HOT, room left by the fillfactor).
+# Rows: each settled request's periods after the batch.
 _PG_SETTLE = """
 WITH s AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
@@ -147,14 +157,27 @@ WITH s AS (
                          $11::integer[], $12::timestamptz[], $13::timestamptz[])
         AS s(request_id, cost, key_id, model, endpoint, stream, prompt_tokens,
              completion_tokens, cost_source, outcome, status_code, started_at, finished_at)
-), d AS (
-    DELETE FROM reservations r USING s WHERE r.request_id = s.request_id
-    RETURNING r.request_id, r.period_id, r.amount, s.cost
-), sums AS (
-    SELECT period_id, sum(amount) AS released, sum(cost) AS charged FROM d GROUP BY period_id
 ), held AS (
     -- what each request held (the same amount in each of its periods): its overrun's base
-    SELECT request_id, min(amount) AS amount FROM d GROUP BY request_id
+    SELECT c.request_id, min(c.amount) AS amount
+    FROM ledger_charges c WHERE c.request_id = ANY($1::text[]) GROUP BY c.request_id
+), e AS (
+    UPDATE ledger_entries l
+    SET prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens,
+        cost = s.cost, cost_source = s.cost_source, outcome = s.outcome,
+        status_code = s.status_code, finished_at = s.finished_at,
+        overrun = greatest(s.cost - held.amount, 0)
+    FROM s JOIN held ON held.request_id = s.request_id
+    WHERE l.request_id = s.request_id AND l.outcome = 'pending'
+    RETURNING l.request_id, l.cost
+), d AS (
+    SELECT c.request_id, c.period_id, c.amount, e.cost
+    FROM ledger_charges c JOIN e ON e.request_id = c.request_id
+), c AS (
+    UPDATE ledger_charges c SET amount = d.cost
+    FROM d WHERE c.request_id = d.request_id AND c.period_id = d.period_id
+), sums AS (
+    SELECT period_id, sum(amount) AS released, sum(cost) AS charged FROM d GROUP BY period_id
 ), lk AS (
     SELECT p.id FROM budget_periods p WHERE p.id IN (SELECT period_id FROM sums)
     ORDER BY p.id FOR UPDATE OF p
@@ -164,17 +187,6 @@ WITH s AS (
     FROM sums, lk WHERE p.id = sums.period_id AND lk.id = p.id
     RETURNING p.budget_id, p.id, p.period_start, p.period_end, p.max_budget, p.spend,
               p.reserved
-), e AS (
-    INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
-                                completion_tokens, cost, cost_source, outcome, status_code,
-                                started_at, finished_at, overrun)
-    SELECT s.request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens,
-           cost, cost_source, outcome, status_code, started_at, finished_at,
-           greatest(s.cost - held.amount, 0)
-    FROM s JOIN held ON held.request_id = s.request_id
-), c AS (
-    INSERT INTO ledger_charges (request_id, period_id, amount)
-    SELECT request_id, period_id, cost FROM d
 )
 SELECT d.request_id, u.* FROM d JOIN u ON u.id = d.period_id ORDER BY d.request_id, u.id
 """

@@ -42,14 +42,30 @@ LEFT JOIN budgets b ON b.key_id = k.id
 LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
 WHERE k.key_hash IN ({})
 """
-_SQLITE_RELEASE = """
-DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?))
-RETURNING request_id, period_id, amount
+# What the pending entries among these requests hold, per period (their charges).
+_SQLITE_HELD = """
+SELECT c.request_id, c.period_id, c.amount
+FROM ledger_charges c JOIN ledger_entries e ON e.request_id = c.request_id
+WHERE c.request_id IN (SELECT value FROM json_each(?)) AND e.outcome = 'pending'
 """
-_SQLITE_INSERT_RESERVATION = """
-INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
-                          started_at, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+# The request's ledger entry, pending until it settles (finished_at: its deadline), and its
+# charges holding the reservation.
+_SQLITE_INSERT_PENDING = """
+INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
+                            outcome, started_at, finished_at, overrun)
+VALUES (?, ?, ?, ?, ?, 0, 'none', 'pending', ?, ?, 0)
+"""
+_SQLITE_INSERT_CHARGE = """
+INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)
+"""
+_SQLITE_SETTLE_ENTRY = """
+UPDATE ledger_entries
+SET prompt_tokens = ?, completion_tokens = ?, cost = ?, cost_source = ?, outcome = ?,
+    status_code = ?, finished_at = ?, overrun = ?
+WHERE request_id = ? AND outcome = 'pending'
+"""
+_SQLITE_SETTLE_CHARGE = """
+UPDATE ledger_charges SET amount = ? WHERE request_id = ? AND period_id = ?
 """
 _SQLITE_INSERT_ENTRY = """
 INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
@@ -104,7 +120,8 @@ def _sqlite_admit(
     money: dict[int, PeriodState] = {}  # period id -> its money, with this batch's reservations
     keys = _sqlite_read_keys(conn, {req.key_hash for req, _ in steps}, money)
     held: dict[int, int] = {}  # period id -> what this batch reserved on it
-    reservations: list[tuple[Any, ...]] = []
+    pending: list[tuple[Any, ...]] = []
+    holds: list[tuple[str, int, int]] = []
     rejections: list[tuple[Any, ...]] = []
     results: list[AdmitResult] = []
     for req, now in steps:
@@ -131,24 +148,26 @@ def _sqlite_admit(
             )
             results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
             continue
-        started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
+        if states:
+            pending.append(
+                (req.request_id, key.id, req.model, req.endpoint, req.stream)
+                + (_sqlite_time(req.started_at), _sqlite_time(req.expires_at))
+            )
         after = []
         for st in states:
             money[st.period_id] = replace(st, reserved=st.reserved + take)
             after.append(money[st.period_id])
             held[st.period_id] = held.get(st.period_id, 0) + take
-            reservations.append(
-                (req.request_id, st.period_id, take, key.id, req.model, req.endpoint)
-                + (req.stream, started, expires)
-            )
+            holds.append((req.request_id, st.period_id, take))
         results.append(AdmitResult(key, Admission(True, after, take), []))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
             (held[period_id], period_id),
         )
-    if reservations:
-        conn.executemany(_SQLITE_INSERT_RESERVATION, reservations)
+    if pending:
+        conn.executemany(_SQLITE_INSERT_PENDING, pending)
+        conn.executemany(_SQLITE_INSERT_CHARGE, holds)
     if rejections:
         conn.executemany(_SQLITE_INSERT_ENTRY, rejections)
     return results
@@ -188,17 +207,18 @@ def _sqlite_read_keys(
 def _sqlite_settle(
     conn: sqlite3.Connection, steps: list[tuple[RequestInfo, Outcome, datetime]]
 ) -> list[list[PeriodState] | None]:
-    """Settle requests: their reservations go, their costs are charged, each period written
+    """Settle requests: each pending entry becomes its outcome and its charges its cost, in
+    place; the reservations they held are released and the costs charged, each period written
     once; every request gets its periods' state after the batch. None: nothing to settle (the
-    sweeper released it already)."""
+    sweeper recorded it abandoned already)."""
     ids = json.dumps([req.request_id for req, _, _ in steps])
     held: dict[str, list[tuple[int, int]]] = {}
-    for request_id, period_id, amount in conn.execute(_SQLITE_RELEASE, (ids,)).fetchall():
+    for request_id, period_id, amount in conn.execute(_SQLITE_HELD, (ids,)).fetchall():
         held.setdefault(request_id, []).append((period_id, amount))
     released: dict[int, int] = {}  # period id -> reservations released
     charged: dict[int, int] = {}  # period id -> cost charged
     entries: list[tuple[Any, ...]] = []
-    charges: list[tuple[str, int, int]] = []
+    charges: list[tuple[int, str, int]] = []
     settled: list[list[int] | None] = []
     for req, result, now in steps:
         mine = held.pop(req.request_id, None)  # (a request twice in a batch: settled once)
@@ -208,15 +228,13 @@ def _sqlite_settle(
         for period_id, amount in mine:
             released[period_id] = released.get(period_id, 0) + amount
             charged[period_id] = charged.get(period_id, 0) + result.cost
-            charges.append((req.request_id, period_id, result.cost))
+            charges.append((result.cost, req.request_id, period_id))
         # The same amount is held in each period: the overrun is over that reservation (SPEC
         # 10), from what the ledger held, whatever the caller believes it reserved.
         overrun = max(result.cost - min(amount for _, amount in mine), 0)
         entries.append(
-            (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
-            + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
-            + (result.outcome, result.status_code, _sqlite_time(req.started_at))
-            + (_sqlite_time(now), overrun)
+            (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
+            + (result.outcome, result.status_code, _sqlite_time(now), overrun, req.request_id)
         )
         settled.append(sorted(period_id for period_id, _ in mine))
     states = {
@@ -228,10 +246,8 @@ def _sqlite_settle(
         for period_id in sorted(released)
     }
     if entries:
-        conn.executemany(_SQLITE_INSERT_ENTRY, entries)
-        conn.executemany(
-            "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)", charges
-        )
+        conn.executemany(_SQLITE_SETTLE_ENTRY, entries)
+        conn.executemany(_SQLITE_SETTLE_CHARGE, charges)
     return [None if mine is None else [states[i] for i in mine] for mine in settled]
 
 

@@ -18,7 +18,14 @@ L: Table = LedgerEntry.__table__  # type: ignore[assignment]
 C: Table = LedgerCharge.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
+# A view: the charges of pending entries (the reservations they hold).
 R: Table = Reservation.__table__  # type: ignore[assignment]
+
+# Requests in flight have a pending entry (its charges hold the reservation): not finished, so
+# not listed, counted in usage or checked as spend. A literal, not a parameter, so that
+# PostgreSQL's generic plans can match the partial index of pending entries.
+FINISHED = L.c.outcome != literal_column("'pending'")
+PENDING = L.c.outcome == literal_column("'pending'")
 
 
 def encode_cursor(finished_at: datetime, request_id: str) -> str:
@@ -82,7 +89,12 @@ async def list_entries(
     cursor: str | None,
 ) -> tuple[list[Any], str | None]:
     """Newest first, keyset-paginated on (finished_at, request_id)."""
-    q = select(L).order_by(L.c.finished_at.desc(), L.c.request_id.desc()).limit(limit + 1)
+    q = (
+        select(L)
+        .where(FINISHED)
+        .order_by(L.c.finished_at.desc(), L.c.request_id.desc())
+        .limit(limit + 1)
+    )
     if key_id is not None:
         q = q.where(L.c.key_id == key_id)
     if since is not None:
@@ -127,6 +139,7 @@ async def usage(
             func.coalesce(func.sum(L.c.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(L.c.completion_tokens), 0).label("completion_tokens"),
         )
+        .where(FINISHED)
         .group_by(group)
         .order_by(group)
     )
@@ -180,8 +193,8 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
     """SPEC 6 invariants: each period's spend = the sum of its charges; its reserved = the sum
     of its open reservations; its spend at most the highest max_budget it admitted under plus
     the overruns recorded in it; exactly one open period per budget; no entry charged twice
-    (each charge equals its entry's cost, at most once per period) and no entry still reserved.
-    The overruns are listed (they are recorded excess, not broken invariants)."""
+    (each charge equals its entry's cost, at most once per period); every pending entry holds
+    a reservation. The overruns are listed (they are recorded excess, not broken invariants)."""
     report = ReconcileReport()
     charged = (
         select(
@@ -190,6 +203,7 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
             func.sum(L.c.overrun).label("overruns"),
         )
         .join(L, L.c.request_id == C.c.request_id)
+        .where(FINISHED)
         .group_by(C.c.period_id)
         .subquery()
     )
@@ -255,7 +269,7 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
             await conn.execute(
                 select(C.c.request_id, C.c.period_id, C.c.amount, L.c.cost)
                 .join(L, L.c.request_id == C.c.request_id)
-                .where(C.c.amount != L.c.cost)
+                .where(C.c.amount != L.c.cost, FINISHED)
             )
         ).all()
         for w in wrong:
@@ -274,13 +288,13 @@ async def reconcile(engine: AsyncEngine) -> ReconcileReport:
             report.problems.append(
                 f"entry {t.request_id}: charged {t.n} times to budget {t.budget_id}"
             )
-        settled_but_held = (
+        holding_nothing = (
             await conn.execute(
-                select(R.c.request_id).where(R.c.request_id.in_(select(L.c.request_id)))
+                select(L.c.request_id).where(PENDING, L.c.request_id.not_in(select(C.c.request_id)))
             )
         ).all()
-        for s in settled_but_held:
-            report.problems.append(f"entry {s.request_id}: settled but still holds a reservation")
+        for h in holding_nothing:
+            report.problems.append(f"entry {h.request_id}: pending but holds no reservation")
         overruns = await conn.execute(
             select(L.c.request_id, L.c.key_id, L.c.cost, L.c.overrun, L.c.finished_at)
             .where(L.c.overrun > literal_column("0"))  # (the partial index's predicate)
