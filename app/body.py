@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.types import Message, Receive
+from starlette.types import Message, Receive, Scope
 
 from app.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
@@ -32,6 +32,14 @@ def is_json_media(content_types: list[str]) -> bool:
 
 def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body is larger than {limit} bytes")
+
+
+def declares_more_than(scope: Scope, limit: int) -> bool:
+    """The request's Content-Length announces a body over `limit`: refused before reading it."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.isdigit() and int(value) > limit
+    return False
 
 
 async def read_body(receive: Receive, limit: int, seconds: float) -> bytes:

@@ -176,11 +176,11 @@ def mock_upstream(
 
 
 def _run_with_services(fn: Callable[[Any], Awaitable[T]]) -> T:
-    from app.budgets.repository import BudgetRepository
     from app.clock import SystemClock
     from app.db import create_engine
     from app.errors import AppError
     from app.keys.service import KeyService
+    from app.ledger.periods import BudgetRepository
     from app.main import prepare_schema
 
     settings = _settings()

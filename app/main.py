@@ -19,9 +19,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.alerts.service import AlertService
-from app.body import is_json_media, read_body, replay, too_large
-from app.budgets.hotpath import create_hot_ledger
-from app.budgets.repository import BudgetRepository
+from app.body import declares_more_than, is_json_media, read_body, replay, too_large
 from app.clock import Clock, SystemClock
 from app.config import Settings, get_settings
 from app.db import create_engine
@@ -37,6 +35,8 @@ from app.keys.router import router as admin_router
 from app.keys.schemas import ErrorResponse
 from app.keys.service import KeyService
 from app.ledger import repository as ledger
+from app.ledger.contract import create_hot_ledger
+from app.ledger.periods import BudgetRepository
 from app.logs import configure_logging
 from app.metrics import RESERVATIONS_OPEN, metrics_page
 from app.migrate import schema_is_current, upgrade_to_head
@@ -306,7 +306,7 @@ class BudgetGateApp:
         """What FastAPI would only find after reading the body: a body declared too large, and
         an admin request without the admin key (its body is never read)."""
         settings = self.api.state.settings
-        if _declared_length(scope) > settings.max_body_bytes:
+        if declares_more_than(scope, settings.max_body_bytes):
             return too_large(settings.max_body_bytes)
         if is_local(scope["path"]) and scope["path"].startswith("/admin"):
             headers = Headers(scope=scope)
@@ -328,10 +328,3 @@ def _head_size(scope: Scope) -> int:
     for name, value in scope["headers"]:
         size += len(name) + len(value)
     return size
-
-
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0

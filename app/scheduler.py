@@ -9,7 +9,7 @@ import logging
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from app.alerts.service import AlertService
-from app.budgets.repository import BudgetRepository
+from app.ledger.periods import BudgetRepository
 
 log = logging.getLogger("budgetgate.scheduler")
 

@@ -2,7 +2,7 @@
 
 For the ledger at BUDGETGATE_DATABASE_URL (a key created with the admin API or the CLI; pass
 its plaintext with --key) it runs the gateway's own ledger steps, HotLedger.admit
-(authenticate + reserve, app.budgets.hotpath) and HotLedger.settle, sequentially --iterations
+(authenticate + reserve, app.ledger.contract) and HotLedger.settle, sequentially --iterations
 times (and KeyService.authenticate, the SQLAlchemy lookup the admin API and free requests
 still use) and reports wall and CPU (process_time: every thread of this process) per call.
 With --raw it then runs the same statements on the bare driver (for SQLite: a plain `sqlite3`
@@ -36,12 +36,18 @@ def _stats(name: str, wall: list[float], cpu: list[float]) -> str:
 
 
 async def app_layer(key: str, n: int) -> tuple[list[str], Any]:
-    from app.budgets.hotpath import AdmitRequest, create_hot_ledger
-    from app.budgets.repository import BudgetRepository, Outcome, RequestInfo
     from app.clock import SystemClock
     from app.config import get_settings
     from app.db import create_engine
     from app.keys.service import KeyService, hash_key
+    from app.ledger.contract import (
+        AdmitRequest,
+        Admitted,
+        Outcome,
+        RequestInfo,
+        create_hot_ledger,
+    )
+    from app.ledger.periods import BudgetRepository
 
     settings = get_settings()
     engine = create_engine(settings)
@@ -75,7 +81,7 @@ async def app_layer(key: str, n: int) -> tuple[list[str], Any]:
             started + ttl,
         )  # fmt: skip
         result = await timed("admit (auth + reserve)", hot.admit(admit, clock.now()))
-        assert result.admission is not None and result.admission.admitted, result
+        assert isinstance(result, Admitted), result
         info = RequestInfo(rid, ctx.id, "bg-bench", "/chat/completions", False, started)
         outcome = Outcome("ok", 500, "prices", 10, 16, 200)
         await timed("settle", hot.settle_soon(info, outcome, clock.now()))

@@ -65,10 +65,10 @@ def install() -> None:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
 
-    from app.budgets.hotpath_postgres import PostgresHotLedger
-    from app.budgets.hotpath_sqlite import SqliteHotLedger
     from app.keys import repository as keys_repo
     from app.keys import service as keys_service
+    from app.ledger.postgres import PostgresHotLedger
+    from app.ledger.sqlite import SqliteHotLedger
     from app.proxy import service as proxy_service
     from app.proxy import settlement as settlement_mod
     from app.proxy import upstream as upstream_mod

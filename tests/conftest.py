@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -58,21 +59,34 @@ def _fresh_pg_database(cluster: PgCluster) -> str:
     return cluster.url(name)
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite ledger migrated once per session; each test gets a copy of the file."""
+    path = tmp_path_factory.mktemp("bg-sqlite-template") / "template.db"
+    upgrade_to_head(f"sqlite+aiosqlite:///{path}")
+    leftovers = [p for p in path.parent.iterdir() if p != path]
+    assert not leftovers, leftovers  # no -wal/-shm: the file alone is the whole database
+    return path
+
+
+def copy_sqlite(template: Path, directory: Path) -> str:
+    """A fresh SQLite ledger at the latest migration in `directory`: a copy of the template."""
+    target = directory / "ledger.db"
+    shutil.copyfile(template, target)
+    return f"sqlite+aiosqlite:///{target}"
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The ledger database, at the latest migration: each test runs on both."""
     if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
-        upgrade_to_head(url)
-        return url
+        return copy_sqlite(request.getfixturevalue("sqlite_template"), tmp_path)
     return _fresh_pg_database(request.getfixturevalue("pg_cluster"))
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
-    upgrade_to_head(url)
-    return url
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    return copy_sqlite(sqlite_template, tmp_path)
 
 
 @pytest.fixture

@@ -60,8 +60,9 @@ from app.alerts.webhook import Webhook, WebhookFormat
 from app.budgets.state import PeriodState
 from app.clock import Clock
 from app.config import Settings
-from app.keys.repository import KeyContext, new_id
+from app.keys.repository import new_id
 from app.keys.service import dollars, iso
+from app.ledger.contract import KeyContext
 from app.models import ApiKey, Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
 
 A: Table = BudgetAlert.__table__  # type: ignore[assignment]

@@ -1,10 +1,8 @@
-"""SQL for keys and their budgets (the money itself is moved by app.budgets.repository)."""
+"""SQL for keys and their budgets (the money itself is moved by app.ledger.periods)."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, and_, case, insert, select, update
@@ -12,29 +10,12 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.budgets.state import BudgetRef
+from app.ledger.contract import KeyContext
 from app.models import ApiKey, Budget, BudgetPeriod
 
 K: Table = ApiKey.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
-
-
-@dataclass(frozen=True)
-class KeyContext:
-    """What the request path knows about the caller after authentication."""
-
-    id: str
-    alias: str | None
-    key_prefix: str
-    status: str
-    models: list[str]
-    expires_at: datetime | None
-    budgets: list[BudgetRef]
-    shrink_to_fit: bool | None = None  # None: BUDGETGATE_SHRINK_TO_FIT decides
-
-    @property
-    def label(self) -> str:
-        return f"'{self.alias}' ({self.key_prefix}…)" if self.alias else f"({self.key_prefix}…)"
 
 
 def new_id(prefix: str) -> str:

@@ -13,6 +13,7 @@ from starlette.datastructures import Headers
 from app.clock import as_utc
 from app.config import Settings
 from app.errors import AdminDisabled, InvalidField, Unauthorized
+from app.keys.credentials import presented_key
 from app.keys.schemas import (
     ErrorResponse,
     KeyCreate,
@@ -24,7 +25,6 @@ from app.keys.schemas import (
 )
 from app.keys.service import KeyService, dollars
 from app.ledger import repository as ledger
-from app.proxy.headers import presented_key
 
 
 def require_admin(request: Request) -> None:

@@ -12,12 +12,11 @@ from typing import Any
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.budgets.repository import BudgetRepository, schedule_of
 from app.budgets.schedule import Schedule
 from app.config import Settings
 from app.errors import InvalidField, NotFound, Unauthorized
 from app.keys import repository as repo
-from app.keys.repository import KeyContext, new_id
+from app.keys.repository import new_id
 from app.keys.schemas import (
     BudgetOut,
     BudgetSettings,
@@ -27,6 +26,8 @@ from app.keys.schemas import (
     KeyUpdate,
     PeriodOut,
 )
+from app.ledger.contract import KeyContext, key_refusal
+from app.ledger.periods import BudgetRepository, schedule_of
 from app.pricing.money import dollars_to_nanos
 
 MANAGED_KEY_PREFIX = "sk-bg-"
@@ -81,13 +82,20 @@ class KeyService:
 
     def ensure_usable(self, ctx: KeyContext | None) -> KeyContext:
         """401 for an unknown, revoked or expired key."""
-        if ctx is None:
-            raise Unauthorized("invalid API key")
-        if ctx.status != "active":
-            raise Unauthorized(f"API key {ctx.label} has been revoked")
-        if ctx.expires_at is not None and ctx.expires_at <= self.clock.now():
-            raise Unauthorized(f"API key {ctx.label} expired at {iso(ctx.expires_at)}")
+        reason = key_refusal(ctx, self.clock.now())
+        if ctx is None or reason is not None:
+            raise self.refused(ctx, reason or "unknown")
         return ctx
+
+    @staticmethod
+    def refused(ctx: KeyContext | None, reason: str) -> Unauthorized:
+        """The 401 for a key that key_refusal refused for `reason` (unknown, revoked,
+        expired)."""
+        if ctx is None or reason == "unknown":
+            return Unauthorized("invalid API key")
+        if reason == "expired" and ctx.expires_at is not None:
+            return Unauthorized(f"API key {ctx.label} expired at {iso(ctx.expires_at)}")
+        return Unauthorized(f"API key {ctx.label} has been revoked")
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -149,6 +157,8 @@ class KeyService:
             conn,
             {
                 "id": budget_id,
+                "owner_kind": "key",
+                "owner_id": key_id,
                 "key_id": key_id,
                 "kind": kind,
                 "max_budget": _nanos(s.max_budget),

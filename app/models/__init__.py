@@ -4,6 +4,7 @@ from app.models.budget import Budget
 from app.models.budget_alert import BudgetAlert
 from app.models.budget_period import BudgetPeriod
 from app.models.ledger_entry import LedgerCharge, LedgerEntry
+from app.models.owner import Owner
 from app.models.reservation import Reservation
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "BudgetPeriod",
     "LedgerCharge",
     "LedgerEntry",
+    "Owner",
     "Reservation",
 ]

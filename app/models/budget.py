@@ -14,8 +14,16 @@ class Budget(Base):
     __tablename__ = "budgets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # primary | window
+    # The owner (SPEC 11): a key (key_id set too, for the key's own queries) or an `owners` row.
+    owner_kind: Mapped[str] = mapped_column(String(16), default="key")  # key|team|user|end_user|tag
+    owner_id: Mapped[str] = mapped_column(String(40), index=True)
+    key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # primary | window | parallel
+    # What max_budget, spend and reserved count: usd (nano-dollars), tokens (input + output),
+    # requests, or parallel (requests in flight: reserved at admission, never spent).
+    unit: Mapped[str] = mapped_column(String(16), default="usd")
+    # The models it applies to (None: every model).
+    models: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     max_budget: Mapped[int | None] = mapped_column(Nanos)  # None: unlimited, spend still tracked
     soft_budget: Mapped[int | None] = mapped_column(Nanos)
     # Alert thresholds (SPEC 12), ascending, in basis points of the period's max_budget (8000:

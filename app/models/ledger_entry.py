@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, Nanos, UTCDateTime
@@ -41,6 +41,12 @@ class LedgerEntry(Base):
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    # Who else the request was made for (SPEC 11), as of its admission: the key's team and
+    # user, the end user it named, the tags it carried.
+    team_id: Mapped[str | None] = mapped_column(String(40))
+    user_id: Mapped[str | None] = mapped_column(String(40))
+    end_user_id: Mapped[str | None] = mapped_column(String(40))
+    tags: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
     model: Mapped[str | None] = mapped_column(String(255))
     endpoint: Mapped[str] = mapped_column(String(255))
     stream: Mapped[bool] = mapped_column(Boolean)

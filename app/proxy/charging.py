@@ -9,7 +9,7 @@ import functools
 import aiohttp
 import orjson
 
-from app.budgets.repository import Outcome
+from app.ledger.contract import Outcome
 from app.pricing.cost import COST_HEADER, CostCalculator
 from app.pricing.money import ceil_div
 from app.proxy.request import MeteredRequest

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from starlette.datastructures import Headers
 
 from app.budgets.state import PeriodState, tightest
-from app.errors import Unauthorized
+from app.keys.credentials import CLIENT_KEY_HEADERS
 
 # RFC 9110 hop-by-hop headers, plus what the gateway sets itself.
 HOP_BY_HOP = frozenset(
@@ -28,8 +28,6 @@ HOP_BY_HOP = frozenset(
         "x-request-id",
     }
 )
-# Where a client presents its budgetgate (or, in passthrough mode, upstream) key.
-CLIENT_KEY_HEADERS = ("authorization", "api-key", "x-api-key")
 # Every header an upstream may read a credential from (LiteLLM-ROUTES.md section 4): all are
 # removed, and the gateway sets exactly one credential of its own. Compared with `_` read as
 # `-`, since servers and proxies in front of an upstream may treat them alike.
@@ -73,40 +71,6 @@ _RESPONSE_DROP = HOP_BY_HOP | {
     "x-litellm-key-max-budget",
     "x-litellm-model-api-base",
 }
-_CLIENT_KEY_RAW = frozenset(h.encode() for h in CLIENT_KEY_HEADERS)
-
-
-class AmbiguousCredentials(Unauthorized):
-    code = "ambiguous_credentials"
-
-
-def presented_key(headers: Headers) -> str | None:
-    """The key the client presents in `Authorization: Bearer`, `api-key` or `x-api-key`; None
-    when there is none. Several of them (or one sent twice) with different values are a 401:
-    the gateway would budget one key while an upstream might read another."""
-    values: set[str] = set()
-    unusable = False
-    for name, raw in headers.raw:
-        if name not in _CLIENT_KEY_RAW:
-            continue
-        value = raw.decode("latin-1").strip()
-        if name == b"authorization":
-            scheme, _, token = value.partition(" ")
-            # Anything but `Bearer <token>` (Basic, a bare scheme, ...) is a credential the
-            # gateway cannot budget: never a key, and beside a key it makes the request
-            # ambiguous (an upstream may read it first).
-            if scheme.lower() != "bearer" or not token.strip():
-                unusable = unusable or bool(value)
-                continue
-            value = token.strip()
-        if value:
-            values.add(value)
-    if len(values) > 1 or (values and unusable):
-        raise AmbiguousCredentials(
-            "more than one credential with different values (Authorization, api-key, "
-            "x-api-key): send the key once"
-        )
-    return values.pop() if values else None
 
 
 def upstream_headers(

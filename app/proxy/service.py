@@ -22,16 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.alerts.service import AlertService
-from app.body import is_json_media, read_body, too_large
-from app.budgets.hotpath import LEDGER_ERRORS, AdmitRequest, HotLedger, model_allowed
-from app.budgets.repository import (
-    Admission,
-    BudgetRepository,
-    ConcurrentChange,
-    Outcome,
-    RequestInfo,
-)
-from app.budgets.state import tightest
+from app.body import declares_more_than, is_json_media, read_body, too_large
+from app.budgets.state import PeriodState, tightest
 from app.clock import Clock
 from app.config import Settings
 from app.errors import (
@@ -46,8 +38,25 @@ from app.errors import (
     UpstreamUnreachable,
     error_response,
 )
-from app.keys.repository import KeyContext
+from app.keys.credentials import presented_key
 from app.keys.service import KeyService, hash_key
+from app.ledger.contract import (
+    LEDGER_ERRORS,
+    AdmitRequest,
+    Admitted,
+    ConcurrentChange,
+    HotLedger,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    model_allowed,
+)
+from app.ledger.periods import BudgetRepository
+from app.ledger.settlement import Settlement
 from app.metrics import LEDGER_SECONDS
 from app.pricing.cost import CostCalculator
 from app.proxy.access import AccessRecord, current_access
@@ -55,7 +64,6 @@ from app.proxy.charging import outcome_of_body, outcome_of_stream
 from app.proxy.headers import (
     add_identity,
     budget_headers,
-    presented_key,
     response_headers,
     retry_after,
     rfc3339,
@@ -64,7 +72,6 @@ from app.proxy.headers import (
 from app.proxy.query import judge_query
 from app.proxy.request import MeteredRequest, parse_metered, set_output_bound
 from app.proxy.routes import Access, RouteTable, parse_extra_routes
-from app.proxy.settlement import Settlement
 from app.proxy.streaming import RelayResponse, sse_error_event
 from app.proxy.upstream import UpstreamClient
 from app.proxy.usage import StreamMeter
@@ -204,7 +211,8 @@ class Gateway:
         admitting = time.perf_counter()
         admit_span = start_phase(self.tracer, "admit", record.span)
         try:
-            key, admission = await self._admit(
+            decision = await self._admit(
+                request,
                 AdmitRequest(
                     key_hash,
                     request_id,
@@ -215,7 +223,7 @@ class Gateway:
                     started,
                     started + timedelta(seconds=self.settings.reservation_ttl_seconds),
                     min_amount=self._least_amount(metered, self._known_keys.get(key_hash)),
-                )
+                ),
             )
         except Unauthorized:
             self._known_keys.pop(key_hash, None)
@@ -223,11 +231,11 @@ class Gateway:
         finally:
             admit_span.end()
             LEDGER_SECONDS.labels("admit").observe(time.perf_counter() - admitting)
+        key = decision.key
         self._remember(request, key, request_id)
-        if admission is None:
-            raise Forbidden(_not_allowed(key, model), param="model")
-        if not admission.admitted:
-            raise self._budget_exceeded(key, admission, request_id)
+        if isinstance(decision, Rejected):
+            raise self._budget_exceeded(decision, request_id)
+        admission = decision
         if key_hash in self._known_keys:
             self._known_keys[key_hash] = key.shrink_to_fit
         info = RequestInfo(request_id, key.id, model, endpoint, stream, started)
@@ -235,11 +243,9 @@ class Gateway:
         if metered is not None and admission.amount < amount:
             if not self._shrinks(key.shrink_to_fit):
                 # Shrunk on a choice the key no longer makes: the request is refused after all.
-                states = await self.settlement.settle(
-                    info, Outcome("rejected", 0, "none", status_code=429)
-                )
+                states = await self._settle(info, Outcome("rejected", 0, "none", status_code=429))
                 refusing = tightest(states or admission.periods) or admission.periods[0]
-                raise self._budget_exceeded(key, Admission(False, [refusing], amount), request_id)
+                raise self._budget_exceeded(Rejected(key, refusing, amount), request_id)
             limited = self._shrink_to(metered, admission.amount)
             record.reservation = admission.amount
         response = await self._forward(request, info, metered, raw, admission)
@@ -304,17 +310,32 @@ class Gateway:
         set_output_bound(metered, tokens)
         return tokens
 
-    async def _admit(self, req: AdmitRequest) -> tuple[KeyContext, Admission | None]:
-        """The key and its admission; None when the key may not use the requested model."""
+    async def _settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
+        """Settle the request (app.ledger.settlement) and note its outcome in its access record."""
+        record = current_access.get()
+        if record is not None:
+            record.upstream_done()
+            record.outcome, record.cost = outcome.outcome, outcome.cost
+        return await self.settlement.settle(info, outcome, record.span if record else None)
+
+    async def _admit(self, request: Request, req: AdmitRequest) -> Admitted | Rejected:
+        """The ledger's decision on the request: admitted or rejected by a budget; a key that
+        may not make it is a 401 (a 403 for a model outside its allow-list)."""
         try:
             for _ in range(5):
-                result = await self.hot.admit(req, self.clock.now())
-                if result.expired_periods:  # the period ended: roll it, then try again
-                    await self.budgets.roll_periods(result.expired_periods)
-                    continue
-                if result.retry:
-                    continue
-                return self.keys.ensure_usable(result.key), result.admission
+                decision = await self.hot.admit(req, self.clock.now())
+                match decision:
+                    case PeriodsExpired(expired=expired):  # roll the ended periods, ask again
+                        await self.budgets.roll_periods(expired)
+                    case PeriodsChanged():
+                        pass
+                    case KeyRefused(key=key, reason="model") if key is not None:
+                        self._remember(request, key, req.request_id)
+                        raise Forbidden(_not_allowed(key, req.model), param="model")
+                    case KeyRefused(key=key, reason=reason):
+                        raise self.keys.refused(key, reason)
+                    case Admitted() | Rejected():
+                        return decision
             raise ConcurrentChange("periods kept expiring during admission")
         except LEDGER_ERRORS as exc:
             raise self._ledger_down(exc) from None
@@ -329,15 +350,12 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declares_more_than(request.scope, limit):
             raise too_large(limit)
         return await read_body(request.receive, limit, self.settings.body_timeout_seconds)
 
-    def _budget_exceeded(
-        self, key: KeyContext, admission: Admission, request_id: str
-    ) -> BudgetExceeded:
-        state = admission.periods[0]
+    def _budget_exceeded(self, rejected: Rejected, request_id: str) -> BudgetExceeded:
+        key, state = rejected.key, rejected.refusing
         self.alerts.exhausted_soon(key, state)
         record = current_access.get()
         if record is not None:
@@ -350,7 +368,7 @@ class Gateway:
         )
         message = (
             f"Budget exceeded for key {key.label}: spend ${format_dollars_4(used)} + this request "
-            f"up to ${format_dollars_4(admission.amount)} would pass max_budget "
+            f"up to ${format_dollars_4(rejected.amount)} would pass max_budget "
             f"${format_dollars_4(state.max_budget or 0)}; {resets}"
         )
         headers = budget_headers([state], request_id) | retry_after(state, self.clock.now())
@@ -402,22 +420,20 @@ class Gateway:
         info: RequestInfo,
         metered: MeteredRequest | None,
         raw: bytes,
-        admission: Admission,
+        admission: Admitted,
     ) -> Response:
         body = metered.body if metered else raw
         try:
             resp = await self._send(request, info, body)
         except (UpstreamUnreachable, UpstreamTimeout) as exc:
             outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
-            states = await self.settlement.settle(
-                info, Outcome(outcome, 0, "none", status_code=exc.status)
-            )
+            states = await self._settle(info, Outcome(outcome, 0, "none", status_code=exc.status))
             return error_response(exc, budget_headers(states or admission.periods, info.request_id))
         except BaseException as exc:
             # Anything else (a bug, a request aiohttp refuses to send, cancellation): the
             # reservation is released now, not held until the sweeper's TTL.
             failed = isinstance(exc, Exception)
-            await self.settlement.settle(
+            await self._settle(
                 info,
                 Outcome(
                     "upstream_error" if failed else "client_disconnect",
@@ -444,7 +460,7 @@ class Gateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             resp.release()
             timeout = isinstance(exc, TimeoutError)
-            states = await self.settlement.settle(
+            states = await self._settle(
                 info,
                 Outcome(
                     "timeout" if timeout else "upstream_error",
@@ -461,7 +477,7 @@ class Gateway:
             return error_response(err, budget_headers(states or admission.periods, info.request_id))
         resp.release()
         result = outcome_of_body(self.costs, resp, metered, content)
-        states = await self.settlement.settle(info, result)
+        states = await self._settle(info, result)
         headers = response_headers(list(resp.headers.items())) | budget_headers(
             states or admission.periods, info.request_id
         )
@@ -507,9 +523,7 @@ class Gateway:
             raise
         finally:
             resp.close()
-            await self.settlement.settle(
-                info, outcome_of_stream(self.costs, resp, metered, meter, outcome)
-            )
+            await self._settle(info, outcome_of_stream(self.costs, resp, metered, meter, outcome))
 
     def _ledger_down(self, exc: BaseException) -> LedgerUnavailable:
         log.error("ledger database unavailable: %s", type(exc).__name__)

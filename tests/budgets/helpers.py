@@ -10,11 +10,20 @@ from typing import Any
 
 import httpx
 
-from app.budgets.hotpath import AdmitRequest
-from app.budgets.repository import Admission, ConcurrentChange, Outcome, RequestInfo
 from app.budgets.state import PeriodState
-from app.keys.repository import KeyContext
 from app.keys.service import hash_key
+from app.ledger.contract import (
+    AdmitRequest,
+    Admitted,
+    ConcurrentChange,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+)
 from app.ledger.repository import reconcile
 from tests.conftest import Gateway
 
@@ -27,7 +36,18 @@ class Flight:
 
     info: RequestInfo
     key: KeyContext
-    admission: Admission
+    decision: Admitted | Rejected
+
+    @property
+    def admitted(self) -> bool:
+        return isinstance(self.decision, Admitted)
+
+    @property
+    def periods(self) -> list[PeriodState]:
+        """Admitted: every period after the reservation; rejected: the period that refused."""
+        if isinstance(self.decision, Admitted):
+            return self.decision.periods
+        return [self.decision.refusing]
 
 
 def admit_request(
@@ -65,23 +85,24 @@ async def admit(
     reverse_rolls: bool = False,
 ) -> Flight:
     """Authenticate + reserve `amount` on the gateway's hot ledger as the request path does
-    (app.proxy.service.Gateway._admit): roll the periods it reports expired, then try again, at
+    (app.proxy.service.Gateway): roll the periods it reports expired, then try again, at
     most 5 times. `reverse_rolls` hands roll_periods the expired periods in the opposite order
     (the roll must impose its own lock order)."""
     req = admit_request(gw, plaintext_key, amount, request_id, model, endpoint, stream)
     started = req.started_at
     for _ in range(5):
-        result = await gw.state.gateway.hot.admit(req, gw.clock.now())
-        if result.expired_periods:
-            due = result.expired_periods
-            await gw.state.budgets.roll_periods(list(reversed(due)) if reverse_rolls else due)
-            continue
-        if result.retry:
-            continue
-        assert result.key is not None and result.refusal(gw.clock.now()) is None, result
-        assert result.admission is not None, f"model {model} not allowed"
-        info = RequestInfo(req.request_id, result.key.id, model, endpoint, stream, started)
-        return Flight(info, result.key, result.admission)
+        decision = await gw.state.gateway.hot.admit(req, gw.clock.now())
+        match decision:
+            case PeriodsExpired(expired=due):
+                await gw.state.budgets.roll_periods(list(reversed(due)) if reverse_rolls else due)
+            case PeriodsChanged():
+                pass
+            case KeyRefused():
+                raise AssertionError(f"key refused: {decision}")
+            case Admitted() | Rejected():
+                key = decision.key
+                info = RequestInfo(req.request_id, key.id, model, endpoint, stream, started)
+                return Flight(info, key, decision)
     raise ConcurrentChange("periods kept expiring during admission")
 
 

@@ -1,5 +1,5 @@
 """Steps run together in one batch decide exactly as they would one by one (SQLite decides a
-batch's admits in Python on the keys it read in one query, app/budgets/hotpath.py
+batch's admits in Python on the keys it read in one query, app/ledger/contract.py
 `_sqlite_admit`; PostgreSQL in one statement over arrays, each key on its own): order is kept,
 every budget of a key counts, a refusal reserves nothing, and a batch's settles charge each
 request once. On both ledgers."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from app.budgets.repository import Outcome
+from app.ledger.contract import Outcome
 from app.ledger.repository import reconcile
 from tests.budgets.helpers import admit, settle
 from tests.conftest import Gateway
@@ -31,17 +31,17 @@ async def test_a_batch_of_admits_over_two_keys_and_two_budgets_admits_in_order(
         *[admit(gateway, plain[name], CENT) for name in order], return_exceptions=True
     )
     assert not [f for f in flights if isinstance(f, BaseException)], flights
-    admitted = [name for name, f in zip(order, flights, strict=True) if f.admission.admitted]
+    admitted = [name for name, f in zip(order, flights, strict=True) if f.admitted]
     # The first ones of each key get in, in order; the rest are refused.
-    verdicts = [f.admission.admitted for f in flights]
+    verdicts = [f.admitted for f in flights]
     assert verdicts[0::2] == [True] * 3 + [False] * 3, verdicts
     assert verdicts[1::2] == [True] * 4 + [False] * 2, verdicts
     assert Counter(admitted) == {"a": 3, "b": 4}
     # Each admitted request saw the money left by the ones before it.
-    a_reserved = [max(s.reserved for s in f.admission.periods) for f in flights[0:6:2]]
+    a_reserved = [max(s.reserved for s in f.periods) for f in flights[0:6:2]]
     assert a_reserved == [CENT, 2 * CENT, 3 * CENT], a_reserved
     # A refusal names the budget that refused it: a's window, full at 3 cents.
-    refused = flights[6].admission.periods
+    refused = flights[6].periods
     assert len(refused) == 1 and refused[0].max_budget == 3 * CENT, refused
 
     key_a = (await gateway.admin("GET", f"/admin/keys/{a['id']}")).json()

@@ -20,9 +20,10 @@ from prometheus_client import REGISTRY
 from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.budgets.repository import BudgetRepository, Outcome
 from app.clock import ManualClock
 from app.db import create_engine
+from app.ledger.contract import Outcome
+from app.ledger.periods import BudgetRepository
 from app.ledger.repository import reconcile
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
 from app.scheduler import run_maintenance
@@ -146,7 +147,7 @@ async def test_100_concurrent_requests_admit_exactly_what_fits(gw: Gateway) -> N
     responses = await gather_all([gw.chat(key["key"], max_tokens=10) for _ in range(100)])
     assert_statuses(responses, ok=37, rejected=63)
     # The race must be real: admissions were in flight at once, so the request path's group
-    # commit (app.budgets.hotpath) ran some of the 137 steps (100 admits, 37 settles) together
+    # commit (app.ledger.contract) ran some of the 137 steps (100 admits, 37 settles) together
     # in one transaction.
     steps_after, batches_after = batch_totals()
     assert steps_after - steps == 137, (steps, steps_after)
@@ -303,8 +304,8 @@ async def test_request_admitted_in_one_period_is_charged_to_it(gateway: Gateway)
     key = await gateway.create_key(max_budget=1.0, budget_duration="30s")
     budgets: BudgetRepository = gateway.state.budgets
     flight = await admit(gateway, key["key"], CENT, request_id="req_inflight")
-    assert flight.admission.admitted and flight.info.started_at == START
-    (held,) = flight.admission.periods
+    assert flight.admitted and flight.info.started_at == START
+    (held,) = flight.periods
     first_period = held.period_id
 
     gateway.clock.advance(PERIOD)
@@ -340,10 +341,8 @@ async def test_request_admitted_before_a_reset_race_is_charged_to_its_period(
     flights: list[Flight] = await gather_all(
         [admit(gateway, key["key"], CENT, request_id=f"req_flight_{i}") for i in range(10)]
     )
-    assert all(f.admission.admitted for f in flights)
-    ((first_period, budget_id),) = {
-        (p.period_id, p.budget_id) for f in flights for p in f.admission.periods
-    }
+    assert all(f.admitted for f in flights)
+    ((first_period, budget_id),) = {(p.period_id, p.budget_id) for f in flights for p in f.periods}
 
     gateway.clock.advance(PERIOD)
     outcome = Outcome("ok", CENT, "prices", 0, 10, 200)
@@ -471,8 +470,8 @@ async def test_refusal_does_not_deadlock_with_a_budget_lock_holder(
             flight = await asyncio.wait_for(refusal, timeout=10)
             await asyncio.wait_for(touch, timeout=10)
             await holder.rollback()
-        assert not flight.admission.admitted
-        assert flight.admission.periods[0].budget_id == window_id
+        assert not flight.admitted
+        assert flight.periods[0].budget_id == window_id
         (p,) = await periods_of(engine, primary_id)
         assert (p.spend, p.reserved) == (CENT, 0)
         assert await fetch(engine, select(R)) == []
@@ -508,8 +507,8 @@ async def test_admission_lock_order_does_not_depend_on_budget_order(gateway: Gat
                 for i in range(40)
             ]
         )
-        assert all(f.admission.admitted for f in flights)
-        new_periods = {p.period_id for f in flights for p in f.admission.periods}
+        assert all(f.admitted for f in flights)
+        new_periods = {p.period_id for f in flights for p in f.periods}
         assert len(new_periods) == 2
         assert new_periods.isdisjoint(r.period_id for r in ctx.budgets)
         outcome = Outcome("ok", CENT, "prices", 0, 10, 200)

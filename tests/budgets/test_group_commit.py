@@ -1,4 +1,4 @@
-"""SQLite group commit (app/budgets/hotpath.py): steps queued in one event-loop turn share a
+"""SQLite group commit (app/ledger/contract.py): steps queued in one event-loop turn share a
 transaction (the steps of one kind in one call); when one fails, the batch runs again with each
 step alone in a savepoint, so one step's failure undoes only that step."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.budgets.hotpath_sqlite import SqliteHotLedger
+from app.ledger.sqlite import SqliteHotLedger
 
 
 def scratch_db(tmp_path: Path) -> str:
@@ -23,14 +23,8 @@ def scratch_db(tmp_path: Path) -> str:
 async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -> None:
     path = scratch_db(tmp_path)
     ledger = SqliteHotLedger(path, "normal")
-    batches: list[int] = []
-    real_run_batch = ledger._run_batch
-
-    def counting_run_batch(batch):  # noqa: ANN001, ANN202
-        batches.append(len(batch))
-        return real_run_batch(batch)
-
-    ledger._run_batch = counting_run_batch  # type: ignore[method-assign]
+    batches: list[list[str]] = []
+    ledger.observe_batches(batches.append)
 
     calls: list[list[int]] = []
 
@@ -43,13 +37,13 @@ async def test_a_failing_step_leaves_its_batch_mates_committed(tmp_path: Path) -
         return xs
 
     results = await asyncio.gather(
-        ledger._submit(insert, 1),
-        ledger._submit(insert, 2),
-        ledger._submit(insert, 3),
+        ledger.submit(insert, 1),
+        ledger.submit(insert, 2),
+        ledger.submit(insert, 3),
         return_exceptions=True,
     )
     await ledger.close()
-    assert batches == [3]  # one transaction for the three steps
+    assert batches == [["other"] * 3]  # one transaction for the three steps
     assert calls == [[1, 2, 3], [1], [2], [3]]  # together; after the failure one by one
     assert results[0] == 1 and results[2] == 3
     assert isinstance(results[1], ValueError)
@@ -67,7 +61,7 @@ async def test_a_lone_failing_step_writes_nothing(tmp_path: Path) -> None:
         raise ValueError("boom")
 
     with pytest.raises(ValueError):
-        await ledger._submit(insert_then_fail, 7)
+        await ledger.submit(insert_then_fail, 7)
     await ledger.close()
     check = sqlite3.connect(path)
     assert check.execute("SELECT count(*) FROM t").fetchone()[0] == 0

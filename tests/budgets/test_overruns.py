@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.budgets.repository import Outcome
+from app.ledger.contract import Outcome
 from tests.budgets.helpers import (
     admit,
     assert_reconciled,

@@ -13,8 +13,8 @@ from alembic import command
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.budgets.repository import Outcome
 from app.clock import ManualClock
+from app.ledger.contract import Outcome
 from app.ledger.repository import reconcile
 from app.migrate import alembic_config, upgrade_to_head
 from app.models import LedgerCharge, LedgerEntry, Reservation
@@ -22,6 +22,7 @@ from tests.budgets.helpers import admit, assert_reconciled, get_key, ledger, set
 from tests.conftest import Gateway, make_settings, running_gateway
 from tests.servers import ServerThread
 
+PENDING_ENTRIES_REVISION = "0010"  # migrations/versions/…_pending_ledger_entries.py
 CENTS_20 = 200_000_000  # $0.20 in nano-dollars
 CENTS_5 = 50_000_000
 
@@ -127,7 +128,8 @@ async def test_the_migration_moves_open_reservations_forward_and_back(
     request_id = flight.info.request_id
 
     # Back to separate reservations: the request holds one and has no entry yet.
-    await asyncio.to_thread(command.downgrade, alembic_config(database_url), "0007")
+    before = f"{PENDING_ENTRIES_REVISION}-1"
+    await asyncio.to_thread(command.downgrade, alembic_config(database_url), before)
     engine = create_async_engine(database_url)
     try:
         async with engine.connect() as conn:

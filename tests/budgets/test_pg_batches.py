@@ -1,4 +1,4 @@
-"""PostgreSQL group commit (app/budgets/hotpath.py, PostgresHotLedger): the steps that arrive
+"""PostgreSQL group commit (app/ledger/contract.py, PostgresHotLedger): the steps that arrive
 while a batch runs share the next batch, whatever their keys (a statement and a transaction per
 kind of step), each key's decided exactly as if they had come one at a time; one step's error
 fails only that step; a lost connection fails its batch and nothing after it; several processes
@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.budgets import hotpath_postgres as hotpath
-from app.budgets.hotpath_postgres import PostgresHotLedger
-from app.budgets.repository import Outcome
+from app.ledger import postgres as hotpath
+from app.ledger.contract import Admitted, KeyRefused, Outcome, PeriodsExpired
+from app.ledger.postgres import PostgresHotLedger
 from app.ledger.repository import reconcile
 from tests.budgets.helpers import Flight, admit, admit_request, settle
 from tests.conftest import Gateway, make_settings, running_gateway
@@ -43,14 +43,17 @@ def record_batches(gw: Gateway) -> list[list[str]]:
     ledger = gw.state.gateway.hot
     assert isinstance(ledger, PostgresHotLedger)
     batches: list[list[str]] = []
-    real = ledger._execute
-
-    async def recording(batch: list[Any]) -> None:
-        batches.append(["admit" if s.query is hotpath._ADMIT else "settle" for s in batch])
-        await real(batch)
-
-    ledger._execute = recording  # type: ignore[method-assign]
+    ledger.observe_batches(batches.append)
     return batches
+
+
+async def until_queued(gw: Gateway, steps: int) -> None:
+    """Until `steps` steps wait for the ledger's next batch."""
+    for _ in range(1000):
+        if gw.state.gateway.hot.queued_steps >= steps:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{gw.state.gateway.hot.queued_steps} steps queued, not {steps}")
 
 
 @asynccontextmanager
@@ -98,10 +101,10 @@ async def test_steps_arriving_during_a_batch_share_the_next_transaction(
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(5)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 5)
         assert not first.done() and not any(f.done() for f in rest)
     flights = await asyncio.gather(first, *rest)
-    assert all(f.admission.admitted for f in flights)
+    assert all(f.admitted for f in flights)
     assert batches == [["admit"], ["admit"] * 5]
     async with connected(postgres_url) as conn:
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 6
@@ -120,12 +123,12 @@ async def test_a_failing_step_fails_alone_and_its_batch_mates_commit(
         # The same request id again: its reservation collides with the first's.
         dup = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_first"))
         c = asyncio.ensure_future(admit(gw, key["key"], CENT, request_id="req_c"))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 3)
     results = await asyncio.gather(first, a, dup, c, return_exceptions=True)
     assert batches == [["admit"], ["admit"] * 3]
     assert isinstance(results[2], asyncpg.UniqueViolationError), results[2]
     for flight in (results[0], results[1], results[3]):
-        assert isinstance(flight, Flight) and flight.admission.admitted, flight
+        assert isinstance(flight, Flight) and flight.admitted, flight
     async with connected(postgres_url) as conn:
         held = await conn.fetch("SELECT request_id FROM reservations ORDER BY request_id")
         assert [r["request_id"] for r in held] == ["req_a", "req_c", "req_first"]
@@ -147,11 +150,11 @@ async def test_settles_and_admits_queued_together_run_in_one_batch(
             for f in flights
         ]
         admits = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 6)
     await first
     states = await asyncio.gather(*settles)
     assert all(s is not None and s[0].spend >= 2 * CENT for s in states), states
-    assert all(f.admission.admitted for f in await asyncio.gather(*admits))
+    assert all(f.admitted for f in await asyncio.gather(*admits))
     assert batches == [["admit"], ["settle"] * 3 + ["admit"] * 3]
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["spend"] == 0.06  # three settled at $0.02
@@ -166,16 +169,16 @@ async def test_a_lost_connection_fails_its_batch_only(gw: Gateway, postgres_url:
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         (pid,) = await until_waiting(postgres_url)
         queued = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 3)
         assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
             await asyncio.wait_for(first, 10)
-        await asyncio.sleep(0.05)
+        await until_waiting(postgres_url)  # the next batch, on another connection
     # The next batch ran on another connection, once the rows were free.
     flights = await asyncio.wait_for(asyncio.gather(*queued), 10)
-    assert all(f.admission.admitted for f in flights)
+    assert all(f.admitted for f in flights)
     assert batches == [["admit"], ["admit"] * 3]
-    assert (await admit(gw, key["key"], CENT)).admission.admitted
+    assert (await admit(gw, key["key"], CENT)).admitted
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["reserved"] == 0.04  # the lost step reserved nothing
     assert (await reconcile(gw.state.engine)).ok
@@ -238,10 +241,10 @@ async def test_a_batch_that_does_not_all_fit_is_decided_one_step_at_a_time_in_or
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], c * CENT)) for c in cents]
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted
+        await until_queued(gw, len(cents))
+    assert (await first).admitted
     # held 1: +2 = 3, +2 = 5, +2 > 6 no, +1 = 6, then the budget is reached: no, no
-    admitted = [f.admission.admitted for f in await asyncio.gather(*rest)]
+    admitted = [f.admitted for f in await asyncio.gather(*rest)]
     assert admitted == [True, True, False, True, False, False]
     assert batches == [["admit"], ["admit"] * 6]
     assert statements == [1, 6, 1, 1, 1, 1, 1, 1]  # the batch undecided, then one by one
@@ -258,17 +261,17 @@ async def test_a_batch_none_of_which_fits_is_rejected_in_one_statement(
     gw: Gateway, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = await gw.create_key(alias="b", max_budget=0.03)
-    assert (await admit(gw, key["key"], 2 * CENT)).admission.admitted
+    assert (await admit(gw, key["key"], 2 * CENT)).admitted
     statements = count_admit_statements(monkeypatch)
     async with periods_locked(postgres_url):
         first = asyncio.ensure_future(admit(gw, key["key"], CENT))
         await until_waiting(postgres_url)
         rest = [asyncio.ensure_future(admit(gw, key["key"], 2 * CENT)) for _ in range(4)]
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted  # the budget is reached with it
+        await until_queued(gw, 4)
+    assert (await first).admitted  # the budget is reached with it
     flights = await asyncio.gather(*rest)
-    assert not any(f.admission.admitted for f in flights)
-    assert all(f.admission.periods[0].remaining == 0 for f in flights)
+    assert not any(f.admitted for f in flights)
+    assert all(f.periods[0].remaining == 0 for f in flights)
     assert statements == [1, 4]
     async with connected(postgres_url) as conn:
         rejected = "SELECT count(*) FROM ledger_entries WHERE outcome = 'rejected'"
@@ -287,7 +290,7 @@ async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
     fills = await gw.create_key(alias="fills", max_budget=0.05)
     spent = await gw.create_key(alias="spent", max_budget=0.03)
     tight = await gw.create_key(alias="tight", max_budget=0.05)
-    assert (await admit(gw, spent["key"], 2 * CENT)).admission.admitted
+    assert (await admit(gw, spent["key"], 2 * CENT)).admitted
     batches = record_batches(gw)
     statements = count_admit_statements(monkeypatch)
     order = [fills, spent, tight, fills, spent, tight, tight]
@@ -299,11 +302,11 @@ async def test_a_batch_of_several_keys_decides_each_key_on_its_own(
             asyncio.ensure_future(hot.admit(admit_request(gw, k["key"], 2 * CENT), gw.clock.now()))
             for k in order
         ]
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted
+        await until_queued(gw, len(order))
+    assert (await first).admitted
     results = await asyncio.gather(*rest)
     assert [r.key.alias for r in results] == [k["alias"] for k in order]  # type: ignore[union-attr]
-    admitted = [r.admission.admitted for r in results]  # type: ignore[union-attr]
+    admitted = [isinstance(r, Admitted) for r in results]
     # fills (1 of 5 cents held): 3, 5; spent (2 of 3 held): no, no; tight (5): 2, 4, then no
     assert admitted == [True, False, True, True, False, True, False]
     assert batches == [["admit"], ["admit"] * 7]
@@ -341,12 +344,12 @@ async def test_a_key_whose_period_ended_does_not_hold_up_its_batch_mates(
         fresh = asyncio.ensure_future(
             hot.admit(admit_request(gw, other["key"], CENT), gw.clock.now())
         )
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted
+        await until_queued(gw, 2)
+    assert (await first).admitted
     result = await stale
-    assert result.admission is None and len(result.expired_periods) == 1
+    assert isinstance(result, PeriodsExpired) and len(result.expired) == 1
     fresh_result = await fresh
-    assert fresh_result.admission is not None and fresh_result.admission.admitted
+    assert isinstance(fresh_result, Admitted)
     assert statements == [1, 2]  # decided in the batch's statement, not run again
     async with connected(postgres_url) as conn:
         held = "SELECT key_id, sum(amount) FROM reservations GROUP BY key_id"
@@ -367,11 +370,11 @@ async def test_an_unknown_key_in_a_batch_is_unauthenticated_and_its_mates_admitt
             hot.admit(admit_request(gw, "sk-bg-" + "0" * 40, CENT), gw.clock.now())
         )
         known = asyncio.ensure_future(admit(gw, key["key"], CENT))
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted
+        await until_queued(gw, 2)
+    assert (await first).admitted
     result = await unknown
-    assert result.key is None and result.admission is None
-    assert (await known).admission.admitted
+    assert result == KeyRefused(None, "unknown")
+    assert (await known).admitted
     assert batches == [["admit"], ["admit"] * 2]
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["reserved"] == 0.02
@@ -388,11 +391,11 @@ async def test_a_batch_admits_each_step_for_its_own_model(gw: Gateway, postgres_
         allowed = [asyncio.ensure_future(admit(gw, key["key"], CENT)) for _ in range(2)]
         other = admit_request(gw, key["key"], CENT, model="gpt-other")
         refused = asyncio.ensure_future(hot.admit(other, gw.clock.now()))
-        await asyncio.sleep(0.05)
-    assert (await first).admission.admitted
-    assert all(f.admission.admitted for f in await asyncio.gather(*allowed))
+        await until_queued(gw, 3)
+    assert (await first).admitted
+    assert all(f.admitted for f in await asyncio.gather(*allowed))
     result = await refused
-    assert result.key is not None and result.admission is None
+    assert isinstance(result, KeyRefused) and result.reason == "model"
     assert batches == [["admit"], ["admit"] * 3]  # the refused step was one of the batch
     got = (await gw.admin("GET", f"/admin/keys/{key['id']}")).json()
     assert got["reserved"] == 0.03
@@ -412,7 +415,7 @@ async def test_a_settle_batch_leaves_out_a_request_settled_already(
         await until_waiting(postgres_url)
         again = asyncio.ensure_future(settle(gw, two.info, done))
         last = asyncio.ensure_future(settle(gw, three.info, done))
-        await asyncio.sleep(0.05)
+        await until_queued(gw, 2)
     assert await first is not None
     assert await again is None
     states = await last

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.budgets.repository import Outcome
+from app.ledger.contract import Outcome
 from app.scheduler import run_maintenance
 from tests.budgets.helpers import (
     admit,

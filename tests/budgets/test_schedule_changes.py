@@ -10,8 +10,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from app.budgets.repository import Outcome
 from app.budgets.schedule import Schedule
+from app.ledger.contract import Outcome
 from tests.budgets.helpers import admit, assert_reconciled, periods, settle, when
 from tests.conftest import START, Gateway
 from tests.hostile.test_proxy_bodies import run_hypothesis
@@ -44,7 +44,7 @@ async def test_schedule_changes_keep_the_open_period_and_its_spend(gateway: Gate
 
     async def try_to_spend(key: dict[str, Any]) -> int:
         flight = await admit(gw, key["key"], ATTEMPT)
-        if not flight.admission.admitted:
+        if not flight.admitted:
             return 0
         assert await settle(gw, flight.info, Outcome("ok", ATTEMPT, "prices", 1, 1, 200))
         return ATTEMPT

@@ -12,9 +12,8 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.budgets.hotpath import AdmitRequest, AdmitResult
-from app.budgets.repository import Outcome, RequestInfo
 from app.budgets.state import PeriodState, amount_to_reserve
+from app.ledger.contract import AdmitRequest, Admitted, Outcome, Rejected, RequestInfo
 from tests.budgets.helpers import (
     admit,
     admit_request,
@@ -29,7 +28,9 @@ from tests.conftest import Gateway
 CENT = 10_000_000  # nano-dollars
 
 
-async def try_admit(gw: Gateway, key: dict, amount: int, min_amount: int | None) -> AdmitResult:
+async def try_admit(
+    gw: Gateway, key: dict, amount: int, min_amount: int | None
+) -> Admitted | Rejected:
     """One admission on the hot ledger (the key's periods are current)."""
     return await admit_with(gw, shrinkable(gw, key, amount, min_amount))
 
@@ -38,15 +39,15 @@ def shrinkable(gw: Gateway, key: dict, amount: int, min_amount: int | None) -> A
     return replace(admit_request(gw, key["key"], amount), min_amount=min_amount)
 
 
-async def admit_with(gw: Gateway, req: AdmitRequest) -> AdmitResult:
-    result: AdmitResult = await gw.state.gateway.hot.admit(req, gw.clock.now())
-    assert result.admission is not None and not result.expired_periods, result
-    return result
+async def admit_with(gw: Gateway, req: AdmitRequest) -> Admitted | Rejected:
+    decision = await gw.state.gateway.hot.admit(req, gw.clock.now())
+    assert isinstance(decision, Admitted | Rejected), decision
+    return decision
 
 
 async def spend(gw: Gateway, key: dict, amount: int) -> None:
     flight = await admit(gw, key["key"], amount)
-    assert flight.admission.admitted
+    assert flight.admitted
     await settle(gw, flight.info, Outcome("ok", amount, "prices", 1, 1, 200))
 
 
@@ -57,17 +58,17 @@ async def test_a_request_too_big_for_the_room_holds_what_fits(gateway: Gateway) 
 
     for min_amount in (None, 40 * CENT):  # all or nothing; a minimum over the room
         refused = await try_admit(gw, key, 50 * CENT, min_amount)
-        assert refused.admission is not None and not refused.admission.admitted
-        assert refused.admission.periods[0].remaining == 30 * CENT
+        assert isinstance(refused, Rejected)
+        assert refused.refusing.remaining == 30 * CENT
     req = shrinkable(gw, key, 50 * CENT, 10 * CENT)
     shrunk = await admit_with(gw, req)
-    assert shrunk.admission is not None and shrunk.admission.admitted
-    assert shrunk.admission.amount == 30 * CENT
-    [state] = shrunk.admission.periods
+    assert isinstance(shrunk, Admitted)
+    assert shrunk.amount == 30 * CENT
+    [state] = shrunk.periods
     assert (state.spend, state.reserved, state.remaining) == (70 * CENT, 30 * CENT, 0)
     # The budget is reached: nothing more, however small.
     reached = await try_admit(gw, key, 50 * CENT, 0)
-    assert reached.admission is not None and not reached.admission.admitted
+    assert isinstance(reached, Rejected)
 
     # What the ledger holds is the shrunk amount: the settlement's overrun is over it.
     entries = await ledger(gw, key["id"])
@@ -83,7 +84,7 @@ async def test_a_request_that_fits_in_full_is_not_shrunk(gateway: Gateway) -> No
     gw = gateway
     key = await gw.create_key(max_budget=1, budget_duration="1mo")
     result = await try_admit(gw, key, 40 * CENT, 10 * CENT)
-    assert result.admission is not None and result.admission.amount == 40 * CENT
+    assert isinstance(result, Admitted) and result.amount == 40 * CENT
     assert (await get_key(gw, key["id"]))["reserved"] == 0.4
 
 
@@ -94,7 +95,7 @@ async def test_shrinking_holds_what_fits_every_budget(gateway: Gateway) -> None:
     )
     await spend(gw, key, 30 * CENT)  # rooms: $0.70 and $0.20
     result = await try_admit(gw, key, 50 * CENT, 5 * CENT)
-    assert result.admission is not None and result.admission.amount == 20 * CENT
+    assert isinstance(result, Admitted) and result.amount == 20 * CENT
     assert [p["reserved"] for p in await periods(gw, key["id"])] == [0.2, 0.2]
     await assert_reconciled(gw)
 
@@ -108,7 +109,7 @@ async def test_shrinking_requests_batched_together_are_decided_in_turn(gateway: 
     await spend(gw, tight, 70 * CENT)  # room: $0.30
     asks = [(tight, 20 * CENT, 5 * CENT), (roomy, 20 * CENT, 5 * CENT)] * 3
     results = await asyncio.gather(*(try_admit(gw, k, a, m) for k, a, m in asks))
-    held = [r.admission.amount if r.admission and r.admission.admitted else None for r in results]
+    held = [r.amount if isinstance(r, Admitted) else None for r in results]
     assert held == [20 * CENT, 20 * CENT, 10 * CENT, 20 * CENT, None, 20 * CENT]
     assert (await get_key(gw, tight["id"]))["reserved"] == 0.3
     assert (await get_key(gw, roomy["id"]))["reserved"] == 0.6

@@ -8,7 +8,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from app.budgets.repository import Outcome, RequestInfo
+from app.ledger.contract import Outcome, RequestInfo
 from app.scheduler import run_maintenance
 from tests.budgets.helpers import admit, assert_reconciled, get_key, ledger, periods, settle
 from tests.conftest import Gateway
@@ -21,7 +21,7 @@ async def crashed_reservation(gw: Gateway, key: dict, amount: int) -> RequestInf
     """Admit on the hot ledger as the request path does, then never settle (the replica
     died)."""
     flight = await admit(gw, key["key"], amount, stream=True)
-    assert flight.admission.admitted
+    assert flight.admitted
     assert flight.info.key_id == key["id"] and flight.info.started_at == gw.clock.now()
     return flight.info
 

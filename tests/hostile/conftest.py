@@ -6,9 +6,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.hostile.raw import RecordingUpstream
-from tests.keys.helpers import database_url, pg_reused, sqlite_template
+from tests.keys.helpers import database_url, pg_reused
 
-__all__ = ["database_url", "pg_reused", "sqlite_template"]
+__all__ = ["database_url", "pg_reused"]
 
 
 @pytest.fixture(params=["managed", "passthrough"])

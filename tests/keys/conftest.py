@@ -1,5 +1,5 @@
 """Fixtures for tests/keys: the faster (template-copied) SQLite `database_url`."""
 
-from tests.keys.helpers import database_url, pg_reused, sqlite_template
+from tests.keys.helpers import database_url, pg_reused
 
-__all__ = ["database_url", "pg_reused", "sqlite_template"]
+__all__ = ["database_url", "pg_reused"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,7 @@ import httpx
 import pytest
 from sqlalchemy import inspect, text
 
-from app.migrate import upgrade_to_head
-from tests.conftest import ADMIN_KEY, Gateway, _fresh_pg_database
+from tests.conftest import ADMIN_KEY, Gateway, _fresh_pg_database, copy_sqlite
 from tests.pgcluster import PgCluster
 
 ERROR_KEYS = {"message", "type", "code", "param"}
@@ -104,19 +102,10 @@ async def admin_with_headers(
     return await gw.client.request(method, path, headers=all_headers, **kwargs)
 
 
-# -- a faster `database_url`: SQLite copied from a migrated template ----------------------
-# Same databases as tests/conftest.py's fixture (SQLite at the latest migration, and a fresh
-# PostgreSQL database from the migrated template), but the SQLite schema is migrated once per
-# session and copied per test instead of running Alembic for every test.
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("bg-sqlite-template") / "template.db"
-    upgrade_to_head(f"sqlite+aiosqlite:///{path}")
-    leftovers = [p for p in path.parent.iterdir() if p != path]
-    assert not leftovers, leftovers  # no -wal/-shm: the file alone is the whole database
-    return path
+# -- a faster `database_url`: PostgreSQL emptied instead of copied ----------------------------
+# Same databases as tests/conftest.py's fixture (SQLite copied from the migrated template, and
+# PostgreSQL at the latest migration), but one PostgreSQL database is emptied before each test
+# instead of a new one copied from the template.
 
 
 @pytest.fixture(scope="session")
@@ -142,9 +131,7 @@ def pg_reused(pg_cluster: PgCluster) -> tuple[PgCluster, str, str]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path) -> str:
     if request.param == "sqlite":
-        target = tmp_path / "ledger.db"
-        shutil.copyfile(sqlite_template, target)
-        return f"sqlite+aiosqlite:///{target}"
+        return copy_sqlite(sqlite_template, tmp_path)
     cluster, name, truncate = request.getfixturevalue("pg_reused")
     cluster.psql(truncate, dbname=name)
     return str(cluster.url(name))

@@ -23,7 +23,6 @@ from tests.keys.helpers import (  # database_url: SQLite from a migrated templat
     key_object,
     ledger,
     pg_reused,
-    sqlite_template,
     upstream_requests,
 )
 from tests.servers import ServerThread, free_port
@@ -31,7 +30,7 @@ from tests.servers import ServerThread, free_port
 CHAT = {"model": "bg-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
 MakeGateway = Callable[..., AbstractAsyncContextManager[Gateway]]
-_ = (database_url, pg_reused, sqlite_template)
+_ = (database_url, pg_reused)
 
 
 @pytest.fixture

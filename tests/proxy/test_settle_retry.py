@@ -5,8 +5,8 @@ import asyncio
 
 import pytest
 
-from app.budgets.repository import Outcome
 from app.keys.service import dollars
+from app.ledger.contract import Outcome
 from tests.budgets.helpers import admit
 from tests.conftest import Gateway
 

@@ -18,15 +18,13 @@ from typing import Any
 
 from opentelemetry.trace import Span, Tracer
 
-from app.budgets.hotpath import LEDGER_ERRORS, HotLedger
-from app.budgets.repository import Outcome, RequestInfo
 from app.budgets.state import PeriodState
 from app.clock import Clock
+from app.ledger.contract import LEDGER_ERRORS, HotLedger, Outcome, RequestInfo
 from app.metrics import LEDGER_SECONDS
-from app.proxy.access import current_access
 from app.tracing import start_phase
 
-log = logging.getLogger("budgetgate.proxy")
+log = logging.getLogger("budgetgate.ledger")
 
 
 class Settlement:
@@ -39,18 +37,17 @@ class Settlement:
         self.tracer = tracer
         self._pending_settlements: set[asyncio.Future[Any]] = set()
 
-    async def settle(self, info: RequestInfo, outcome: Outcome) -> list[PeriodState] | None:
-        """The periods' state after the settlement; None if it did not land (yet).
+    async def settle(
+        self, info: RequestInfo, outcome: Outcome, parent: Span | None = None
+    ) -> list[PeriodState] | None:
+        """The periods' state after the settlement; None if it did not land (yet). `parent`:
+        the request's trace span, for the settlement's own.
 
         The ledger runs it to its end whatever happens to this request (its client left, the
         server shuts down and cancels it): it is awaited shielded, and its outcome is handled
         by _settled, a callback, in either case (the shutdown drains what is still pending)."""
-        record = current_access.get()
-        if record is not None:
-            record.upstream_done()
-            record.outcome, record.cost = outcome.outcome, outcome.cost
         settling = self.hot.settle_soon(info, outcome, self.clock.now())
-        span = start_phase(self.tracer, "settle", record.span if record is not None else None)
+        span = start_phase(self.tracer, "settle", parent)
         settling.add_done_callback(_observe_settle(time.perf_counter(), span))
         self._pending_settlements.add(settling)
         settling.add_done_callback(functools.partial(self._settled, info, outcome))

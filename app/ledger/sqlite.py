@@ -1,4 +1,4 @@
-"""The hot ledger on SQLite (the contract: app/budgets/hotpath.py).
+"""The hot ledger on SQLite (the contract: app/ledger/contract.py).
 
 SQLite: the steps queued in the same event-loop turn make a batch, run in a `BEGIN IMMEDIATE`
 transaction on a connection used from the event loop, with no thread hand-off (statements take
@@ -16,10 +16,21 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult, model_allowed
-from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState, amount_to_reserve
-from app.keys.repository import KeyContext
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    BatchObserver,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 
 def _sqlite_time(when: datetime) -> str:
@@ -111,7 +122,7 @@ def _busy(exc: Exception) -> bool:
 
 def _sqlite_admit(
     conn: sqlite3.Connection, steps: list[tuple[AdmitRequest, datetime]]
-) -> list[AdmitResult]:
+) -> list[Decision]:
     """Admit requests in order, as if one by one: each is decided on the periods' money as the
     ones before it left it. The batch's transaction holds SQLite's write lock, so what it reads
     stays true until its commit: the keys are read once, in one query, the decisions are made
@@ -123,20 +134,21 @@ def _sqlite_admit(
     pending: list[tuple[Any, ...]] = []
     holds: list[tuple[str, int, int]] = []
     rejections: list[tuple[Any, ...]] = []
-    results: list[AdmitResult] = []
+    results: list[Decision] = []
     for req, now in steps:
         found = keys.get(req.key_hash)
         if found is None:
-            results.append(AdmitResult(None, None, []))
+            results.append(KeyRefused(None, "unknown"))
             continue
         key, periods = found
-        if AdmitResult(key, None, []).refusal(now) or not model_allowed(key.models, req.model):
-            results.append(AdmitResult(key, None, []))
+        refusal = key_refusal(key, now, req.model)
+        if refusal is not None:
+            results.append(KeyRefused(key, refusal))
             continue
         now_text = _sqlite_time(now)
         expired = [(r[6], r[8]) for r in periods if r[10] is not None and r[10] <= now_text]
         if expired:
-            results.append(AdmitResult(key, None, expired))
+            results.append(PeriodsExpired(key, expired))
             continue
         states = [money[r[8]] for r in periods]  # ascending period id
         take = amount_to_reserve(states, req.amount, req.min_amount)
@@ -146,7 +158,7 @@ def _sqlite_admit(
                 (req.request_id, key.id, req.model, req.endpoint, req.stream, None, None, 0)
                 + ("none", "rejected", 429, _sqlite_time(req.started_at), now_text, 0)
             )
-            results.append(AdmitResult(key, Admission(False, [refused], req.amount), []))
+            results.append(Rejected(key, refused, req.amount))
             continue
         if states:
             pending.append(
@@ -159,7 +171,7 @@ def _sqlite_admit(
             after.append(money[st.period_id])
             held[st.period_id] = held.get(st.period_id, 0) + take
             holds.append((req.request_id, st.period_id, take))
-        results.append(AdmitResult(key, Admission(True, after, take), []))
+        results.append(Admitted(key, after, take))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
@@ -264,6 +276,7 @@ class SqliteHotLedger:
         self._checkpoint: asyncio.Task[None] | None = None
         self._queue: list[_SqliteStep] = []
         self._flush_pending = False
+        self._observers: list[BatchObserver] = []
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -296,8 +309,7 @@ class SqliteHotLedger:
 
     def _run_checkpoint(self) -> None:
         # RESTART, not PASSIVE: under steady writes a passive checkpoint never catches up with
-        # the end of the WAL, which then grows without bound (seen: 6.8 GB after 100k
-        # requests, throughput falling). RESTART holds writers off while it copies (our
+        # the end of the WAL, which then grows without bound (and throughput falls with it). RESTART holds writers off while it copies (our
         # transactions see SQLITE_BUSY and retry after an asyncio.sleep) and lets the next
         # writer start the WAL over. Its own short-lived connection, in a thread.
         conn = sqlite3.connect(self.path, isolation_level=None)
@@ -309,14 +321,23 @@ class SqliteHotLedger:
         finally:
             conn.close()
 
-    def _submit(self, fn: Any, args: Any) -> asyncio.Future[Any]:
+    @property
+    def queued_steps(self) -> int:
+        return len(self._queue)
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
+
+    def submit(self, fn: Any, args: Any) -> asyncio.Future[Any]:
+        """Run `fn(connection, [args, ...])` in the next batch's transaction, together with the
+        other steps of the same `fn`; the future has its result once committed (admit and
+        settle are the two such steps)."""
         loop = asyncio.get_running_loop()
         step = _SqliteStep(fn, args, loop.create_future(), loop.time() + self.BUSY_GIVE_UP_SECONDS)
         self._queue.append(step)
         if not self._flush_pending:
             # One loop turn later: the steps of the callbacks ready in this turn and of those
-            # the next turn's I/O wakes join the batch (wrk -c32: 16 steps per transaction
-            # instead of 10.5, -6 % CPU per request; nothing measurable at one connection).
+            # the next turn's I/O wakes join the batch (fuller batches, less CPU per request).
             self._flush_pending = True
             loop.call_soon(loop.call_soon, self._flush)
         return step.future
@@ -328,6 +349,8 @@ class SqliteHotLedger:
         self._queue = []
         if not batch:
             return
+        for observe in self._observers:
+            observe([_KINDS.get(step.fn, "other") for step in batch])
         try:
             results = self._run_batch(batch)
         except sqlite3.OperationalError as exc:
@@ -411,13 +434,13 @@ class SqliteHotLedger:
             if not step.future.done():
                 step.future.set_exception(exc)
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
-        return await self._submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
+        return await self.submit(_sqlite_admit, (req, now))  # type: ignore[no-any-return]
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
     ) -> asyncio.Future[list[PeriodState] | None]:
-        return self._submit(_sqlite_settle, (req, result, now))
+        return self.submit(_sqlite_settle, (req, result, now))
 
     async def close(self) -> None:
         if self._queue:
@@ -427,3 +450,6 @@ class SqliteHotLedger:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+_KINDS = {_sqlite_admit: "admit", _sqlite_settle: "settle"}

@@ -5,9 +5,9 @@ On PostgreSQL, storage and autovacuum settings for the tables every request writ
 
 Open reservations move forward as pending entries (and back on downgrade).
 
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-12-02 20:00:00
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-02 21:40:00
 
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

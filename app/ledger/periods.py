@@ -1,10 +1,9 @@
 """The budget SQL besides reserve and settle: roll, reset, sweep, open periods, read periods.
 
-The request path's reserve and settle live in app.budgets.hotpath (`HotLedger.admit`:
-authenticate + reserve all or none, or record the rejection; `HotLedger.settle`), on the
-database drivers. This module keeps the types they share (RequestInfo, Outcome, Admission,
-ConcurrentChange) and, on SQLAlchemy, what rolls (the scheduler's, and `roll_periods` for the
-periods an admission found expired), resets, the admin API and the sweeper need.
+The request path's reserve and settle are the hot ledger's (app.ledger.contract), on the
+database drivers. This module holds, on SQLAlchemy, what rolls (the scheduler's, and
+`roll_periods` for the periods an admission found expired), resets, the admin API and the
+sweeper need.
 
 Every decision is a conditional UPDATE evaluated by the database, inside one short
 transaction. PostgreSQL serialises concurrent writers on the period row (row lock +
@@ -14,7 +13,6 @@ Lock order, to stay free of deadlocks: budget row, then period rows by ascending
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +24,7 @@ from app.budgets.periods import parse_duration
 from app.budgets.schedule import Schedule
 from app.budgets.state import PeriodState
 from app.clock import Clock
+from app.ledger.contract import ConcurrentChange
 from app.models import Budget, BudgetPeriod, LedgerCharge, LedgerEntry
 
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
@@ -42,41 +41,6 @@ _PERIOD_COLS = (
     P.c.spend,
     P.c.reserved,
 )
-
-
-@dataclass(frozen=True)
-class RequestInfo:
-    """What the ledger records about a request, known at admission."""
-
-    request_id: str
-    key_id: str
-    model: str | None
-    endpoint: str
-    stream: bool
-    started_at: datetime
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a request ended, known at settlement."""
-
-    outcome: str  # ok | upstream_error | client_disconnect | timeout
-    cost: int
-    cost_source: str  # upstream | prices | estimated | free | reservation | none
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    status_code: int | None = None
-
-
-@dataclass(frozen=True)
-class Admission:
-    admitted: bool
-    periods: list[PeriodState]  # after the reservation; on rejection, the period that refused
-    amount: int  # admitted: what is held (less than asked when shrunk to fit); else what was asked
-
-
-class ConcurrentChange(RuntimeError):
-    """A period kept changing under us; callers treat it as a transient ledger failure."""
 
 
 def schedule_of(row: Row[Any]) -> Schedule:

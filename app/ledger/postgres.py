@@ -1,4 +1,4 @@
-"""The hot ledger on PostgreSQL (the contract: app/budgets/hotpath.py).
+"""The hot ledger on PostgreSQL (the contract: app/ledger/contract.py).
 
 PostgreSQL: the steps arriving while a batch runs make the next batch, whatever their keys
 (PostgresHotLedger). A batch's settles, then its admits, are each ONE statement over arrays
@@ -15,10 +15,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.budgets.hotpath import BATCH_STEPS, AdmitRequest, AdmitResult
-from app.budgets.repository import Admission, Outcome, RequestInfo
 from app.budgets.state import BudgetRef, PeriodState
-from app.keys.repository import KeyContext
+from app.ledger.contract import (
+    BATCH_STEPS,
+    AdmitRequest,
+    Admitted,
+    BatchObserver,
+    Decision,
+    KeyContext,
+    KeyRefused,
+    Outcome,
+    PeriodsChanged,
+    PeriodsExpired,
+    Rejected,
+    RequestInfo,
+    key_refusal,
+)
 
 # One statement admits a batch of requests, of any keys (parameters: one array per column of the
 # steps: key hash, request id, amount, now, model, endpoint, stream, started at, reservation
@@ -239,12 +251,11 @@ class PostgresHotLedger:
     (_PG_SETTLE), then its admits in another (_PG_ADMIT), one round trip and one WAL flush
     each. All steps of a key serialize on its period rows anyway (each holds their locks
     through its commit); batching shares that commit instead of queueing in PostgreSQL's lock
-    manager (bench, 32 connections on one key: ~560 -> ~1850 req/s), and a statement over the
-    whole batch writes each period once instead of once per step (PostgreSQL CPU per request
-    0.23-0.25 -> 0.14-0.15 ms; +19-22 % requests/s). Batching across keys, not per key: with
-    32 connections on 32 keys, per-key batches held one step each (~840 req/s, PostgreSQL CPU
-    1.0 ms and the gateway's 0.76 ms per request: a planned statement and a round trip per
-    step); one batch for all keys ~1900 req/s, 0.17 and 0.38 ms, as for one key.
+    manager, and a statement over the
+    whole batch writes each period once instead of once per step. Batching across keys, not
+    per key: with many connections on many keys, per-key batches would hold one step each (a
+    planned statement and a round trip per step); one batch for all keys costs per request
+    what one key's does (bench/RESULTS.md has the figures).
 
     Lock order: every statement locks the periods it touches in ascending id order. A step's
     error (a deadlock all the same, a duplicate request id) rolls its transaction back: those
@@ -261,6 +272,14 @@ class PostgresHotLedger:
         self._lock = asyncio.Lock()
         self._queue: list[_PgStep] | None = None  # while a batch runs: the steps for the next
         self._draining: asyncio.Task[None] | None = None
+        self._observers: list[BatchObserver] = []
+
+    @property
+    def queued_steps(self) -> int:
+        return len(self._queue) if self._queue is not None else 0
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        self._observers.append(observer)
 
     async def _acquire_pool(self) -> Any:
         if self._pool is None:
@@ -314,6 +333,8 @@ class PostgresHotLedger:
         """Run a batch: its settles (what they free is there for the admits), then its admits,
         each kind in one transaction of its own (one round trip each: on a busy event loop a
         round trip costs more than a commit)."""
+        for observe in self._observers:
+            observe(["admit" if s.query is _ADMIT else "settle" for s in batch])
         settles = [s for s in batch if s.query is _SETTLE]
         admits = [s for s in batch if s.query is _ADMIT]
         pool = await self._acquire_pool()
@@ -374,7 +395,7 @@ class PostgresHotLedger:
                         rows += await conn.fetch(query, *_columns([step]))
         return rows  # type: ignore[no-any-return]
 
-    async def admit(self, req: AdmitRequest, now: datetime) -> AdmitResult:
+    async def admit(self, req: AdmitRequest, now: datetime) -> Decision:
         rows = await self._submit(
             _ADMIT,
             (
@@ -391,7 +412,7 @@ class PostgresHotLedger:
             ),
         )
         if not rows:
-            return AdmitResult(None, None, [])
+            return KeyRefused(None, "unknown")
         first = rows[0]
         periods = [r for r in rows if r["id"] is not None]
         key = KeyContext(
@@ -406,20 +427,23 @@ class PostgresHotLedger:
             ],
             shrink_to_fit=first["shrink_to_fit"],
         )
-        if not first["key_ok"]:
-            return AdmitResult(key, None, [])
+        refusal = key_refusal(key, now, req.model)
+        if (refusal is None) != first["key_ok"]:  # the statement's key_ok is the same rule
+            raise RuntimeError(f"key {key.id}: the admission statement and key_refusal disagree")
+        if refusal is not None:
+            return KeyRefused(key, refusal)
         if not first["current"]:
             expired = [
                 (r["budget_id"], r["id"])
                 for r in periods
                 if r["period_end"] is not None and r["period_end"] <= now
             ]
-            return AdmitResult(key, None, expired, retry=not expired)
+            return PeriodsExpired(key, expired) if expired else PeriodsChanged(key)
         states = [PeriodState.from_row(r) for r in periods]
         if first["taken"] is None:
             refused = next(s for s in states if not s.fits(req.least))
-            return AdmitResult(key, Admission(False, [refused], req.amount), [])
-        return AdmitResult(key, Admission(True, states, first["taken"]), [])
+            return Rejected(key, refused, req.amount)
+        return Admitted(key, states, first["taken"])
 
     def settle_soon(
         self, req: RequestInfo, result: Outcome, now: datetime
