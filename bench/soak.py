@@ -59,6 +59,10 @@ class Minute:
     load: str
     tables: list[TableStats]
     files: dict[str, int] = field(default_factory=dict)  # SQLite: db, -wal, free pages
+    # CPU per request at 32 connections (ms): the gateway's, and the PostgreSQL cluster's.
+    # The neighbours' load moves them much less than req/s and latency.
+    cpu_ms: float = 0.0
+    db_cpu_ms: float = 0.0
 
 
 # ----------------------------------------------------------------------------- table figures
@@ -136,7 +140,10 @@ def soak_one(ledger: str, args: argparse.Namespace, wrk: str) -> dict[str, Any]:
         say(f"soak: {ledger}, {args.minutes} minute(s): wrk -c32 {load_s:g}s + -c1 {probe_s:g}s")
         print(f"\nsoak on {ledger} (load average at the start: {loadavg()})", flush=True)
         for m in range(1, args.minutes + 1):
+            cpu0 = target.cpu()
             load = run_wrk(wrk, target.url, target.keys, rig.json_body, 32, load_s)
+            cpu1 = target.cpu()
+            served = max(1, load["requests"])
             probe = run_wrk(wrk, target.url, target.keys, rig.json_body, 1, probe_s)
             files: dict[str, int] = {}
             if ledger == "postgres":
@@ -154,6 +161,8 @@ def soak_one(ledger: str, args: argparse.Namespace, wrk: str) -> dict[str, Any]:
                 loadavg(),
                 tables,
                 files,
+                1e3 * (cpu1[0] - cpu0[0]) / served,
+                1e3 * (cpu1[1] - cpu0[1]) / served,
             )
             minutes.append(row)
             print(progress_line(row), flush=True)
@@ -184,6 +193,10 @@ def table_cell(t: TableStats) -> str:
     return f"{mb(t.bytes)} MB / {t.dead:,} dead"
 
 
+def cpu_cell(m: Minute) -> str:
+    return f"{m.cpu_ms:.3f}" + (f" + {m.db_cpu_ms:.3f}" if m.db_cpu_ms else "")
+
+
 def progress_line(m: Minute) -> str:
     tables = ", ".join(
         f"{t.name} {table_cell(t)}" + (f" (av {t.autovacuums})" if t.autovacuums else "")
@@ -197,8 +210,9 @@ def progress_line(m: Minute) -> str:
         else ""
     )
     return (
-        f"  min {m.minute:>2}: {m.rps32:7.0f} req/s @32, p50 {m.p50:5.2f} ms p99 {m.p99:6.2f} ms "
-        f"@1, errors {m.errors}, RSS {m.rss_mib:.0f} MiB, load {m.load} | {tables}{files}"
+        f"  min {m.minute:>2}: {m.rps32:7.0f} req/s @32 (CPU/req {cpu_cell(m)} ms), p50 "
+        f"{m.p50:5.2f} ms p99 {m.p99:6.2f} ms @1, errors {m.errors}, RSS {m.rss_mib:.0f} MiB, "
+        f"load {m.load} | {tables}{files}"
     )
 
 
@@ -218,7 +232,8 @@ def print_markdown(result: dict[str, Any]) -> None:
     minutes: list[Minute] = result["minutes"]
     names = shown_tables(minutes)
     print()
-    head = ["min", "req/s @32", "p50 @1 ms", "p99 @1 ms", "RSS MiB", "load avg", *names]
+    cpu = "CPU ms/req @32" + (" (+ PostgreSQL)" if minutes[0].db_cpu_ms else "")
+    head = ["min", "req/s @32", cpu, "p50 @1 ms", "p99 @1 ms", "RSS MiB", "load avg", *names]
     if minutes[0].files:
         head += ["file + wal MB", "free pages"]
     print("| " + " | ".join(head) + " |")
@@ -228,6 +243,7 @@ def print_markdown(result: dict[str, Any]) -> None:
         cells = [
             str(m.minute),
             f"{m.rps32:.0f}",
+            cpu_cell(m),
             f"{m.p50:.2f}",
             f"{m.p99:.2f}",
             f"{m.rss_mib:.0f}",
@@ -262,6 +278,10 @@ def print_verdict(result: dict[str, Any]) -> bool:
     if any(t.dead is not None for t in last.tables):
         worst = max(dead.items(), key=lambda kv: kv[1])
         print(f"  most dead tuples in any table at any minute: {worst[1]:,} ({worst[0]})")
+    print(
+        f"  CPU per request at 32 connections {cpu_cell(first)} -> {cpu_cell(last)} ms "
+        "(gateway + PostgreSQL)"
+    )
     errors = sum(m.errors for m in minutes)
     print(f"  errors: {errors}")
     final: list[TableStats] = result.get("final") or []
