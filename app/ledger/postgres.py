@@ -229,6 +229,15 @@ def _settled_states(rows: list[Any]) -> list[PeriodState] | None:
     return [PeriodState.from_row(r) for r in rows] if rows else None
 
 
+# Every statement of the hot ledger finds its rows by key, and each is planned once per
+# connection: the prepared statement's generic plan, made after a few runs, is kept until the
+# tables are analyzed again. Made while the ledger's tables are still small (a new database),
+# it scans them whole, and keeps doing so as they grow by thousands of rows a second until
+# autovacuum's next analyze. Without sequential scans the plan looks rows up by their index
+# whatever the tables' size.
+_SESSION_SETTINGS = {"enable_seqscan": "off"}
+
+
 async def _rollback_if_in_transaction(conn: Any) -> None:
     """The pool's reset on release. asyncpg's default (RESET ALL, CLOSE ALL, UNLISTEN *, advisory
     unlocks) is a round trip per step, for session state this pool never sets."""
@@ -297,6 +306,7 @@ class PostgresHotLedger:
                         max_inactive_connection_lifetime=300,
                         command_timeout=30,
                         reset=_rollback_if_in_transaction,
+                        server_settings=_SESSION_SETTINGS,
                     )
         return self._pool
 
