@@ -8,6 +8,7 @@
 #   make mock-upstream  fake OpenAI-compatible upstream on :9100
 #   make migrate        apply ledger migrations (database from the environment / .env)
 #   make bench | stress | test-litellm
+#   make soak           the gateway under steady load for SOAK_MINUTES (default 10) on PostgreSQL and SQLite
 #   make clean          remove caches/build artifacts (keeps .venv)
 #   make distclean      clean + remove .venv
 #
@@ -25,7 +26,7 @@ VENV_BIN := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock run test lint mock-upstream migrate bench stress test-litellm clean distclean
+.PHONY: help venv lock run test lint mock-upstream migrate bench soak stress test-litellm clean distclean
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -67,6 +68,10 @@ migrate: venv
 
 bench: venv
 	$(VENV_PY) bench/run.py
+
+# SOAK_MINUTES (environment) or SOAK_ARGS="--minutes 60 --ledger postgres".
+soak: venv
+	$(VENV_PY) bench/soak.py $(SOAK_ARGS)
 
 stress: venv
 	STRESS=1 $(VENV_PY) -m pytest tests/stress -q $(PYTEST_ARGS)

@@ -107,21 +107,22 @@ RESERVE_SQL = (
     " <= max_budget)) RETURNING budget_id, id, period_start, period_end, max_budget,"
     " spend, reserved"
 )
-HOLD_SQL = (
-    "INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint,"
-    " stream, started_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+PENDING_SQL = (
+    "INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost,"
+    " cost_source, outcome, started_at, finished_at) VALUES (?, ?, ?, ?, ?, 0, 'none',"
+    " 'pending', ?, ?)"
 )
-RELEASE_SQL = "DELETE FROM reservations WHERE request_id = ? RETURNING period_id, amount"
+HOLD_SQL = "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)"
 SPEND_SQL = (
     "UPDATE budget_periods SET reserved = reserved - ?, spend = spend + ? WHERE id = ?"
     " RETURNING budget_id, id, period_start, period_end, max_budget, spend, reserved"
 )
-ENTRY_SQL = (
-    "INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream,"
-    " prompt_tokens, completion_tokens, cost, cost_source, outcome, status_code,"
-    " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+SETTLE_ENTRY_SQL = (
+    "UPDATE ledger_entries SET prompt_tokens = ?, completion_tokens = ?, cost = ?,"
+    " cost_source = ?, outcome = ?, status_code = ?, finished_at = ?"
+    " WHERE request_id = ? AND outcome = 'pending'"
 )
-CHARGE_SQL = "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)"
+SETTLE_CHARGE_SQL = "UPDATE ledger_charges SET amount = ? WHERE request_id = ? AND period_id = ?"
 
 
 def _requests(key: str, ctx: Any, pg: bool) -> Any:
@@ -141,15 +142,14 @@ def _requests(key: str, ctx: Any, pg: bool) -> Any:
             [(AUTH_SQL, (key_hash,), True)],
             [
                 (RESERVE_SQL, (1000, period, 1000), True),
-                (HOLD_SQL, (rid, period, 1000, ctx.id, "bg-bench", "/chat/completions", flag,
-                            ts(now), ts(now + timedelta(seconds=900))), False),
+                (PENDING_SQL, (rid, ctx.id, "bg-bench", "/chat/completions", flag, ts(now),
+                               ts(now + timedelta(seconds=900))), False),
+                (HOLD_SQL, (rid, period, 1000), False),
             ],
             [
-                (RELEASE_SQL, (rid,), True),
                 (SPEND_SQL, (1000, 500, period), True),
-                (ENTRY_SQL, (rid, ctx.id, "bg-bench", "/chat/completions", flag, 10, 16, 500,
-                             "prices", "ok", 200, ts(now), ts(now)), False),
-                (CHARGE_SQL, (rid, period, 500), False),
+                (SETTLE_ENTRY_SQL, (10, 16, 500, "prices", "ok", 200, ts(now), rid), False),
+                (SETTLE_CHARGE_SQL, (500, rid, period), False),
             ],
         ]  # fmt: skip
 

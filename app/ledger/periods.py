@@ -16,7 +16,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -24,12 +35,11 @@ from app.budgets.periods import parse_duration
 from app.budgets.schedule import Schedule
 from app.budgets.state import PeriodState, unit_charge
 from app.clock import Clock
-from app.ledger.contract import ConcurrentChange, Outcome, RequestInfo
-from app.models import Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry, Reservation
+from app.ledger.contract import ConcurrentChange
+from app.models import Budget, BudgetAlert, BudgetPeriod, LedgerCharge, LedgerEntry
 
 P: Table = BudgetPeriod.__table__  # type: ignore[assignment]
 B: Table = Budget.__table__  # type: ignore[assignment]
-R: Table = Reservation.__table__  # type: ignore[assignment]
 L: Table = LedgerEntry.__table__  # type: ignore[assignment]
 C: Table = LedgerCharge.__table__  # type: ignore[assignment]
 
@@ -74,44 +84,6 @@ class BudgetRepository:
             rows = (await conn.execute(select(*_PERIOD_COLS).where(P.c.id.in_(period_ids)))).all()
             await conn.rollback()
         return [PeriodState.from_row(r._mapping) for r in rows]
-
-    # -- ledger entries --------------------------------------------------------------------
-
-    async def _insert_entry(
-        self,
-        conn: AsyncConnection,
-        req: RequestInfo,
-        result: Outcome,
-        now: datetime,
-        charges: dict[int, int] | None = None,
-    ) -> None:
-        """The request's ledger entry, and what it charged each period (period id -> amount,
-        in the period's unit)."""
-        await conn.execute(
-            insert(L).values(
-                request_id=req.request_id,
-                key_id=req.key_id,
-                model=req.model,
-                endpoint=req.endpoint,
-                stream=req.stream,
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                cost=result.cost,
-                cost_source=result.cost_source,
-                outcome=result.outcome,
-                status_code=result.status_code,
-                started_at=req.started_at,
-                finished_at=now,
-            )
-        )
-        if charges:
-            await conn.execute(
-                insert(C),
-                [
-                    {"request_id": req.request_id, "period_id": pid, "amount": amount}
-                    for pid, amount in charges.items()
-                ],
-            )
 
     # -- periods ---------------------------------------------------------------------------
 
@@ -379,21 +351,21 @@ class BudgetRepository:
     # -- sweeping --------------------------------------------------------------------------
 
     async def sweep_expired_reservations(self) -> int:
-        """Settle reservations whose request never settled (its gateway died), recording each
-        request once as `abandoned`, charged its full reservation (`cost_source=reservation`,
-        SPEC 5): the upstream may have served and billed it, and the ledger must never count
-        less than was spent. A settle racing with this deletes nothing and vice versa.
-        Due: past the expiry set at admission, or older than the TTL configured now (so a
-        replica restarted with a shorter TTL releases what a crashed one left sooner)."""
+        """Settle the pending entries whose request never settled (its gateway died): each
+        becomes `abandoned`, charged its full reservation (`cost_source=reservation`, SPEC 5):
+        the upstream may have served and billed it, and the ledger must never count less than
+        was spent. Found through the small partial index of pending entries. The entry's row
+        is the claim: a settle racing with this finds it no longer pending, and vice versa.
+        Due: past the deadline set at admission (a pending entry's finished_at), or older than
+        the TTL configured now (so a replica restarted with a shorter TTL releases what a
+        crashed one left sooner)."""
         now = self.clock.now()
-        expired = or_(R.c.expires_at <= now, R.c.started_at <= now - self.ttl)
+        # A literal, not a parameter: the planner matches it to the partial index's predicate.
+        pending = L.c.outcome == literal_column("'pending'")
+        expired = or_(L.c.finished_at <= now, L.c.started_at <= now - self.ttl)
         async with self.engine.connect() as conn:
             due = (
-                (
-                    await conn.execute(
-                        select(R.c.request_id).where(expired).group_by(R.c.request_id).limit(1000)
-                    )
-                )
+                (await conn.execute(select(L.c.request_id).where(pending, expired).limit(1000)))
                 .scalars()
                 .all()
             )
@@ -401,48 +373,49 @@ class BudgetRepository:
         swept = 0
         for request_id in due:
             async with self.engine.begin() as conn:
-                rows = (
+                # (the same dollars are held in each of the request's dollar periods)
+                held = (
+                    select(func.min(C.c.amount))
+                    .join(P, P.c.id == C.c.period_id)
+                    .join(B, B.c.id == P.c.budget_id)
+                    .where(C.c.request_id == request_id, B.c.unit == "usd")
+                )
+                cost = (
                     await conn.execute(
-                        delete(R).where(R.c.request_id == request_id, expired).returning(*R.c)
+                        update(L)
+                        .where(L.c.request_id == request_id, pending, expired)
+                        .values(
+                            outcome="abandoned",
+                            cost=func.coalesce(held.scalar_subquery(), 0),
+                            cost_source="reservation",
+                            overrun=0,
+                            finished_at=now,
+                        )
+                        .returning(L.c.cost)
+                    )
+                ).scalar_one_or_none()
+                if cost is None:
+                    continue
+                charges = (
+                    await conn.execute(
+                        select(C.c.period_id, C.c.amount, B.c.unit)
+                        .join(P, P.c.id == C.c.period_id)
+                        .join(B, B.c.id == P.c.budget_id)
+                        .where(C.c.request_id == request_id)
+                        .order_by(C.c.period_id)
                     )
                 ).all()
-                if not rows:
-                    continue
-                units = dict(
-                    (
-                        await conn.execute(
-                            select(P.c.id, B.c.unit)
-                            .join(B, B.c.id == P.c.budget_id)
-                            .where(P.c.id.in_([r.period_id for r in rows]))
-                        )
-                    ).all()
-                )
-                holds = [(units[r.period_id], r.amount) for r in rows]
-                # (the same dollars are held in each of the request's dollar periods)
-                cost = min((a for unit, a in holds if unit == "usd"), default=0)
-                charges = {
-                    r.period_id: unit_charge(units[r.period_id], cost, None, r.amount) for r in rows
-                }
-                for r in sorted(rows, key=lambda r: r.period_id):
+                for c in charges:
+                    charge = unit_charge(c.unit, cost, None, c.amount)
                     await conn.execute(
                         update(P)
-                        .where(P.c.id == r.period_id)
-                        .values(
-                            reserved=P.c.reserved - r.amount,
-                            spend=P.c.spend + charges[r.period_id],
-                        )
+                        .where(P.c.id == c.period_id)
+                        .values(reserved=P.c.reserved - c.amount, spend=P.c.spend + charge)
                     )
-                first = rows[0]
-                req = RequestInfo(
-                    request_id,
-                    first.key_id,
-                    first.model,
-                    first.endpoint,
-                    first.stream,
-                    first.started_at,
-                )
-                await self._insert_entry(
-                    conn, req, Outcome("abandoned", cost, "reservation"), now, charges
-                )
+                    await conn.execute(
+                        update(C)
+                        .where(C.c.request_id == request_id, C.c.period_id == c.period_id)
+                        .values(amount=charge)
+                    )
                 swept += 1
         return swept

@@ -145,12 +145,21 @@ WITH a AS (
     FROM held h
     WHERE p.id = h.period_id
     RETURNING p.id, p.reserved
-), res AS (
-    INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
-                              started_at, expires_at)
-    SELECT s.request_id, h.period_id, h.amount, s.key_id, s.model, s.endpoint, s.stream,
-           s.started_at, s.expires_at
-    FROM holds h JOIN steps s ON s.n = h.n
+), pend AS (
+    -- each admitted request's ledger entry, pending until it settles (finished_at: its
+    -- deadline)
+    INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
+                                outcome, started_at, finished_at, team_id, user_id,
+                                end_user_id, tags)
+    SELECT s.request_id, s.key_id, s.model, s.endpoint, s.stream, 0, 'none', 'pending',
+           s.started_at, s.expires_at, s.team_id, s.user_id, s.end_user_id,
+           CASE WHEN s.tags = '[]' THEN NULL ELSE s.tags::json END
+    FROM taken t JOIN steps s ON s.n = t.n
+    WHERE EXISTS (SELECT 1 FROM holds h WHERE h.n = t.n)
+), hold AS (
+    -- its charges, holding the reservation in each period until it settles
+    INSERT INTO ledger_charges (request_id, period_id, amount)
+    SELECT s.request_id, h.period_id, h.amount FROM holds h JOIN steps s ON s.n = h.n
 ), rej AS (
     INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
                                 outcome, status_code, started_at, finished_at, team_id, user_id,
@@ -177,10 +186,13 @@ ORDER BY s.n, sp.id
 """
 
 # One statement settles a batch (parameters: one array per column of the steps, in the order
-# of settle_soon's args): release the reservations, charge each of their periods once (locked
-# in ascending id order), write the entries (each with its overrun over what it held) and their
-# charges. A request whose reservation the sweeper released already is left out. Rows: each
-# settled request's periods after the batch.
+# of settle_soon's args): each pending entry becomes its outcome (with its overrun over what it
+# held) and each of its charges what it is due in its period's unit, in place; each period is charged once (locked in ascending id
+# order). An entry no longer pending (the sweeper recorded it abandoned) is left out: the
+# entry's row lock orders the two, and READ COMMITTED re-checks `outcome` after the wait.
+# In the entry's update `finished_at` changes (indexed), the charges' update touches no indexed
+# column: PostgreSQL updates those in place on their page (HOT, room left by the fillfactor).
+# Rows: each settled request's periods after the batch.
 _PG_SETTLE = """
 WITH s AS (
     SELECT *,
@@ -188,27 +200,42 @@ WITH s AS (
                 ELSE coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) END AS tokens
     FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],
                 $6::boolean[], $7::integer[], $8::integer[], $9::text[], $10::text[],
-                $11::integer[], $12::timestamptz[], $13::timestamptz[], $14::text[],
-                $15::text[], $16::text[], $17::text[])
+                $11::integer[], $12::timestamptz[], $13::timestamptz[])
         AS s(request_id, cost, key_id, model, endpoint, stream, prompt_tokens,
-             completion_tokens, cost_source, outcome, status_code, started_at, finished_at,
-             team_id, user_id, end_user_id, tags)
-), d AS (
-    DELETE FROM reservations r USING s WHERE r.request_id = s.request_id
-    RETURNING r.request_id, r.period_id, r.amount
+             completion_tokens, cost_source, outcome, status_code, started_at, finished_at)
+), held AS (
+    -- what each request holds in each of its periods, and the period's unit
+    SELECT c.request_id, c.period_id, c.amount, b.unit
+    FROM ledger_charges c JOIN budget_periods p ON p.id = c.period_id
+         JOIN budgets b ON b.id = p.budget_id
+    WHERE c.request_id = ANY($1::text[])
+), base AS (
+    -- what each request held in dollars (the same in each dollar period): its overrun's base
+    SELECT request_id, min(amount) FILTER (WHERE unit = 'usd') AS amount FROM held
+    GROUP BY request_id
+), e AS (
+    UPDATE ledger_entries l
+    SET prompt_tokens = s.prompt_tokens, completion_tokens = s.completion_tokens,
+        cost = s.cost, cost_source = s.cost_source, outcome = s.outcome,
+        status_code = s.status_code, finished_at = s.finished_at,
+        overrun = coalesce(greatest(s.cost - base.amount, 0), 0)
+    FROM s JOIN base ON base.request_id = s.request_id
+    -- (the pending test as a CASE: written `outcome = 'pending'` it lets the planner pick the
+    -- partial index of pending entries, and walk every entry admitted since the last vacuum,
+    -- instead of the primary key)
+    WHERE l.request_id = s.request_id AND CASE WHEN l.outcome = 'pending' THEN true END
+    RETURNING l.request_id
 ), dc AS (
     -- what each period is charged, in its unit (unit_charge)
-    SELECT d.*, b.unit,
-           CASE b.unit WHEN 'usd' THEN s.cost WHEN 'tokens' THEN coalesce(s.tokens, d.amount)
+    SELECT h.*,
+           CASE h.unit WHEN 'usd' THEN s.cost WHEN 'tokens' THEN coalesce(s.tokens, h.amount)
                        WHEN 'requests' THEN 1 ELSE 0 END AS charge
-    FROM d JOIN s ON s.request_id = d.request_id
-         JOIN budget_periods p ON p.id = d.period_id JOIN budgets b ON b.id = p.budget_id
+    FROM held h JOIN e ON e.request_id = h.request_id JOIN s ON s.request_id = h.request_id
+), c AS (
+    UPDATE ledger_charges c SET amount = dc.charge
+    FROM dc WHERE c.request_id = dc.request_id AND c.period_id = dc.period_id
 ), sums AS (
     SELECT period_id, sum(amount) AS released, sum(charge) AS charged FROM dc GROUP BY period_id
-), held AS (
-    -- what each request held in dollars (the same in each dollar period): its overrun's base
-    SELECT request_id, min(amount) FILTER (WHERE unit = 'usd') AS amount FROM dc
-    GROUP BY request_id
 ), lk AS (
     SELECT p.id FROM budget_periods p WHERE p.id IN (SELECT period_id FROM sums)
     ORDER BY p.id FOR UPDATE OF p
@@ -218,19 +245,6 @@ WITH s AS (
     FROM sums, lk WHERE p.id = sums.period_id AND lk.id = p.id
     RETURNING p.budget_id, p.id, p.period_start, p.period_end, p.max_budget, p.spend,
               p.reserved
-), e AS (
-    INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
-                                completion_tokens, cost, cost_source, outcome, status_code,
-                                started_at, finished_at, overrun, team_id, user_id,
-                                end_user_id, tags)
-    SELECT s.request_id, key_id, model, endpoint, stream, prompt_tokens, completion_tokens,
-           cost, cost_source, outcome, status_code, started_at, finished_at,
-           coalesce(greatest(s.cost - held.amount, 0), 0), team_id, user_id, end_user_id,
-           CASE WHEN s.tags = '[]' THEN NULL ELSE s.tags::json END
-    FROM s JOIN held ON held.request_id = s.request_id
-), c AS (
-    INSERT INTO ledger_charges (request_id, period_id, amount)
-    SELECT request_id, period_id, charge FROM dc
 )
 SELECT dc.request_id, dc.unit, u.* FROM dc JOIN u ON u.id = dc.period_id
 ORDER BY dc.request_id, u.id
@@ -257,6 +271,15 @@ def _columns(steps: list[_PgStep]) -> list[list[Any]]:
 
 def _settled_states(rows: list[Any]) -> list[PeriodState] | None:
     return [PeriodState.from_row(r) for r in rows] if rows else None
+
+
+# Every statement of the hot ledger finds its rows by key, and each is planned once per
+# connection: the prepared statement's generic plan, made after a few runs, is kept until the
+# tables are analyzed again. Made while the ledger's tables are still small (a new database),
+# it scans them whole, and keeps doing so as they grow by thousands of rows a second until
+# autovacuum's next analyze. Without sequential scans the plan looks rows up by their index
+# whatever the tables' size.
+_SESSION_SETTINGS = {"enable_seqscan": "off"}
 
 
 async def _rollback_if_in_transaction(conn: Any) -> None:
@@ -327,6 +350,7 @@ class PostgresHotLedger:
                         max_inactive_connection_lifetime=300,
                         command_timeout=30,
                         reset=_rollback_if_in_transaction,
+                        server_settings=_SESSION_SETTINGS,
                     )
         return self._pool
 
@@ -501,10 +525,6 @@ class PostgresHotLedger:
             result.status_code,
             req.started_at,
             now,
-            req.team_id,
-            req.user_id,
-            req.end_user_id,
-            json.dumps(list(req.tags)),
         )
         return self._submit(_SETTLE, args, _settled_states)
 

@@ -71,18 +71,33 @@ LEFT JOIN budget_periods p ON p.budget_id = b.id AND p.closed_at IS NULL
 LEFT JOIN owners o ON o.id = b.owner_id
 WHERE b.retired_at IS NULL AND b.owner_id IN ({})
 """
-_SQLITE_UNITS = """
-SELECT p.id, b.unit FROM budget_periods p JOIN budgets b ON b.id = p.budget_id
-WHERE p.id IN (SELECT value FROM json_each(?))
+# What the pending entries among these requests hold, per period (their charges), and each
+# period's unit.
+_SQLITE_HELD = """
+SELECT c.request_id, c.period_id, c.amount, b.unit
+FROM ledger_charges c JOIN ledger_entries e ON e.request_id = c.request_id
+JOIN budget_periods p ON p.id = c.period_id JOIN budgets b ON b.id = p.budget_id
+WHERE c.request_id IN (SELECT value FROM json_each(?)) AND e.outcome = 'pending'
 """
-_SQLITE_RELEASE = """
-DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?))
-RETURNING request_id, period_id, amount
+# The request's ledger entry, pending until it settles (finished_at: its deadline), and its
+# charges holding the reservation.
+_SQLITE_INSERT_PENDING = """
+INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, cost, cost_source,
+                            outcome, started_at, finished_at, overrun, team_id, user_id,
+                            end_user_id, tags)
+VALUES (?, ?, ?, ?, ?, 0, 'none', 'pending', ?, ?, 0, ?, ?, ?, ?)
 """
-_SQLITE_INSERT_RESERVATION = """
-INSERT INTO reservations (request_id, period_id, amount, key_id, model, endpoint, stream,
-                          started_at, expires_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+_SQLITE_INSERT_CHARGE = """
+INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)
+"""
+_SQLITE_SETTLE_ENTRY = """
+UPDATE ledger_entries
+SET prompt_tokens = ?, completion_tokens = ?, cost = ?, cost_source = ?, outcome = ?,
+    status_code = ?, finished_at = ?, overrun = ?
+WHERE request_id = ? AND outcome = 'pending'
+"""
+_SQLITE_SETTLE_CHARGE = """
+UPDATE ledger_charges SET amount = ? WHERE request_id = ? AND period_id = ?
 """
 _SQLITE_INSERT_ENTRY = """
 INSERT INTO ledger_entries (request_id, key_id, model, endpoint, stream, prompt_tokens,
@@ -139,7 +154,8 @@ def _sqlite_admit(
     reqs = [req for req, _ in steps]
     keys, budgets_of, tag_ids = _sqlite_read(conn, reqs, money)
     held: dict[int, int] = {}  # period id -> what this batch reserved on it
-    reservations: list[tuple[Any, ...]] = []
+    pending: list[tuple[Any, ...]] = []
+    holds: list[tuple[str, int, int]] = []
     rejections: list[tuple[Any, ...]] = []
     results: list[Decision] = []
     for req, now in steps:
@@ -178,25 +194,28 @@ def _sqlite_admit(
             )
             results.append(Rejected(key, refusing(states, req.least, req.tokens), req.amount))
             continue
-        started, expires = _sqlite_time(req.started_at), _sqlite_time(req.expires_at)
+        if states:
+            pending.append(
+                (req.request_id, key.id, req.model, req.endpoint, req.stream)
+                + (_sqlite_time(req.started_at), _sqlite_time(req.expires_at))
+                + _entry_scopes(key, req)
+            )
         after = []
         for st in states:
             amount = unit_amount(st.unit, take, req.tokens)
             money[st.period_id] = replace(st, reserved=st.reserved + amount)
             after.append(money[st.period_id])
             held[st.period_id] = held.get(st.period_id, 0) + amount
-            reservations.append(
-                (req.request_id, st.period_id, amount, key.id, req.model, req.endpoint)
-                + (req.stream, started, expires)
-            )
+            holds.append((req.request_id, st.period_id, amount))
         results.append(Admitted(key, after, take))
     for period_id in sorted(held):
         conn.execute(
             "UPDATE budget_periods SET reserved = reserved + ? WHERE id = ?",
             (held[period_id], period_id),
         )
-    if reservations:
-        conn.executemany(_SQLITE_INSERT_RESERVATION, reservations)
+    if pending:
+        conn.executemany(_SQLITE_INSERT_PENDING, pending)
+        conn.executemany(_SQLITE_INSERT_CHARGE, holds)
     if rejections:
         conn.executemany(_SQLITE_INSERT_ENTRY, rejections)
     return results
@@ -261,19 +280,20 @@ def _sqlite_read(
 def _sqlite_settle(
     conn: sqlite3.Connection, steps: list[tuple[RequestInfo, Outcome, datetime]]
 ) -> list[list[PeriodState] | None]:
-    """Settle requests: their reservations go, each period is charged in its unit (unit_charge)
-    and written once; every request gets its periods' state after the batch. None: nothing to
-    settle (the sweeper released it already)."""
+    """Settle requests: each pending entry becomes its outcome and each of its charges what
+    it is due in its period's unit (unit_charge), in place; the reservations they held are
+    released, each period written once; every request gets its periods' state after the
+    batch. None: nothing to settle (the sweeper recorded it abandoned already)."""
     ids = json.dumps([req.request_id for req, _, _ in steps])
     held: dict[str, list[tuple[int, int]]] = {}
-    for request_id, period_id, amount in conn.execute(_SQLITE_RELEASE, (ids,)).fetchall():
+    units: dict[int, str] = {}
+    for request_id, period_id, amount, unit in conn.execute(_SQLITE_HELD, (ids,)).fetchall():
         held.setdefault(request_id, []).append((period_id, amount))
-    periods = json.dumps(sorted({p for mine in held.values() for p, _ in mine}))
-    units: dict[int, str] = dict(conn.execute(_SQLITE_UNITS, (periods,)).fetchall())
+        units[period_id] = unit
     released: dict[int, int] = {}  # period id -> reservations released
     charged: dict[int, int] = {}  # period id -> charged, in its unit
     entries: list[tuple[Any, ...]] = []
-    charges: list[tuple[str, int, int]] = []
+    charges: list[tuple[int, str, int]] = []
     settled: list[list[int] | None] = []
     for req, result, now in steps:
         mine = held.pop(req.request_id, None)  # (a request twice in a batch: settled once)
@@ -284,13 +304,11 @@ def _sqlite_settle(
             charge = unit_charge(units[period_id], result.cost, result.tokens, amount)
             released[period_id] = released.get(period_id, 0) + amount
             charged[period_id] = charged.get(period_id, 0) + charge
-            charges.append((req.request_id, period_id, charge))
+            charges.append((charge, req.request_id, period_id))
         entries.append(
-            (req.request_id, req.key_id, req.model, req.endpoint, req.stream)
-            + (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
-            + (result.outcome, result.status_code, _sqlite_time(req.started_at))
-            + (_sqlite_time(now), overrun_of(result.cost, [(units[p], a) for p, a in mine]))
-            + _entry_scopes(req, req)
+            (result.prompt_tokens, result.completion_tokens, result.cost, result.cost_source)
+            + (result.outcome, result.status_code, _sqlite_time(now))
+            + (overrun_of(result.cost, [(units[p], a) for p, a in mine]), req.request_id)
         )
         settled.append(sorted(period_id for period_id, _ in mine))
     states = {}
@@ -300,10 +318,8 @@ def _sqlite_settle(
         ).fetchone()
         states[period_id] = replace(_sqlite_state(row), unit=units[period_id])
     if entries:
-        conn.executemany(_SQLITE_INSERT_ENTRY, entries)
-        conn.executemany(
-            "INSERT INTO ledger_charges (request_id, period_id, amount) VALUES (?, ?, ?)", charges
-        )
+        conn.executemany(_SQLITE_SETTLE_ENTRY, entries)
+        conn.executemany(_SQLITE_SETTLE_CHARGE, charges)
     return [None if mine is None else [states[i] for i in mine] for mine in settled]
 
 
@@ -353,9 +369,10 @@ class SqliteHotLedger:
 
     def _run_checkpoint(self) -> None:
         # RESTART, not PASSIVE: under steady writes a passive checkpoint never catches up with
-        # the end of the WAL, which then grows without bound (and throughput falls with it). RESTART holds writers off while it copies (our
-        # transactions see SQLITE_BUSY and retry after an asyncio.sleep) and lets the next
-        # writer start the WAL over. Its own short-lived connection, in a thread.
+        # the end of the WAL, which then grows without bound (and throughput falls with it).
+        # RESTART holds writers off while it copies (our transactions see SQLITE_BUSY and
+        # retry after an asyncio.sleep) and lets the next writer start the WAL over. Its own
+        # short-lived connection, in a thread.
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.execute("PRAGMA busy_timeout=5000")

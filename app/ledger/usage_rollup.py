@@ -21,6 +21,7 @@ from sqlalchemy import Date, Select, Table, case, func, insert, literal, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.ledger.repository import FINISHED
 from app.models import LedgerEntry, UsageDailyByKey, UsageDailyByModel, UsageRollupDay
 
 log = logging.getLogger("budgetgate.rollup")
@@ -99,7 +100,7 @@ def _summed(day: date, group: list[Any]) -> Select[Any]:
             func.coalesce(func.sum(L.c.prompt_tokens), 0),
             func.coalesce(func.sum(L.c.completion_tokens), 0),
         )
-        .where(L.c.finished_at >= start, L.c.finished_at < end)
+        .where(FINISHED, L.c.finished_at >= start, L.c.finished_at < end)
         .group_by(*group)
     )
 

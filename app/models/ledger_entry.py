@@ -10,7 +10,14 @@ from app.models.base import Base, Nanos, UTCDateTime
 
 class LedgerEntry(Base):
     """The one record of a request that reached the budget check. Keyed by the gateway's own
-    request id, so no request can be recorded (or charged) twice."""
+    request id, so no request can be recorded (or charged) twice.
+
+    Two phases, like a ledger's pending transfer: admission writes the entry as `pending`
+    (cost 0; `finished_at` is then the time by which it must settle, after which the sweeper
+    records it `abandoned`) with its charges holding the reservation; settlement turns it into
+    its outcome and cost in place. No row is deleted per request: a table that every request
+    inserts into and deletes from again leaves PostgreSQL dead space that later statements
+    walk through (bench/RESULTS.md, the soak)."""
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
@@ -22,6 +29,13 @@ class LedgerEntry(Base):
             "finished_at",
             sqlite_where=text("overrun > 0"),
             postgresql_where=text("overrun > 0"),
+        ),
+        # The sweeper looks for pending entries past their time: only requests in flight.
+        Index(
+            "ix_ledger_entries_pending",
+            "finished_at",
+            sqlite_where=text("outcome = 'pending'"),
+            postgresql_where=text("outcome = 'pending'"),
         ),
         # An owner's latest entries (the dashboard's owner pages): only entries made for one.
         *(
@@ -55,6 +69,8 @@ class LedgerEntry(Base):
     cost_source: Mapped[str] = mapped_column(
         String(16)
     )  # upstream|prices|estimated|free|reservation|none
+    # pending (in flight) | ok | rejected | upstream_error | client_disconnect | timeout |
+    # abandoned
     outcome: Mapped[str] = mapped_column(String(24))
     status_code: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -62,7 +78,8 @@ class LedgerEntry(Base):
 
 
 class LedgerCharge(Base):
-    """Which periods a ledger entry was charged to, and how much (one row per budget)."""
+    """Which periods a ledger entry was charged to, and how much (one row per budget). While
+    the entry is pending: what it holds there (its reservation)."""
 
     __tablename__ = "ledger_charges"
 

@@ -331,15 +331,19 @@ async def _live(
         group = func.date(L.c.finished_at)
     else:  # UTC days, as GET /admin/usage counts them
         group = cast(func.timezone("UTC", L.c.finished_at), Date)
-    q = select(
-        group.label("group"),
-        func.count(),
-        func.sum(case((L.c.outcome == "rejected", 1), else_=0)),
-        func.sum(case((L.c.overrun > 0, 1), else_=0)),
-        func.coalesce(func.sum(L.c.cost), 0),
-        func.coalesce(func.sum(L.c.prompt_tokens), 0),
-        func.coalesce(func.sum(L.c.completion_tokens), 0),
-    ).group_by(group)
+    q = (
+        select(
+            group.label("group"),
+            func.count(),
+            func.sum(case((L.c.outcome == "rejected", 1), else_=0)),
+            func.sum(case((L.c.overrun > 0, 1), else_=0)),
+            func.coalesce(func.sum(L.c.cost), 0),
+            func.coalesce(func.sum(L.c.prompt_tokens), 0),
+            func.coalesce(func.sum(L.c.completion_tokens), 0),
+        )
+        .where(ledger.FINISHED)
+        .group_by(group)
+    )
     if since is not None:
         q = q.where(L.c.finished_at >= since)
     if until is not None:
@@ -393,7 +397,7 @@ async def spend_by_key(
                 L.c.cost.label("spend"),
                 literal(1).label("requests"),
                 case((L.c.outcome == "rejected", 1), else_=0).label("rejections"),
-            ).where(L.c.finished_at >= live_from)
+            ).where(ledger.FINISHED, L.c.finished_at >= live_from)
             if until is not None:
                 live = live.where(L.c.finished_at < until)
             if key_ids is not None:

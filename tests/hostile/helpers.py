@@ -46,7 +46,7 @@ def dumps(body: Any) -> bytes:
     return json.dumps(body).encode()
 
 
-TABLES = {"api_keys", "budgets", "budget_periods", "reservations", "ledger_entries"}
+TABLES = {"api_keys", "budgets", "budget_periods", "ledger_entries", "ledger_charges"}
 
 
 def is_openai_error(r: httpx.Response) -> bool:
