@@ -230,6 +230,9 @@ class Target:
     proc: BenchProcess
     env: dict[str, str] | None = None  # the gateway's env (for reconcile)
     postmaster: int | None = None  # its PostgreSQL cluster (CPU accounting)
+    # Its own request bodies (None: the rig's): the scoped rows name an end user.
+    json_body: Path | None = None
+    stream_body: Path | None = None
 
     @property
     def key(self) -> str:
@@ -347,6 +350,50 @@ class Rig:
                 raise RuntimeError(f"{name}: creating a bench key failed: {status} {out[:500]!r}")
             keys.append(json.loads(out)["key"])
         return Target(name, label, url, keys, proc, env)
+
+    def add_scoped_target(self, gateway: Target) -> Target:
+        """The same gateway, driven with a key whose every request is held by five budgets (SPEC
+        11): the key's own, a window of the key narrowed to the model, its team's, its user's and
+        its end user's (named in the body, created on first sight from the team's template)."""
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        ids = {}
+        for kind, body in (
+            ("teams", {"alias": f"bench-team-{gateway.name}", "max_budget": MAX_BUDGET,
+                       "end_user_budget": [{"max_budget": MAX_BUDGET}]}),
+            ("users", {"alias": f"bench-user-{gateway.name}", "max_budget": MAX_BUDGET}),
+        ):  # fmt: skip
+            status, out = http("POST", f"{gateway.url}/admin/{kind}", body, admin)
+            if status != 201:
+                raise RuntimeError(f"{gateway.name}: creating bench {kind}: {status} {out[:300]!r}")
+            ids[kind] = json.loads(out)["id"]
+        key_body = {
+            "alias": f"bench-{gateway.name}-scoped",
+            "max_budget": MAX_BUDGET,
+            "team_id": ids["teams"],
+            "user_id": ids["users"],
+            "model_budgets": [{"models": [MODEL], "max_budget": MAX_BUDGET}],
+        }
+        status, out = http("POST", f"{gateway.url}/admin/keys", key_body, admin)
+        if status != 201:
+            raise RuntimeError(f"{gateway.name}: creating the scoped key: {status} {out[:300]!r}")
+        assert self.json_body is not None and self.stream_body is not None
+        bodies = []
+        for path in (self.json_body, self.stream_body):
+            scoped = path.with_name(f"scoped-{path.name}")
+            scoped.write_text(json.dumps(json.loads(path.read_text()) | {"user": "bench-user"}))
+            bodies.append(scoped)
+        target = Target(
+            f"{gateway.name}-5",
+            f"{gateway.label} 5 budgets",
+            gateway.url,
+            [json.loads(out)["key"]],
+            gateway.proc,
+            gateway.env,
+            gateway.postmaster,
+            *bodies,
+        )
+        self.targets.append(target)
+        return target
 
     def start_sqlite_gateway(self, kind: str) -> Target | None:
         """kind `durable`: the ledger file in the temp dir; `fast`: on /dev/shm (tmpfs)."""

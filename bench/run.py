@@ -9,6 +9,8 @@ Starts, each as its own process:
 * the gateway on SQLite (`budgetgate serve`, a fresh ledger file in a temp dir);
 * the gateway on PostgreSQL, when server binaries exist (a throwaway PgCluster from
   tests/pgcluster.py; `budgetgate migrate`, then `budgetgate serve`);
+* each gateway once more as a "5 budgets" row: a key in a team and of a user, with a window
+  narrowed to the model, whose requests name an end user (`--no-scoped` leaves them out);
 * optionally the LiteLLM proxy (`litellm[proxy]`, 1 worker, no database, offline settings), when
   an install exists (.litellm-venv from scripts/litellm-venv.sh, BUDGETGATE_LITELLM_BIN or
   --litellm PATH), in front of the same mock upstream -- the comparison the issue asks for;
@@ -87,28 +89,32 @@ class Bench:
         rig.start_mock_upstream()
         rig.start_baseline()
         kinds = ("durable", "fast") if self.args.ledger == "both" else (self.args.ledger,)
-        for kind in kinds:
-            rig.start_sqlite_gateway(kind)
+        gateways = [rig.start_sqlite_gateway(kind) for kind in kinds]
         if self.args.no_pg:
             say("bench: PostgreSQL skipped (--no-pg)")
         else:
-            for kind in kinds:
-                rig.start_pg_gateway(kind)
+            gateways += [rig.start_pg_gateway(kind) for kind in kinds]
+        if not self.args.no_scoped:
+            for gateway in gateways:
+                if gateway is not None and gateway.name in ("sqlite", "pg"):
+                    rig.add_scoped_target(gateway)
         rig.start_litellm(*litellm_bin(self.args.litellm, self.args.no_litellm))
 
     # -- measuring -----------------------------------------------------------------------
 
     def run_wrk(self, t: Target, conns: int, duration: float) -> dict[str, Any]:
-        assert self.rig.json_body is not None
-        return run_wrk(self.wrk, t.url, t.keys, self.rig.json_body, conns, duration)
+        body = t.json_body or self.rig.json_body
+        assert body is not None
+        return run_wrk(self.wrk, t.url, t.keys, body, conns, duration)
 
     def run_stream(
         self, t: Target, conc: int, duration: float, warmup: float = 0.0
     ) -> dict[str, Any]:
-        assert self.rig.stream_body is not None
+        body = t.stream_body or self.rig.stream_body
+        assert body is not None
         out = self.rig.tmp / "stream-result.json"
         return run_stream(
-            t.url, t.keys, self.rig.stream_body, out, conc, duration, warmup,
+            t.url, t.keys, body, out, conc, duration, warmup,
             self.args.stream_delay_ms,
         )  # fmt: skip
 
@@ -251,6 +257,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds over all runs (default 2)")
     p.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke test")
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL gateway")
+    p.add_argument(
+        "--no-scoped",
+        action="store_true",
+        help="skip the rows of a key held by five budgets (key, model window, team, user, "
+        "end user)",
+    )
     p.add_argument(
         "--keys",
         type=int,
