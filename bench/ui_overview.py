@@ -42,9 +42,10 @@ SELECT 'key_' || lpad(i::text, 32, '0'), md5(i::text) || md5((i + 1)::text), 'sk
        '[]', '{{}}', '{stamp}', '{stamp}'
 FROM generate_series(1, {keys}) AS i;
 
-INSERT INTO budgets (id, key_id, kind, max_budget, budget_duration, budget_timezone,
+INSERT INTO budgets (id, owner_id, key_id, kind, max_budget, budget_duration, budget_timezone,
                      schedule_anchor, created_at, updated_at)
-SELECT 'bud_' || lpad(i::text, 32, '0'), 'key_' || lpad(i::text, 32, '0'), 'primary',
+SELECT 'bud_' || lpad(i::text, 32, '0'), 'key_' || lpad(i::text, 32, '0'),
+       'key_' || lpad(i::text, 32, '0'), 'primary',
        CASE WHEN i % 10 = 0 THEN NULL ELSE (10 + i % 500)::bigint * 1000000000 END,
        '1mo', 'UTC', '{month.isoformat()}', '{stamp}', '{stamp}'
 FROM generate_series(1, {keys}) AS i;
